@@ -1,0 +1,36 @@
+"""fastloss: drop-in PyTorch losses as fused Triton kernels, with a PyTorch path on every device.
+
+    import fastloss
+    criterion = fastloss.CrossEntropyLoss()   # instead of torch.nn.CrossEntropyLoss()
+
+On CUDA tensors the Triton kernels run; elsewhere the pure-PyTorch reference does. Choose with
+``fastloss.set_backend("auto" | "triton" | "torch")``, ``with fastloss.use_backend(...)`` or the
+``FASTLOSS_BACKEND`` environment variable.
+"""
+
+from fastloss import functional, reference
+from fastloss._backend import get_backend, set_backend, use_backend
+from fastloss.modules import (
+    BCEWithLogitsLoss,
+    HuberLoss,
+    L1Loss,
+    MSELoss,
+    SigmoidFocalLoss,
+    SmoothL1Loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "reference",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "MSELoss",
+    "L1Loss",
+    "HuberLoss",
+    "SmoothL1Loss",
+    "BCEWithLogitsLoss",
+    "SigmoidFocalLoss",
+]

@@ -1,0 +1,110 @@
+"""Which implementation runs: the Triton kernels or the PyTorch reference.
+
+``"auto"`` (default): the kernels when every tensor is on CUDA and Triton imports, the reference
+otherwise. ``"triton"``: always the kernels; CPU tensors only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported), otherwise a RuntimeError says why.
+``"torch"``: always the reference. The environment variable ``FASTLOSS_BACKEND`` sets the
+starting value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "use_triton"]
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastloss backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+_backend: str = _check(os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto")
+
+
+def get_backend() -> str:
+    """The backend currently selected: "auto", "triton" or "torch"."""
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later call: "auto", "triton" or "torch"."""
+    global _backend
+    _backend = _check(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager that selects a backend inside a ``with`` block and restores the old one."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+_triton_ok: bool | None = None
+_interpret: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported (checked once)."""
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            _triton_ok = importlib.util.find_spec("triton") is not None and bool(
+                importlib.import_module("triton")
+            )
+        except Exception:
+            _triton_ok = False
+    return _triton_ok
+
+
+def interpreter_enabled() -> bool:
+    """Whether fastloss's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    global _interpret
+    if _interpret is None:
+        _interpret = False
+        if triton_available():
+            from triton.runtime.interpreter import InterpretedFunction
+
+            from fastloss.kernels import pointwise
+
+            _interpret = isinstance(pointwise.pointwise_fwd_kernel, InterpretedFunction)
+    return _interpret
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """True when the kernels should run for these tensors under the current backend.
+
+    Raises RuntimeError when the backend is "triton" and the kernels cannot run here.
+    """
+    devices = {t.device.type for t in tensors if t is not None}
+    backend = _backend
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return devices == {"cuda"} and triton_available()
+    if not triton_available():
+        raise RuntimeError(
+            'fastloss backend "triton" was requested but triton cannot be imported; '
+            'install it (pip install triton) or use fastloss.set_backend("auto")'
+        )
+    if devices <= {"cuda"}:
+        return True
+    if devices <= {"cpu"} and interpreter_enabled():
+        return True
+    raise RuntimeError(
+        f'fastloss backend "triton" cannot run on {sorted(devices)} tensors: the kernels need '
+        "CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported; "
+        'move the tensors to CUDA or use fastloss.set_backend("auto")'
+    )

@@ -1,0 +1,1 @@
+"""Launchers and autograd / torch.library registration of each loss family."""

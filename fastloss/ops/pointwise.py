@@ -1,0 +1,254 @@
+"""Launchers and autograd for the pointwise loss family (kernels/pointwise.py).
+
+``pointwise_fwd`` is one torch.library custom op for every loss of the family: it returns the loss
+and, for reduced losses, the gradients computed in the same pass. Backward of a reduced loss only
+scales those gradients by ``grad_output`` in place (a no-op on device when it is 1); backward of
+``reduction="none"`` recomputes the gradients from input and target in one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from fastloss.ops._utils import acc_dtype, count_launch, empty
+
+__all__ = ["LOSSES", "pointwise_loss"]
+
+#: Loss names understood by the kernels; each maps to a ``*_terms`` function in kernels/pointwise.py.
+LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal")
+
+_TORCH_TO_TRITON: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
+
+
+@functools.cache
+def _kernels():
+    import triton.language as tl
+
+    from fastloss.kernels import pointwise as k
+
+    terms = {
+        "mse": k.mse_terms,
+        "l1": k.l1_terms,
+        "huber": k.huber_terms,
+        "smooth_l1": k.smooth_l1_terms,
+        "bce_with_logits": k.bce_with_logits_terms,
+        "sigmoid_focal": k.sigmoid_focal_terms,
+    }
+    return k, terms, {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _block_config(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for a flat pass over n elements."""
+    return (1024, 4) if n <= 65536 else (4096, 8)
+
+
+@functools.cache
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _broadcast_layout(t: Tensor | None, shape: torch.Size) -> tuple[Tensor | None, int, int]:
+    """(flat storage, inner, period) so that element i of ``shape`` reads storage[(i // inner) % period].
+
+    Exact without a copy when the dimensions where ``t`` is not 1 form one contiguous run of the
+    broadcast shape (a per-class (C,) weight, a per-sample (N, 1) weight); other layouts are
+    expanded into a full copy.
+    """
+    if t is None:
+        return None, 1, 1
+    dims = [1] * (len(shape) - t.dim()) + list(t.shape)
+    big = [i for i, s in enumerate(dims) if s != 1]
+    if not big:
+        return t.reshape(1).contiguous(), 1, 1
+    first, last = big[0], big[-1] + 1
+    if all(dims[i] == shape[i] for i in range(first, last)):
+        return t.contiguous().reshape(-1), math.prod(shape[last:]), math.prod(shape[first:last])
+    return t.expand(shape).contiguous().reshape(-1), 1, math.prod(shape)
+
+
+def _launch_args(input: Tensor, weight: Tensor | None, pos_weight: Tensor | None):
+    w, w_inner, w_period = _broadcast_layout(weight, input.shape)
+    pw, pw_inner, pw_period = _broadcast_layout(pos_weight, input.shape)
+    return (w if w is not None else input, pw if pw is not None else input,
+            (w_inner, w_period, pw_inner, pw_period))
+
+
+@torch.library.custom_op("fastloss::pointwise_fwd", mutates_args=())
+def pointwise_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    loss: str,
+    param1: float,
+    param2: float,
+    reduction: str,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss and, for reduced losses, d(loss)/d(input) and d(loss)/d(target) (empty when not asked)."""
+    k, terms, tl_dtype = _kernels()
+    x, y = input.contiguous(), target.contiguous()
+    n = x.numel()
+    reduce = reduction != "none"
+    acc = acc_dtype(x.dtype)
+    want_gi, want_gt = reduce and grad_input, reduce and grad_target
+    gi = empty(x.shape, x.dtype, x.device) if want_gi else x.new_empty(0)
+    gt = empty(x.shape, x.dtype, x.device) if want_gt else x.new_empty(0)
+    block, warps = _block_config(n)
+    n_programs = triton_cdiv(n, block)
+    out = empty((n_programs,), acc, x.device) if reduce else empty(x.shape, x.dtype, x.device)
+    w, pw, layout = _launch_args(x, weight, pos_weight)
+    if n > 0:
+        k.pointwise_fwd_kernel[(n_programs,)](
+            x, y, w, pw, out, gi, gt, n, *layout, param1, param2,
+            1.0 / n if reduction == "mean" else 1.0,
+            TERMS=terms[loss], HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+            REDUCE=reduce, GRAD_INPUT=want_gi, GRAD_TARGET=want_gt,
+            ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=block, num_warps=warps,
+        )
+        count_launch("pointwise_fwd_kernel")
+    if reduce:
+        if n == 0:
+            out = x.new_full((), math.nan if reduction == "mean" else 0.0)
+        else:
+            out = out.sum().to(x.dtype)
+    return out, gi, gt
+
+
+@pointwise_fwd.register_fake
+def _(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target):
+    reduce = reduction != "none"
+    out = input.new_empty(()) if reduce else input.new_empty(input.shape)
+    gi = input.new_empty(input.shape) if reduce and grad_input else input.new_empty(0)
+    gt = input.new_empty(input.shape) if reduce and grad_target else input.new_empty(0)
+    return out, gi, gt
+
+
+@torch.library.custom_op("fastloss::pointwise_bwd", mutates_args=())
+def pointwise_bwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    grad_output: Tensor,
+    loss: str,
+    param1: float,
+    param2: float,
+    scale: float,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor]:
+    """scale * grad_output * d(loss)/d(input|target); grad_output has input's shape or is a scalar."""
+    k, terms, tl_dtype = _kernels()
+    x, y = input.contiguous(), target.contiguous()
+    n = x.numel()
+    acc = acc_dtype(x.dtype)
+    gi = empty(x.shape, x.dtype, x.device) if grad_input else x.new_empty(0)
+    gt = empty(x.shape, x.dtype, x.device) if grad_target else x.new_empty(0)
+    if grad_output.dim() == 0:
+        go, stride = grad_output, 0
+    else:
+        go, stride = grad_output.expand(x.shape).contiguous(), 1
+    w, pw, layout = _launch_args(x, weight, pos_weight)
+    block, warps = _block_config(n)
+    if n > 0 and (grad_input or grad_target):
+        k.pointwise_bwd_kernel[(triton_cdiv(n, block),)](
+            x, y, w, pw, go, gi, gt, n, stride, *layout, param1, param2, scale,
+            TERMS=terms[loss], HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+            GRAD_INPUT=grad_input, GRAD_TARGET=grad_target,
+            ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=block, num_warps=warps,
+        )
+        count_launch("pointwise_bwd_kernel")
+    return gi, gt
+
+
+@pointwise_bwd.register_fake
+def _(input, target, weight, pos_weight, grad_output, loss, param1, param2, scale, grad_input, grad_target):
+    gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
+    gt = input.new_empty(input.shape) if grad_target else input.new_empty(0)
+    return gi, gt
+
+
+@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output in place; the kernel skips the pass on device when grad_output == 1."""
+    k, _, tl_dtype = _kernels()
+    n = grad.numel()
+    if n == 0:
+        return
+    block, warps = _block_config(n)
+    grid = min(triton_cdiv(n, block), _max_programs(grad.device))
+    k.scale_grad_kernel[(grid,)](
+        grad, grad_output, n, ACC_DTYPE=tl_dtype[acc_dtype(grad.dtype)], BLOCK_SIZE=block,
+        num_warps=warps,
+    )
+    count_launch("scale_grad_kernel")
+
+
+@scale_grad_.register_fake
+def _(grad, grad_output):
+    return None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target = inputs
+    ctx.save_for_backward(input, target, weight, pos_weight)
+    ctx.args = (loss, param1, param2, reduction)
+    # The gradients of a reduced loss are outputs of the forward; they are handed to autograd in
+    # backward (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
+    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_gi, _grad_gt):
+    input, target, weight, pos_weight = ctx.saved_tensors
+    loss, param1, param2, reduction = ctx.args
+    need_gi, need_gt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gi = gt = None
+    if reduction != "none" and ctx.grads is not None:
+        gi, gt = ctx.grads
+        ctx.grads = None
+        for g in (gi, gt):
+            if g is not None:
+                scale_grad_(g, grad_loss)
+    else:
+        # reduction="none", or a second backward through a reduced loss (retain_graph=True),
+        # whose forward-made gradients were already handed out: recompute from input and target.
+        scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
+        gi, gt = pointwise_bwd(
+            input, target, weight, pos_weight, grad_loss, loss, param1, param2, scale, need_gi, need_gt
+        )
+    return (gi if need_gi else None, gt if need_gt else None) + (None,) * 8
+
+
+pointwise_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pointwise_loss(
+    loss: str,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    pos_weight: Tensor | None = None,
+    param1: float = 0.0,
+    param2: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Run one loss of the family on the kernels. Operands must be validated, broadcast, one dtype."""
+    grad = torch.is_grad_enabled()
+    out, _, _ = pointwise_fwd(
+        input, target, weight, pos_weight, loss, float(param1), float(param2), reduction,
+        grad and input.requires_grad, grad and target.requires_grad,
+    )
+    return out

@@ -1,0 +1,255 @@
+"""Fused forward+backward driver for elementwise losses.
+
+Every loss of the family is ``loss_i = w_i * f(x_i, y_i)`` for input ``x``, target ``y`` and an
+optional broadcast weight ``w``. A loss contributes only a ``*_terms`` function that returns
+``(f, df/dx, df/dy)`` for a block; the driver kernels handle loading, weighting, the reduction and
+the gradient stores.
+
+For a reduced loss (``mean``/``sum``) the forward kernel also writes ``scale * w * df/dx`` (and
+``df/dy`` when the target needs a gradient), so backward only has to multiply by ``grad_output``:
+``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync.
+
+Formulas (``d = x - y``):
+    mse      f = d^2                                   df/dx = 2 d
+    l1       f = |d|                                   df/dx = sign(d)        (0 at d = 0)
+    huber    f = d^2 / 2          if |d| < delta       df/dx = d
+             f = delta (|d| - delta / 2) otherwise     df/dx = delta sign(d)
+    smoothl1 f = d^2 / (2 beta)   if |d| < beta        df/dx = d / beta
+             f = |d| - beta / 2   otherwise            df/dx = sign(d)
+    (for all four df/dy = -df/dx)
+
+    bce with logits, pos_weight p (1 when absent), L = 1 + (p - 1) y:
+             f = (1 - y) x + L softplus(-x)
+             df/dx = (1 - y) - L sigmoid(-x)
+             df/dy = -x + (p - 1) softplus(-x)
+
+    sigmoid focal (torchvision), s = sigmoid(x), ce = bce(x, y), p_t = s y + (1 - s)(1 - y),
+    m = 1 - p_t = s (1 - y) + sigmoid(-x) y (no cancellation for hard targets),
+    a_t = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0):
+             f = a_t ce m^gamma
+             dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = 2 alpha - 1 (0 when alpha < 0)
+             df/dx = a_t (dce/dx m^gamma + ce gamma m^(gamma-1) dm/dx)
+             df/dy = a_t (dce/dy m^gamma + ce gamma m^(gamma-1) dm/dy) + da_t/dy ce m^gamma
+    ``gamma m^(gamma-1)`` is taken as 0 at m = 0 unless gamma == 1, where it is 1: at m = 0 the
+    factor it multiplies is 0, so the gradient stays finite for every gamma >= 0.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sign(d):
+    return tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)).to(d.dtype)
+
+
+@triton.jit
+def _log1p(z):
+    # Goldberg's trick: exact where 1 + z rounds, no libdevice (the interpreter lacks it).
+    u = 1.0 + z
+    return tl.where(u == 1.0, z, tl.log(u) * (z / (u - 1.0)))
+
+
+@triton.jit
+def _softplus_neg(x):
+    """softplus(-x) = log(1 + exp(-x)), stable for any x."""
+    return tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _pow(m, gamma):
+    """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow."""
+    safe = tl.where(m > 0, m, 1.0)
+    p = tl.exp2(gamma * tl.log2(safe))
+    return tl.where(m > 0, p, tl.where(gamma == 0.0, 1.0, 0.0))
+
+
+@triton.jit
+def mse_terms(x, y, pos_weight, param1, param2):
+    """Squared error."""
+    d = x - y
+    return d * d, 2.0 * d, -2.0 * d
+
+
+@triton.jit
+def l1_terms(x, y, pos_weight, param1, param2):
+    """Absolute error."""
+    d = x - y
+    s = _sign(d)
+    return tl.abs(d), s, -s
+
+
+@triton.jit
+def huber_terms(x, y, pos_weight, delta, param2):
+    """Huber loss with threshold delta > 0."""
+    d = x - y
+    a = tl.abs(d)
+    small = a < delta
+    loss = tl.where(small, 0.5 * d * d, delta * (a - 0.5 * delta))
+    grad = tl.where(small, d, delta * _sign(d))
+    return loss, grad, -grad
+
+
+@triton.jit
+def smooth_l1_terms(x, y, pos_weight, beta, param2):
+    """Smooth L1 loss with threshold beta > 0 (beta == 0 runs l1_terms)."""
+    d = x - y
+    a = tl.abs(d)
+    small = a < beta
+    loss = tl.where(small, 0.5 * d * d / beta, a - 0.5 * beta)
+    grad = tl.where(small, d / beta, _sign(d))
+    return loss, grad, -grad
+
+
+@triton.jit
+def bce_with_logits_terms(x, y, pos_weight, param1, param2):
+    """Binary cross-entropy on logits x, with pos_weight (1.0 when absent)."""
+    sp = _softplus_neg(x)
+    lw = 1.0 + (pos_weight - 1.0) * y
+    loss = (1.0 - y) * x + lw * sp
+    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    return loss, (1.0 - y) - lw * sig_neg, (pos_weight - 1.0) * sp - x
+
+
+@triton.jit
+def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
+    """torchvision's sigmoid focal loss (alpha < 0 disables the class weighting)."""
+    e = tl.exp(-tl.abs(x))
+    s = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x)
+    s_neg = tl.where(x >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-x) = 1 - s
+    ce = tl.maximum(-x, 0.0) + _log1p(e) + (1.0 - y) * x
+    dce_dx = s - y
+    dce_dy = -x
+    m = s * (1.0 - y) + s_neg * y
+    m_gamma = _pow(m, gamma)
+    dpow = tl.where(m > 0, gamma * _pow(m, gamma - 1.0), tl.where(gamma == 1.0, 1.0, 0.0))
+    dm_dx = -s * s_neg * (2.0 * y - 1.0)
+    dm_dy = 1.0 - 2.0 * s
+    use_alpha = alpha >= 0
+    a_t = tl.where(use_alpha, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
+    da_dy = tl.where(use_alpha, 2.0 * alpha - 1.0, 0.0)
+    loss = a_t * ce * m_gamma
+    grad_x = a_t * (dce_dx * m_gamma + ce * dpow * dm_dx)
+    grad_y = a_t * (dce_dy * m_gamma + ce * dpow * dm_dy) + da_dy * ce * m_gamma
+    return loss, grad_x, grad_y
+
+
+@triton.jit
+def _load_operands(
+    input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Input, target, weight and pos_weight for one block, upcast to ACC_DTYPE.
+
+    A weight broadcast over the input is read at ``(offs // inner) % period``: the flat index
+    of the input element in the weight's own contiguous storage.
+    """
+    x = tl.load(input_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    y = tl.load(target_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    w = tl.full(x.shape, 1.0, ACC_DTYPE)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + (offs // weight_inner) % weight_period, mask=mask, other=0.0)
+        w = w.to(ACC_DTYPE)
+    pw = tl.full(x.shape, 1.0, ACC_DTYPE)
+    if HAS_POS_WEIGHT:
+        pw = tl.load(pos_weight_ptr + (offs // pos_weight_inner) % pos_weight_period, mask=mask,
+                     other=1.0)
+        pw = pw.to(ACC_DTYPE)
+    return x, y, w, pw
+
+
+@triton.jit
+def pointwise_fwd_kernel(
+    input_ptr,            # [n_elements] contiguous, floating
+    target_ptr,           # [n_elements] contiguous, same dtype as input
+    weight_ptr,           # [weight_period * ...] contiguous, read iff HAS_WEIGHT
+    pos_weight_ptr,       # [pos_weight_period * ...] contiguous, read iff HAS_POS_WEIGHT
+    loss_ptr,             # [n_elements] input dtype, or [n_programs] ACC_DTYPE partials iff REDUCE
+    grad_input_ptr,       # [n_elements] input dtype, scale * dloss/dinput, written iff GRAD_INPUT
+    grad_target_ptr,      # [n_elements] input dtype, scale * dloss/dtarget, written iff GRAD_TARGET
+    n_elements,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    param1, param2,       # loss parameters (delta, beta, alpha, gamma)
+    scale,                # 1/n for "mean", 1 otherwise; multiplies partials and gradients
+    TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    REDUCE: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Per-element loss (or per-program partial sums) and, for reduced losses, the gradients."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    x, y, w, pw = _load_operands(
+        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
+        weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+        HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
+    )
+    loss, dx, dy = TERMS(x, y, pw, param1, param2)
+    loss = loss * w
+    if REDUCE:
+        # masked lanes are not neutral for every loss (bce(0, 0) = log 2), so zero them
+        partial = tl.sum(tl.where(mask, loss, 0.0), axis=0) * scale
+        tl.store(loss_ptr + pid, partial.to(loss_ptr.dtype.element_ty))
+        w = w * scale
+        if GRAD_INPUT:
+            tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
+        if GRAD_TARGET:
+            tl.store(grad_target_ptr + offs, (dy * w).to(grad_target_ptr.dtype.element_ty),
+                     mask=mask)
+    else:
+        tl.store(loss_ptr + offs, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pointwise_bwd_kernel(
+    input_ptr,            # [n_elements] contiguous, floating
+    target_ptr,           # [n_elements] contiguous, same dtype as input
+    weight_ptr,           # broadcast weight, read iff HAS_WEIGHT
+    pos_weight_ptr,       # broadcast pos_weight, read iff HAS_POS_WEIGHT
+    grad_output_ptr,      # [n_elements] (stride_grad_output = 1) or a scalar (stride 0)
+    grad_input_ptr,       # [n_elements] input dtype, written iff GRAD_INPUT
+    grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET
+    n_elements, stride_grad_output,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    param1, param2,
+    scale,                # extra factor on grad_output (1/n when replaying a "mean" loss)
+    TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Gradients recomputed from input and target, times grad_output (reduction="none")."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n_elements
+    x, y, w, pw = _load_operands(
+        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
+        weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+        HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
+    )
+    go = tl.load(grad_output_ptr + offs * stride_grad_output, mask=mask, other=0.0).to(ACC_DTYPE)
+    loss, dx, dy = TERMS(x, y, pw, param1, param2)
+    w = w * go * scale
+    if GRAD_INPUT:
+        tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TARGET:
+        tl.store(grad_target_ptr + offs, (dy * w).to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,             # [n_elements] contiguous, scaled in place
+    grad_output_ptr,      # [] the reduced loss's grad_output
+    n_elements,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """grad *= grad_output, skipped on device when grad_output == 1 (grid-stride loop)."""
+    go = tl.load(grad_output_ptr).to(ACC_DTYPE)
+    if go != 1.0:
+        pid = tl.program_id(0).to(tl.int64)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
+        for start in range(pid * BLOCK_SIZE, n_elements, step):
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            mask = offs < n_elements
+            g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            tl.store(grad_ptr + offs, (g * go).to(grad_ptr.dtype.element_ty), mask=mask)
