@@ -79,8 +79,7 @@ def _launch_args(input: Tensor, weight: Tensor | None, pos_weight: Tensor | None
             (w_inner, w_period, pw_inner, pw_period))
 
 
-@torch.library.custom_op("fastloss::pointwise_fwd", mutates_args=())
-def pointwise_fwd(
+def _fwd(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -122,6 +121,23 @@ def pointwise_fwd(
     return out, gi, gt
 
 
+@torch.library.custom_op("fastloss::pointwise_fwd", mutates_args=())
+def pointwise_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    loss: str,
+    param1: float,
+    param2: float,
+    reduction: str,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom-op form of _fwd, for torch.compile."""
+    return _fwd(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target)
+
+
 @pointwise_fwd.register_fake
 def _(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target):
     reduce = reduction != "none"
@@ -131,8 +147,7 @@ def _(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_i
     return out, gi, gt
 
 
-@torch.library.custom_op("fastloss::pointwise_bwd", mutates_args=())
-def pointwise_bwd(
+def _bwd(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -169,6 +184,25 @@ def pointwise_bwd(
     return gi, gt
 
 
+@torch.library.custom_op("fastloss::pointwise_bwd", mutates_args=())
+def pointwise_bwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    grad_output: Tensor,
+    loss: str,
+    param1: float,
+    param2: float,
+    scale: float,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor]:
+    """Custom-op form of _bwd, for torch.compile."""
+    return _bwd(input, target, weight, pos_weight, grad_output, loss, param1, param2, scale, grad_input,
+                grad_target)
+
+
 @pointwise_bwd.register_fake
 def _(input, target, weight, pos_weight, grad_output, loss, param1, param2, scale, grad_input, grad_target):
     gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
@@ -176,8 +210,7 @@ def _(input, target, weight, pos_weight, grad_output, loss, param1, param2, scal
     return gi, gt
 
 
-@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+def _scale_grad(grad: Tensor, grad_output: Tensor) -> None:
     """grad *= grad_output in place; the kernel skips the pass on device when grad_output == 1."""
     k, _, tl_dtype = _kernels()
     n = grad.numel()
@@ -190,6 +223,12 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
         num_warps=warps,
     )
     count_launch("scale_grad_kernel")
+
+
+@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    """Custom-op form of _scale_grad, for torch.compile."""
+    _scale_grad(grad, grad_output)
 
 
 @scale_grad_.register_fake
@@ -205,34 +244,56 @@ def _setup_context(ctx, inputs, output):
     input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target = inputs
     ctx.save_for_backward(input, target, weight, pos_weight)
     ctx.args = (loss, param1, param2, reduction)
-    # The gradients of a reduced loss are outputs of the forward; they are handed to autograd in
+    # The gradients of a reduced loss are made by the forward; they are handed to autograd in
     # backward (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
     ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
-    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_loss, _grad_gi, _grad_gt):
+def _backward(ctx, grad_loss, scale_grad, recompute):
     input, target, weight, pos_weight = ctx.saved_tensors
     loss, param1, param2, reduction = ctx.args
     need_gi, need_gt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gi = gt = None
     if reduction != "none" and ctx.grads is not None:
         gi, gt = ctx.grads
         ctx.grads = None
         for g in (gi, gt):
             if g is not None:
-                scale_grad_(g, grad_loss)
+                scale_grad(g, grad_loss)
     else:
         # reduction="none", or a second backward through a reduced loss (retain_graph=True),
         # whose forward-made gradients were already handed out: recompute from input and target.
         scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
-        gi, gt = pointwise_bwd(
+        gi, gt = recompute(
             input, target, weight, pos_weight, grad_loss, loss, param1, param2, scale, need_gi, need_gt
         )
     return (gi if need_gi else None, gt if need_gt else None) + (None,) * 8
 
 
-pointwise_fwd.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context_op(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_op(ctx, grad_loss, _grad_gi, _grad_gt):
+    return _backward(ctx, grad_loss, scale_grad_, pointwise_bwd)
+
+
+pointwise_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
+
+
+class _PointwiseLoss(torch.autograd.Function):
+    """Eager twin of the custom ops: same launchers and backward, without the custom-op dispatch
+    cost (tens of microseconds a call), which matters for a loss that runs in ~100 us."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, _scale_grad, _bwd)
 
 
 def pointwise_loss(
@@ -245,10 +306,14 @@ def pointwise_loss(
     param2: float = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
-    """Run one loss of the family on the kernels. Operands must be validated, broadcast, one dtype."""
+    """Run one loss of the family on the kernels. Operands must be validated, broadcast, one dtype.
+
+    Under torch.compile the torch.library custom ops are traced (no graph break); in eager mode an
+    autograd.Function calls the same launchers directly.
+    """
     grad = torch.is_grad_enabled()
-    out, _, _ = pointwise_fwd(
-        input, target, weight, pos_weight, loss, float(param1), float(param2), reduction,
-        grad and input.requires_grad, grad and target.requires_grad,
-    )
-    return out
+    args = (input, target, weight, pos_weight, loss, float(param1), float(param2), reduction,
+            grad and input.requires_grad, grad and target.requires_grad)
+    if torch.compiler.is_compiling():
+        return pointwise_fwd(*args)[0]
+    return _PointwiseLoss.apply(*args)
