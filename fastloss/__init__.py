@@ -10,6 +10,9 @@ On CUDA tensors the Triton kernels run; elsewhere the pure-PyTorch reference doe
 
 from fastloss import functional, reference
 from fastloss._backend import get_backend, set_backend, use_backend
+from fastloss.combine import CombinedLoss, RegularizedLoss
+from fastloss.monitor import LossMonitor
+from fastloss.selector import select_loss
 from fastloss.modules import (
     BCEWithLogitsLoss,
     HuberLoss,
@@ -33,4 +36,8 @@ __all__ = [
     "SmoothL1Loss",
     "BCEWithLogitsLoss",
     "SigmoidFocalLoss",
+    "CombinedLoss",
+    "RegularizedLoss",
+    "LossMonitor",
+    "select_loss",
 ]

@@ -1,0 +1,128 @@
+"""Training-side loss wrappers: weighted sums of losses and weight-regularised losses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CombinedLoss", "RegularizedLoss"]
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+class CombinedLoss(nn.Module):
+    """Weighted sum of losses over the same (input, target): ``sum_k w_k * loss_k(input, target)``.
+
+        criterion = fastloss.CombinedLoss({fastloss.MSELoss(): 0.7, fastloss.L1Loss(): 0.3})
+        criterion = fastloss.CombinedLoss([(fastloss.MSELoss(), 0.7), (fastloss.L1Loss(), 0.3)])
+
+    ``forward(input, target, return_components=False)``; with ``return_components=True`` it returns
+    ``(total, [loss_k, ...])`` (unweighted member values, for logging).
+    """
+
+    def __init__(self, losses: Mapping[nn.Module, float] | Iterable[tuple[nn.Module, float]]) -> None:
+        super().__init__()
+        pairs = list(losses.items()) if isinstance(losses, Mapping) else [tuple(p) for p in losses]
+        if not pairs:
+            raise ValueError("CombinedLoss needs at least one (loss, weight) pair")
+        for module, weight in pairs:
+            if not isinstance(module, nn.Module) and not callable(module):
+                raise TypeError(f"CombinedLoss members must be loss modules, got {type(module).__name__}")
+            if not isinstance(weight, (int, float)):
+                raise TypeError(f"CombinedLoss weights must be numbers, got {type(weight).__name__}")
+        self.losses = nn.ModuleList([m for m, _ in pairs])
+        self.weights = [float(w) for _, w in pairs]
+
+    def forward(self, input: Tensor, target: Tensor, return_components: bool = False):
+        values = [loss(input, target) for loss in self.losses]
+        total = sum(w * v for w, v in zip(self.weights, values))
+        return (total, values) if return_components else total
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}"
+
+
+def _regularized_parameters(model_or_params, exclude_bias_and_norm: bool) -> list[Tensor]:
+    if isinstance(model_or_params, nn.Module):
+        if not exclude_bias_and_norm:
+            return [p for p in model_or_params.parameters() if p.requires_grad]
+        skip: set[int] = set()
+        for module in model_or_params.modules():
+            if isinstance(module, _NORM_TYPES):
+                skip.update(id(p) for p in module.parameters(recurse=False))
+        params = []
+        for name, p in model_or_params.named_parameters():
+            if p.requires_grad and id(p) not in skip and not name.rsplit(".", 1)[-1].startswith("bias"):
+                params.append(p)
+        return params
+    params = [p for p in model_or_params]
+    if exclude_bias_and_norm:
+        # a bare parameter list has no names: drop 1-d tensors (biases and norm scales)
+        params = [p for p in params if p.dim() > 1]
+    return params
+
+
+def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Stack per-tensor norms (parameters of mixed dtypes are summed in float32)."""
+    if len({n.dtype for n in norms}) > 1:
+        norms = [n.float() for n in norms]
+    return torch.stack(list(norms))
+
+
+class RegularizedLoss(nn.Module):
+    """``criterion(...) + l1 * sum |w| + l2 * sum w^2`` over a model's weights.
+
+    ``l2`` multiplies the *squared* L2 norm (what weight decay adds), not the norm itself: the
+    gradient is ``2 * l2 * w``. Adding ``l2 * ||w||`` instead would give a gradient ``l2 * w / ||w||``
+    of fixed size and a kink at zero.
+
+    Args:
+        criterion: the data loss (any callable returning a scalar tensor).
+        model_or_params: an nn.Module, or an iterable of parameters.
+        l1, l2: coefficients (>= 0).
+        exclude_bias_and_norm: skip biases and normalisation-layer parameters (for a plain
+            parameter list: skip 1-d tensors).
+
+    The norms use multi-tensor (foreach) kernels: one launch for all parameters, not a loop.
+    """
+
+    def __init__(self, criterion, model_or_params, l1: float = 0.0, l2: float = 0.0,
+                 exclude_bias_and_norm: bool = True) -> None:
+        super().__init__()
+        if l1 < 0 or l2 < 0:
+            raise ValueError(f"l1 and l2 must be non-negative, got l1={l1}, l2={l2}")
+        self.criterion = criterion
+        self.l1 = float(l1)
+        self.l2 = float(l2)
+        self.exclude_bias_and_norm = exclude_bias_and_norm
+        # plain list, not registered: the parameters belong to the model
+        self._params = _regularized_parameters(model_or_params, exclude_bias_and_norm)
+
+    def penalty(self) -> Tensor:
+        """l1 * sum|w| + l2 * sum w^2 over the regularised parameters."""
+        params = self._params
+        if not params or (self.l1 == 0 and self.l2 == 0):
+            p = params[0] if params else None
+            return torch.zeros((), device=p.device if p is not None else None,
+                               dtype=p.dtype if p is not None else None)
+        total = 0
+        if self.l1:
+            total = total + self.l1 * _stack(torch._foreach_norm(params, 1)).sum()
+        if self.l2:
+            # squared L2 norm; norm backward is defined (zero) at w = 0
+            total = total + self.l2 * _stack(torch._foreach_norm(params, 2)).square().sum()
+        return total
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        return self.criterion(*args, **kwargs) + self.penalty()
+
+    def extra_repr(self) -> str:
+        return f"l1={self.l1}, l2={self.l2}, exclude_bias_and_norm={self.exclude_bias_and_norm}"
