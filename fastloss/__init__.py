@@ -15,6 +15,8 @@ from fastloss.monitor import LossMonitor
 from fastloss.selector import select_loss
 from fastloss.modules import (
     BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    FocalLoss,
     HuberLoss,
     L1Loss,
     MSELoss,
@@ -36,6 +38,8 @@ __all__ = [
     "SmoothL1Loss",
     "BCEWithLogitsLoss",
     "SigmoidFocalLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
     "CombinedLoss",
     "RegularizedLoss",
     "LossMonitor",

@@ -12,6 +12,7 @@ from torch.nn import _reduction
 from fastloss import reference
 from fastloss._backend import use_triton
 from fastloss.ops.pointwise import pointwise_loss
+from fastloss.ops.softmax import softmax_loss
 
 __all__ = [
     "mse_loss",
@@ -20,6 +21,8 @@ __all__ = [
     "smooth_l1_loss",
     "binary_cross_entropy_with_logits",
     "sigmoid_focal_loss",
+    "cross_entropy",
+    "focal_loss",
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -230,3 +233,154 @@ def sigmoid_focal_loss(
         return pointwise_loss("sigmoid_focal", inputs, targets, param1=alpha, param2=gamma,
                               reduction=reduction)
     return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+
+
+_TYPE_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
+}
+
+
+def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tensor | None,
+                          allow_probabilities: bool) -> bool:
+    """torch.nn's checks for a loss over a class dimension (dim 1, or dim 0 of a 1-D input).
+    Returns whether ``target`` holds class probabilities (floating, the input's shape)."""
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{name}(): input and target must be Tensors, got "
+                        f"{type(input).__name__} and {type(target).__name__}")
+    if input.dim() == 0:
+        raise ValueError(f"{name}(): expected an input of shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"{name}(): expected a floating-point input, got {input.dtype}")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
+        raise RuntimeError(
+            f"weight tensor should be defined either for all {n_classes} classes or no classes but got "
+            f"weight tensor of shape: {list(weight.shape)}"
+        )
+    if target.is_floating_point() and target.shape == input.shape:
+        if not allow_probabilities:
+            raise ValueError(f"{name}(): expected class-index targets (int64), got floating-point "
+                             f"targets of the input's shape (class probabilities are not supported)")
+        return True
+    if input.dim() == 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    elif input.dim() == 2 and target.dim() > 1:
+        raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+    else:
+        batch = target.shape[0] if target.dim() > 0 else 0
+        if batch != input.shape[0]:
+            raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size ({batch}).")
+        expected = [input.shape[0], *input.shape[2:]]
+        if list(target.shape) != expected:
+            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+    if target.dtype not in (torch.int64, torch.uint8):
+        name_ = _TYPE_NAMES.get(target.dtype, str(target.dtype).removeprefix("torch."))
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name_}")
+    return False
+
+
+def _autocast_to_float32(input: Tensor) -> bool:
+    """Autocast runs cross-entropy in float32: half-precision logits give a float32 loss."""
+    return input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
+
+
+def _grad_wanted(t: Tensor | None) -> bool:
+    return isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy between logits and class indices or class probabilities, as
+    torch.nn.functional.cross_entropy (input (C,), (N, C) or (N, C, d1, ...), class dimension 1),
+    with keyword-only extensions:
+
+    - ``z_loss``: adds ``z_loss * lse**2`` per row (PaLM), lse the row's log-sum-exp; weighted by
+      ``weight[target]`` like the cross-entropy term and 0 on ignored rows, so "mean" divides both
+      terms by the same sum of target weights.
+    - ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
+    - ``inplace_backward``: on the Triton path the gradient is written into the logits' own memory
+      (saving one logits-sized buffer): the logits tensor is overwritten after the call, so only
+      use it when nothing reads the logits afterwards; a second backward through the same graph
+      then raises. Ignored under torch.compile and on the PyTorch path.
+
+    On the Triton path the gradient is computed in the forward pass and the "mean" is taken on
+    device (no host sync). Out-of-range targets raise IndexError on CPU; on CUDA such rows get a
+    NaN loss and gradient instead of an out-of-bounds access.
+    """
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    if label_smoothing < 0.0 or label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"cross_entropy(): z_loss must be non-negative, got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"cross_entropy(): softcap must be positive or None, got {softcap}")
+    prob = _check_class_operands("cross_entropy", input, target, weight, allow_probabilities=True)
+    if prob and ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    to_float32 = _autocast_to_float32(input)
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if n_classes > 0 and not _grad_wanted(weight) and use_triton(input, target, weight):
+        return softmax_loss(
+            "cross_entropy", input, target, weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+            out_float32=to_float32, inplace_backward=inplace_backward,
+        )
+    if to_float32:
+        input = input.float()
+    return reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
+                                   z_loss, softcap)
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    alpha: float | Tensor = 1.0,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Multi-class softmax focal loss (Lin et al., 2017): ``-alpha_t (1 - p_t)**gamma log(p_t)``
+    per sample, ``p_t`` the softmax probability of the target class.
+
+    Same input shapes and class-index targets as :func:`cross_entropy`. ``alpha`` is a float or a
+    per-class tensor (``alpha_t = alpha[target]``); ``gamma >= 0`` (0 is cross-entropy). ``weight``
+    is a per-class weight multiplying each sample's loss, as cross-entropy's; "mean" divides by the
+    sum of ``weight[target]`` over non-ignored samples (their number without weight), so
+    ``alpha=1, gamma=0`` gives exactly :func:`cross_entropy` with the same weight and
+    ignore_index. Without weight or ignored targets this equals the classic composition
+    ``ce = cross_entropy(x, t, reduction="none"); (alpha * (1 - exp(-ce))**gamma * ce).mean()``.
+    The gradient is analytic and finite as ``p_t -> 1`` for every ``gamma >= 0``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if not gamma >= 0:
+        raise ValueError(f"focal_loss(): gamma must be non-negative, got {gamma}")
+    _check_class_operands("focal_loss", input, target, weight, allow_probabilities=False)
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if isinstance(alpha, Tensor) and (alpha.dim() != 1 or alpha.numel() != n_classes):
+        raise ValueError(f"focal_loss(): a tensor alpha must have one value per class ({n_classes}), "
+                         f"got shape {list(alpha.shape)}")
+    to_float32 = _autocast_to_float32(input)
+    alpha_t = alpha if isinstance(alpha, Tensor) else None
+    if (n_classes > 0 and not _grad_wanted(weight) and not _grad_wanted(alpha_t)
+            and use_triton(input, target, weight, alpha_t)):
+        return softmax_loss("focal", input, target, weight, alpha=alpha, gamma=gamma,
+                            ignore_index=ignore_index, reduction=reduction, out_float32=to_float32)
+    if to_float32:
+        input = input.float()
+    return reference.focal_loss(input, target, alpha, gamma, reduction, weight, ignore_index)

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from fastloss import functional as F
 
-__all__ = ["MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "SigmoidFocalLoss"]
+__all__ = ["MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "SigmoidFocalLoss",
+           "CrossEntropyLoss", "FocalLoss"]
 
 
 class MSELoss(nn.MSELoss):
@@ -72,3 +73,103 @@ class SigmoidFocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class CrossEntropyLoss(nn.CrossEntropyLoss):
+    """Drop-in torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
+    reduce=None, reduction="mean", label_smoothing=0.0), with keyword-only extensions:
+
+    Args:
+        z_loss: coefficient of ``lse**2`` added per row (PaLM's z-loss); 0 disables it.
+        softcap: when set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        inplace_backward: when True (Triton path, eager mode) the gradient is written into the
+            logits' memory, saving one logits-sized buffer; the logits are overwritten, so use it
+            only when nothing reads them after the loss. Off by default.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average=None,
+        ignore_index: int = -100,
+        reduce=None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        if not z_loss >= 0.0:
+            raise ValueError(f"CrossEntropyLoss: z_loss must be non-negative, got {z_loss}")
+        if softcap is not None and not softcap > 0.0:
+            raise ValueError(f"CrossEntropyLoss: softcap must be positive or None, got {softcap}")
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        parts = []
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.inplace_backward:
+            parts.append("inplace_backward=True")
+        return ", ".join(parts)
+
+
+class FocalLoss(nn.Module):
+    """Multi-class softmax focal loss: ``-alpha_t (1 - p_t)**gamma log(p_t)`` per sample.
+
+    Args:
+        alpha: a float, or a per-class tensor of C values (``alpha_t = alpha[target]``).
+        gamma: focusing exponent, >= 0; 0 (with alpha=1) is cross-entropy.
+        reduction: "none" | "mean" | "sum".
+        weight: optional per-class weight multiplying each sample's loss, as CrossEntropyLoss's;
+            "mean" divides by the sum of ``weight[target]`` over non-ignored samples (their number
+            without weight), so FocalLoss(1.0, 0.0) equals CrossEntropyLoss.
+        ignore_index: targets equal to it contribute neither loss nor gradient.
+
+    Input (N, C) or (N, C, d1, ...) logits (or (C,)), target class indices. Without weight or
+    ignored targets this equals the classic composition ``ce = cross_entropy(x, t,
+    reduction="none"); (alpha * (1 - exp(-ce))**gamma * ce).mean()``, in values and gradients.
+    """
+
+    def __init__(
+        self,
+        alpha: float | Tensor = 1.0,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+    ) -> None:
+        super().__init__()
+        if not gamma >= 0:
+            raise ValueError(f"FocalLoss: gamma must be non-negative, got {gamma}")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        if isinstance(alpha, Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = float(alpha)
+        self.register_buffer("weight", weight)
+        self.gamma = gamma
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.focal_loss(input, target, self.alpha, self.gamma, self.reduction, self.weight,
+                            self.ignore_index)
+
+    def extra_repr(self) -> str:
+        alpha = "tensor" if isinstance(self.alpha, Tensor) else self.alpha
+        return f"alpha={alpha}, gamma={self.gamma}, reduction={self.reduction!r}"

@@ -1,0 +1,338 @@
+"""Launchers and autograd for the softmax row family (kernels/softmax_xent.py): cross-entropy and
+softmax focal loss.
+
+``softmax_loss_fwd`` is one torch.library custom op for both losses: it returns the loss and the
+gradients with respect to the logits (and to probability targets) made in the same pass. For a
+reduced loss they are already divided by the "mean" denominator, which a one-program kernel
+computes on device first (no host sync); backward only scales them by ``grad_output`` in place, a
+no-op on device when it is 1. For ``reduction="none"`` backward multiplies each row by its
+``grad_output``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops.pointwise import _scale_grad, scale_grad_
+
+__all__ = ["KINDS", "softmax_loss"]
+
+#: Loss names understood by the row kernel.
+KINDS = ("cross_entropy", "focal")
+
+#: Longest row (in classes) kept on chip in one block and read once; longer rows are looped.
+MAX_FUSED_COLS = 32768
+#: Column block of the looped kernel.
+LOOP_BLOCK = 8192
+#: Elements of one program's tile when several short rows share a program.
+ROW_TILE = 2048
+
+
+@functools.cache
+def _kernels():
+    import triton.language as tl
+
+    from fastloss.kernels import softmax_xent as k
+
+    return k, {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _warps(tile: int) -> int:
+    return 4 if tile <= 2048 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
+
+
+def _row_config(n_rows: int, n_cols: int, acc: torch.dtype) -> tuple[int, int, bool, int]:
+    """(BLOCK_ROWS, BLOCK_SIZE, SINGLE_PASS, num_warps) for rows of n_cols classes."""
+    limit = MAX_FUSED_COLS // (2 if acc == torch.float64 else 1)
+    if n_cols <= limit:
+        block = _next_pow2(n_cols)
+        rows = max(1, min(ROW_TILE // block, _next_pow2(n_rows), 64))
+        return rows, block, True, _warps(rows * block)
+    block = min(LOOP_BLOCK, _next_pow2(n_cols))
+    return 1, block, False, _warps(block)
+
+
+def _rows_view(t: Tensor, n_cols: int) -> Tensor:
+    """(N, C, D) view (or copy, when the trailing dims cannot be flattened) of a logits-like tensor."""
+    if t.dim() == 1:
+        return t.reshape(1, n_cols, 1)
+    return t.reshape(t.shape[0], n_cols, math.prod(t.shape[2:]))
+
+
+def _loss_shape(input: Tensor, target: Tensor, prob: bool) -> tuple[int, ...]:
+    if not prob:
+        return tuple(target.shape)
+    return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+
+
+def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
+    """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
+    if bad.any():
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def _quiet_interpreter(device: torch.device):
+    """Masked lanes compute with -inf by design; on CPU (Triton's interpreter runs numpy) silence
+    numpy's warnings about them."""
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    import numpy
+
+    return numpy.errstate(all="ignore")
+
+
+def _fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    alpha_weight: Tensor | None,
+    kind: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    alpha: float,
+    gamma: float,
+    reduction: str,
+    out_float32: bool,
+    inplace: bool,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss, d(loss)/d(input) and d(loss)/d(target) (each gradient empty when not asked).
+
+    ``input`` is (C,), (N, C) or (N, C, d1, ...); ``target`` class indices of the input's shape
+    without the class dimension, or probabilities of the input's shape. With ``inplace`` the input
+    gradient is written into ``input`` itself when its layout allows.
+    """
+    k, tl_dtype = _kernels()
+    prob = target.is_floating_point()
+    n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if not prob and input.device.type == "cpu":
+        _check_targets_cpu(target, n_cols, ignore_index)
+    x = _rows_view(input, n_cols)
+    if n_cols > 1 and (n_cols - 1) * abs(x.stride(1)) >= 2**31:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    n_rows = x.shape[0] * x.shape[2]
+    acc = acc_dtype(input.dtype)
+    out_dtype = torch.float32 if out_float32 else input.dtype
+    reduce = reduction != "none"
+
+    if grad_input and inplace and x.data_ptr() == input.data_ptr() and input.is_contiguous():
+        gi, g3 = input, x
+    elif grad_input:
+        gi = empty(input.shape, input.dtype, input.device)
+        g3 = _rows_view(gi, n_cols)
+    else:
+        gi = g3 = input.new_empty(0)
+    gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
+    if prob:
+        y = _rows_view(target, n_cols)
+        y_strides = y.stride()
+    else:
+        y = target.reshape(-1).contiguous()
+        y_strides = (0, 0, 0)
+    loss = empty((n_rows,), acc if reduce else out_dtype, input.device)
+
+    scale_by_denom = reduction == "mean" and not prob
+    denom = empty((), acc, input.device) if scale_by_denom else loss
+    w = weight.contiguous() if weight is not None else x
+    a = alpha_weight.contiguous() if alpha_weight is not None else x
+    if n_rows > 0:
+        with _quiet_interpreter(input.device):
+            if scale_by_denom:
+                k.cross_entropy_denom_kernel[(1,)](
+                    y, w, denom, n_rows, n_cols, ignore_index,
+                    HAS_WEIGHT=weight is not None, ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=4096, num_warps=8,
+                )
+                count_launch("cross_entropy_denom_kernel")
+            rows, block, single, warps = _row_config(n_rows, n_cols, acc)
+            k.cross_entropy_fwd_kernel[(triton_cdiv(n_rows, rows),)](
+                x, y, w, a, loss, g3, gt, denom,
+                n_rows, n_cols, x.shape[2],
+                *x.stride(), *(g3.stride() if grad_input else (0, 0, 0)), *y_strides,
+                ignore_index, label_smoothing, z_loss, softcap, alpha, gamma,
+                FOCAL=kind == "focal", PROB_TARGET=prob, HAS_WEIGHT=weight is not None,
+                HAS_ALPHA=alpha_weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
+                HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0, SCALE_BY_DENOM=scale_by_denom,
+                MEAN_OVER_ROWS=reduction == "mean" and prob,
+                GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SINGLE_PASS=single,
+                ACC_DTYPE=tl_dtype[acc], BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps,
+            )
+            count_launch("cross_entropy_fwd_kernel")
+    if reduce:
+        if n_rows == 0:
+            out = input.new_full((), math.nan if reduction == "mean" else 0.0, dtype=out_dtype)
+        else:
+            out = loss.sum().to(out_dtype)
+    else:
+        out = loss.reshape(_loss_shape(input, target, prob))
+    return out, gi, gt
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
+def softmax_loss_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    alpha_weight: Tensor | None,
+    kind: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    alpha: float,
+    gamma: float,
+    reduction: str,
+    out_float32: bool,
+    inplace: bool,
+    grad_input: bool,
+    grad_target: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom-op form of _fwd, for torch.compile (never in place: outputs may not alias inputs)."""
+    return _fwd(input, target, weight, alpha_weight, kind, ignore_index, label_smoothing, z_loss,
+                softcap, alpha, gamma, reduction, out_float32, False, grad_input, grad_target)
+
+
+@softmax_loss_fwd.register_fake
+def _(input, target, weight, alpha_weight, kind, ignore_index, label_smoothing, z_loss, softcap,
+      alpha, gamma, reduction, out_float32, inplace, grad_input, grad_target):
+    dtype = torch.float32 if out_float32 else input.dtype
+    if reduction == "none":
+        out = input.new_empty(_loss_shape(input, target, target.is_floating_point()), dtype=dtype)
+    else:
+        out = input.new_empty((), dtype=dtype)
+    gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
+    gt = target.new_empty(target.shape) if grad_target else target.new_empty(0)
+    return out, gi, gt
+
+
+def _scale_rows(grad: Tensor, grad_output: Tensor, n_cols: int, inplace: bool) -> Tensor:
+    """grad * grad_output broadcast over the class dimension (reduction="none")."""
+    go = grad_output.reshape(-1, 1, _rows_view(grad, n_cols).shape[2]).to(grad.dtype)
+    g3 = _rows_view(grad, n_cols)
+    if inplace:
+        g3.mul_(go)
+        return grad
+    return (g3 * go).reshape(grad.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, alpha_weight = inputs[:4]
+    ctx.args = inputs[4:]
+    inplace, grad_input, grad_target = inputs[13:16]
+    ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
+    ctx.reduction = inputs[11]
+    # the logits are kept for a second backward (retain_graph) unless they were overwritten
+    ctx.save_for_backward(None if inplace else input, target, weight, alpha_weight)
+    # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
+    # .grad can take the buffer without a copy
+    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
+
+
+def _backward(ctx, grad_loss, forward, scale_grad, inplace):
+    if ctx.grads is not None:
+        gi, gt = ctx.grads
+        ctx.grads = None
+    else:
+        input, target, weight, alpha_weight = ctx.saved_tensors
+        if input is None:
+            raise RuntimeError(
+                "fastloss: a second backward through a loss computed with inplace_backward=True "
+                "is not supported (its logits were overwritten by the gradient)"
+            )
+        args = list(ctx.args)
+        args[9] = False  # never in place when recomputing
+        _, gi, gt = forward(input, target, weight, alpha_weight, *args)
+        gi = gi if args[10] else None
+        gt = gt if args[11] else None
+    for g in (gi, gt):
+        if g is None:
+            continue
+        if ctx.reduction == "none":
+            g2 = _scale_rows(g, grad_loss, ctx.n_cols, inplace)
+            if g is gi:
+                gi = g2
+            else:
+                gt = g2
+        else:
+            scale_grad(g, grad_loss)
+    return (gi if ctx.needs_input_grad[0] else None, gt if ctx.needs_input_grad[1] else None) + (
+        None,
+    ) * 14
+
+
+def _setup_context_op(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward_op(ctx, grad_loss, _grad_gi, _grad_gt):
+    return _backward(ctx, grad_loss, softmax_loss_fwd, scale_grad_, inplace=False)
+
+
+softmax_loss_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
+
+
+class _SoftmaxLoss(torch.autograd.Function):
+    """Eager twin of the custom op: same launchers and backward, without the custom-op dispatch
+    cost (tens of microseconds a call)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, _fwd, _scale_grad, inplace=True)
+
+
+def softmax_loss(
+    kind: str,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    alpha: float | Tensor = 1.0,
+    gamma: float = 0.0,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    out_float32: bool = False,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Run cross-entropy or softmax focal loss on the kernels. Arguments must be validated.
+
+    ``target`` holds class indices (any integer dtype) or, for cross-entropy, probabilities of the
+    input's shape. ``out_float32`` gives a float32 loss (autocast) whatever the logits dtype.
+    Under torch.compile the custom op is traced (no graph break, never in place); in eager mode an
+    autograd.Function calls the same launchers directly.
+    """
+    grad = torch.is_grad_enabled()
+    alpha_weight = alpha if isinstance(alpha, Tensor) else None
+    args = (input, target, weight, alpha_weight, kind, int(ignore_index), float(label_smoothing),
+            float(z_loss), float(softcap or 0.0), 1.0 if alpha_weight is not None else float(alpha),
+            float(gamma), reduction, bool(out_float32), bool(inplace_backward),
+            grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
+    if torch.compiler.is_compiling():
+        return softmax_loss_fwd(*args)[0]
+    return _SoftmaxLoss.apply(*args)

@@ -1,0 +1,324 @@
+"""Row kernels of the softmax family: cross-entropy and softmax focal loss.
+
+Logits are read as an (N, C, D) view: row ``r`` of the loss is ``n = r // D``, ``d = r % D`` and its
+C classes sit ``stride_logits_col`` apart, so (C,), (N, C) and (N, C, d1, ..., dk) inputs of any
+strides need no copy. One program handles ``BLOCK_ROWS`` rows (several short rows, or one long one).
+The forward kernel writes the loss of each row and, when asked, the gradient of the loss with
+respect to the logits (and to probability targets): backward then only multiplies by grad_output.
+
+Online log-sum-exp. Per row ``m = max_j z_j``, ``d = sum_j exp(z_j - m)``, ``lse = m + log d``.
+Over column blocks, with the block's own max ``m_b``: ``m' = max(m, m_b)``,
+``d' = d exp(m - m') + sum_b exp(z_j - m')``. A row that fits one block (SINGLE_PASS) is read once
+and its gradient written once; a longer row is read twice (this pass, then the gradient pass).
+
+Sums of the form ``S = sum_j c_j (lse - z_j)`` (label smoothing, probability targets) are kept as
+``W log d + A`` with ``W = sum_j c_j`` and ``A = sum_j c_j (m - z_j)``: every term of ``A`` is >= 0,
+so nothing cancels, and when m grows by ``delta`` the running ``A`` grows by ``W delta``.
+
+Softcap s (Gemma 2): ``z = s tanh(x / s)``, ``dz/dx = 1 - tanh^2 = 4 e / (1 + e)^2``,
+``e = exp(-2 |x| / s)``. Without it ``z = x``.
+
+Cross-entropy, class-index target t, class weight w (1 when absent; ``w_t`` = 0 on ignored rows),
+label smoothing eps, C classes, z-loss coefficient zl (PaLM), ``W = sum_j w_j``:
+    loss   = (1 - eps) w_t (lse - z_t) + (eps / C) sum_j w_j (lse - z_j) + zl w_t lse^2
+    dl/dz_j = p_j [(1 - eps) w_t + (eps / C) W + 2 zl w_t lse] - (1 - eps) w_t [j == t]
+              - (eps / C) w_j
+    (torch's formula: the smoothing term is masked on ignored rows and "mean" divides the sum
+    by sum_rows w_t.) ``lse - z_t`` is evaluated as ``(m - z_t) + log d``.
+
+Probability targets y, ``y'_j = (1 - eps) y_j + eps / C``, ``Y = sum_j w_j y'_j``:
+    loss    = sum_j w_j y'_j (lse - z_j) + zl lse^2
+    dl/dz_j = p_j (Y + 2 zl lse) - w_j y'_j
+    dl/dy_j = (1 - eps) w_j (lse - z_j)
+
+Softmax focal loss, class-index target t, ``l = lse - z_t = -log p_t``, ``q = 1 - p_t = -expm1(-l)``,
+alpha ``a_t`` (a float or a per-class value):
+    loss    = a_t w_t q^g l
+    dq/dz_j = p_t (p_j - [j == t]),  dl/dz_j = p_j - [j == t]
+    dl/dz_j = a_t w_t (q^g + g p_t q^g l / q) (p_j - [j == t])
+    ``l / q`` -> 1 as q -> 0 (it is taken as 1 at q = 0), so the gradient stays finite when
+    p_t -> 1 for every g >= 0, 0 < g < 1 included.
+
+Rows whose target is ignore_index get loss 0 and gradient 0. A target outside [0, C) that is not
+ignore_index is never used as an address (it is clamped); its row gets NaN loss and gradient.
+"""
+
+import triton
+import triton.language as tl
+
+from .pointwise import _pow
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan's trick: exact where exp(x) rounds to 1, no libdevice (the interpreter lacks it).
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(u == 1.0, x, tl.where(um1 == -1.0, -1.0, um1 * x / tl.log(u)))
+
+
+@triton.jit
+def _softcap(x, softcap):
+    """(softcap * tanh(x / softcap), d/dx of it) without libdevice."""
+    e = tl.exp(-2.0 * tl.abs(x) / softcap)
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    return softcap * t, 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _load_z(
+    logits_ptr, offs, mask, softcap,
+    HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Logits at offs (-inf where masked), softcapped when asked, and dz/dx (1 without softcap)."""
+    x = tl.load(logits_ptr + offs, mask=mask, other=float("-inf")).to(ACC_DTYPE)
+    if HAS_SOFTCAP:
+        z, dz = _softcap(x, softcap)
+        z = tl.where(mask, z, float("-inf"))
+    else:
+        z = x
+        dz = tl.full(x.shape, 1.0, ACC_DTYPE)
+    return z, dz
+
+
+@triton.jit
+def _smooth_coef(
+    target_ptr, weight_ptr, cols, mask, t_offs, label_smoothing, inv_n_cols,
+    HAS_WEIGHT: tl.constexpr, PROB_TARGET: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """c_j of the sum_j c_j (lse - z_j) term: w_j y'_j for probability targets, w_j otherwise."""
+    if HAS_WEIGHT:
+        c = tl.load(weight_ptr + cols + tl.zeros(mask.shape, tl.int32), mask=mask, other=0.0)
+        c = c.to(ACC_DTYPE)
+    else:
+        c = tl.where(mask, 1.0, 0.0).to(ACC_DTYPE)
+    if PROB_TARGET:
+        y = tl.load(target_ptr + t_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        c = c * ((1.0 - label_smoothing) * y + label_smoothing * inv_n_cols)
+    return c
+
+
+@triton.jit
+def cross_entropy_fwd_kernel(
+    logits_ptr,           # [N, C, D] strided, floating
+    target_ptr,           # [n_rows] integer class indices, or [N, C, D] strided probabilities
+    weight_ptr,           # [C] class weights, read iff HAS_WEIGHT
+    alpha_ptr,            # [C] focal alpha per class, read iff HAS_ALPHA
+    loss_ptr,             # [n_rows] per-row loss (times scale), loss dtype
+    grad_ptr,             # [N, C, D] strided, logits dtype, scale * dloss/dlogits iff GRAD_INPUT
+    grad_target_ptr,      # [N, C, D] contiguous, scale * dloss/dtarget iff GRAD_TARGET
+    denom_ptr,            # [] sum of target weights; scale is 1 / it iff SCALE_BY_DENOM
+    n_rows, n_cols, n_inner,                                  # N * D, C, D
+    stride_logits_n, stride_logits_col, stride_logits_d,
+    stride_grad_n, stride_grad_col, stride_grad_d,
+    stride_target_n, stride_target_col, stride_target_d,      # probability targets only
+    ignore_index, label_smoothing, z_loss, softcap, alpha, gamma,
+    FOCAL: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, SCALE_BY_DENOM: tl.constexpr, MEAN_OVER_ROWS: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Loss of BLOCK_ROWS rows and, when asked, their gradients (see the module docstring)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    n = rows // n_inner
+    dd = rows - n * n_inner
+    logit_row = n * stride_logits_n + dd * stride_logits_d          # [BLOCK_ROWS] int64
+    target_row = n * stride_target_n + dd * stride_target_d
+    one = tl.full((), 1.0, ACC_DTYPE)
+    inv_n_cols = one / n_cols
+    eps = label_smoothing
+    NEED_C: tl.constexpr = PROB_TARGET or HAS_SMOOTHING
+
+    # per-row target quantities: validity, clamped index, weight, target logit
+    if PROB_TARGET:
+        valid = row_mask
+        bad = rows < 0
+        t = tl.zeros((BLOCK_ROWS,), tl.int64)
+        w_t = tl.where(row_mask, 1.0, 0.0).to(ACC_DTYPE)
+    else:
+        t = tl.load(target_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+        valid = row_mask & (t != ignore_index)
+        in_range = (t >= 0) & (t < n_cols)
+        bad = valid & ~in_range
+        t = tl.where(valid & in_range, t, 0)
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t, mask=valid & in_range, other=0.0).to(ACC_DTYPE)
+        else:
+            w_t = tl.where(valid, 1.0, 0.0).to(ACC_DTYPE)
+        z_t, _ = _load_z(logits_ptr, logit_row + t * stride_logits_col, valid & in_range, softcap,
+                         HAS_SOFTCAP, ACC_DTYPE)
+    if SCALE_BY_DENOM:
+        scale = one / tl.load(denom_ptr).to(ACC_DTYPE)
+    elif MEAN_OVER_ROWS:
+        scale = one / n_rows
+    else:
+        scale = one
+
+    cols = tl.arange(0, BLOCK_SIZE)
+    # pass 1: m, d and (for smoothing / probability targets) W = sum c_j, A = sum c_j (m - z_j)
+    if SINGLE_PASS:
+        mask = row_mask[:, None] & (cols < n_cols)[None, :]
+        z, dz = _load_z(logits_ptr, logit_row[:, None] + (cols * stride_logits_col)[None, :], mask,
+                        softcap, HAS_SOFTCAP, ACC_DTYPE)
+        m = tl.max(z, axis=1)
+        m = tl.where(row_mask, m, 0.0)
+        e = tl.exp(z - m[:, None])
+        d = tl.sum(e, axis=1)
+        if NEED_C:
+            c = _smooth_coef(target_ptr, weight_ptr, cols[None, :], mask,
+                             target_row[:, None] + (cols * stride_target_col)[None, :],
+                             eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
+            c_sum = tl.sum(c, axis=1)
+            a_sum = tl.sum(tl.where(mask, c * (m[:, None] - z), 0.0), axis=1)
+    else:
+        m = tl.full((BLOCK_ROWS,), float("-inf"), ACC_DTYPE)
+        d = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+        c_sum = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+        a_sum = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cs = start + cols
+            mask = row_mask[:, None] & (cs < n_cols)[None, :]
+            z, _ = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :], mask,
+                           softcap, HAS_SOFTCAP, ACC_DTYPE)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_new = tl.where(row_mask, m_new, 0.0)
+            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            if NEED_C:
+                c = _smooth_coef(target_ptr, weight_ptr, cs[None, :], mask,
+                                 target_row[:, None] + (cs * stride_target_col)[None, :],
+                                 eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
+                grow = tl.where(m == float("-inf"), 0.0, m_new - m)
+                a_sum = a_sum + c_sum * grow + tl.sum(tl.where(mask, c * (m_new[:, None] - z), 0.0),
+                                                      axis=1)
+                c_sum = c_sum + tl.sum(c, axis=1)
+            m = m_new
+    d = tl.where(row_mask, d, 1.0)      # rows past n_rows: keep them finite
+    log_d = tl.log(d)
+    lse = m + log_d
+
+    # per-row loss, and the row factors of the gradient g_j = p_j P - [j == t] Q - c_j R
+    if PROB_TARGET:
+        loss = c_sum * log_d + a_sum
+        coef_p = c_sum
+        coef_q = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+        coef_r = tl.full((BLOCK_ROWS,), 1.0, ACC_DTYPE)
+    elif FOCAL:
+        nll = (m - z_t) + log_d
+        q = -_expm1(-nll)
+        p_t = 1.0 - q
+        if HAS_ALPHA:
+            a_t = tl.load(alpha_ptr + t, mask=valid, other=0.0).to(ACC_DTYPE)
+        else:
+            a_t = alpha
+        q_g = _pow(q, gamma)
+        ratio = tl.where(q > 0, nll / tl.where(q > 0, q, 1.0), 1.0)    # l / q -> 1 as q -> 0
+        loss = a_t * w_t * q_g * nll
+        coef_p = a_t * w_t * (q_g + gamma * p_t * q_g * ratio)
+        coef_q = coef_p
+        coef_r = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+    else:
+        nll = (m - z_t) + log_d
+        loss = (1.0 - eps) * w_t * nll
+        coef_p = (1.0 - eps) * w_t
+        coef_q = coef_p
+        coef_r = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
+        if HAS_SMOOTHING:
+            loss = loss + eps * inv_n_cols * (c_sum * log_d + a_sum)
+            coef_p = coef_p + eps * inv_n_cols * c_sum
+            coef_r = coef_r + eps * inv_n_cols
+    if HAS_Z_LOSS:
+        loss = loss + z_loss * w_t * lse * lse
+        coef_p = coef_p + 2.0 * z_loss * w_t * lse
+    # ignored rows: exactly 0 (their smoothing term too); out-of-range targets: NaN
+    row_scale = tl.where(bad, float("nan"), tl.where(valid, scale, 0.0))
+    # ignored rows: 0 * scale, so a "mean" over no target at all is 0 / 0 = NaN, as in torch
+    loss = tl.where(bad, float("nan"), tl.where(valid, loss, 0.0) * scale)
+    tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+    if GRAD_INPUT or GRAD_TARGET:
+        # where, not a product: an ignored row's factors may be inf or NaN (its z_t is -inf)
+        coef_p = tl.where(bad, float("nan"), tl.where(valid, coef_p * scale, 0.0))
+        coef_q = tl.where(bad, float("nan"), tl.where(valid, coef_q * scale, 0.0))
+        coef_r = tl.where(bad, float("nan"), tl.where(valid, coef_r * scale, 0.0))
+        inv_d = 1.0 / d
+        grad_row = n * stride_grad_n + dd * stride_grad_d
+        gt_row = n * (n_cols * n_inner) + dd                       # contiguous [N, C, D]
+        if SINGLE_PASS:
+            _grad_block(
+                z, dz, e * inv_d[:, None], mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,
+                target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
+                stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
+                PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+            )
+        else:
+            for start in range(0, n_cols, BLOCK_SIZE):
+                cs = start + cols
+                mask = row_mask[:, None] & (cs < n_cols)[None, :]
+                z, dz = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :],
+                                mask, softcap, HAS_SOFTCAP, ACC_DTYPE)
+                p = tl.exp(z - m[:, None]) * inv_d[:, None]
+                _grad_block(
+                    z, dz, p, mask, cs, t, coef_p, coef_q, coef_r, m, lse, row_scale,
+                    target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
+                    stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
+                    PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+                )
+
+
+@triton.jit
+def _grad_block(
+    z, dz, p, mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,
+    target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
+    stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
+    PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_C: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """Store scale * dloss/dlogits (and dloss/dtarget) for one [BLOCK_ROWS, BLOCK_SIZE] block."""
+    if GRAD_INPUT:
+        g = p * coef_p[:, None]
+        if not PROB_TARGET:
+            g = g - tl.where(cols[None, :] == t[:, None], coef_q[:, None], 0.0)
+        if NEED_C:
+            c = _smooth_coef(target_ptr, weight_ptr, cols[None, :], mask,
+                             target_row[:, None] + (cols * stride_target_col)[None, :],
+                             eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
+            g = g - c * coef_r[:, None]
+        g = g * dz
+        tl.store(grad_ptr + grad_row[:, None] + (cols * stride_grad_col)[None, :],
+                 g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TARGET:
+        if HAS_WEIGHT:
+            w = tl.load(weight_ptr + cols[None, :] + tl.zeros(mask.shape, tl.int32), mask=mask,
+                        other=0.0).to(ACC_DTYPE)
+        else:
+            w = tl.full(mask.shape, 1.0, ACC_DTYPE)
+        gy = (1.0 - eps) * w * (lse[:, None] - z) * row_scale[:, None]
+        tl.store(grad_target_ptr + gt_row[:, None] + (cols * n_inner)[None, :],
+                 gy.to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def cross_entropy_denom_kernel(
+    target_ptr,           # [n_rows] integer class indices
+    weight_ptr,           # [C] class weights, read iff HAS_WEIGHT
+    denom_ptr,            # [] ACC_DTYPE, sum over non-ignored rows of weight[target] (or 1)
+    n_rows, n_cols, ignore_index,
+    HAS_WEIGHT: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Denominator of a "mean" over class-index targets, in one program (deterministic)."""
+    acc = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
+    for start in range(0, n_rows, BLOCK_SIZE):
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n_rows
+        t = tl.load(target_ptr + offs, mask=mask, other=ignore_index).to(tl.int64)
+        valid = mask & (t != ignore_index)
+        if HAS_WEIGHT:
+            t = tl.minimum(tl.maximum(t, 0), n_cols - 1)
+            acc += tl.load(weight_ptr + t, mask=valid, other=0.0).to(ACC_DTYPE)
+        else:
+            acc += tl.where(valid, 1.0, 0.0).to(ACC_DTYPE)
+    tl.store(denom_ptr, tl.sum(acc, axis=0).to(denom_ptr.dtype.element_ty))

@@ -1,0 +1,583 @@
+"""Cross-entropy and softmax focal loss (the row family): parity with torch.nn.functional.cross_entropy
+and with the classic focal composition, on the Triton kernels (interpreter on CPU) and the reference."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (tests/conftest.py does it too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
+from torch import nn
+from torch.nn import functional as F
+
+import fastloss
+from fastloss import functional as FF
+from fastloss import reference
+from fastloss.ops import _utils
+from fastloss.ops import softmax as ops_softmax
+
+FWD = "cross_entropy_fwd_kernel"
+DENOM = "cross_entropy_denom_kernel"
+SCALE = "scale_grad_kernel"
+F64 = torch.float64
+# parameters exactly representable in float32 (the kernels take Python floats as float32)
+EPS, ZL, CAP = 0.125, 2.0**-7, 4.0
+
+
+@contextlib.contextmanager
+def launched(*names: str):
+    """The block launches each named kernel (the Triton path ran)."""
+    before = collections.Counter(_utils.launch_counts)
+    yield
+    for name in names:
+        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
+
+
+@contextlib.contextmanager
+def looped_rows():
+    """Force the multi-block (online log-sum-exp + gradient pass) kernel with small blocks."""
+    old = ops_softmax.MAX_FUSED_COLS, ops_softmax.LOOP_BLOCK
+    ops_softmax.MAX_FUSED_COLS, ops_softmax.LOOP_BLOCK = 64, 64
+    try:
+        yield
+    finally:
+        ops_softmax.MAX_FUSED_COLS, ops_softmax.LOOP_BLOCK = old
+
+
+def logits(shape, dtype=F64, device="cpu", scale=3.0, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=F64) * scale).to(device=device, dtype=dtype)
+
+
+def class_targets(shape, n_classes, device="cpu", ignore=True, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, n_classes, shape, generator=g)
+    if ignore and t.numel() > 2:
+        t.view(-1)[1] = -100
+    return t.to(device)
+
+
+def prob_targets(shape, device="cpu", dtype=F64, seed=2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    dim = 0 if len(shape) == 1 else 1
+    return torch.randn(shape, generator=g, dtype=F64).softmax(dim).to(device=device, dtype=dtype)
+
+
+def target_shape(shape):
+    return () if len(shape) == 1 else (shape[0], *shape[2:])
+
+
+def loss_and_grads(fn, x, target, grad_output=None, **kw):
+    """Loss and gradients of (loss * grad_output).sum() w.r.t. x (and a floating target)."""
+    x = x.detach().clone().requires_grad_()
+    inputs = [x]
+    if target.is_floating_point():
+        target = target.detach().clone().requires_grad_()
+        inputs.append(target)
+    loss = fn(x, target, **kw)
+    go = torch.ones_like(loss) if grad_output is None else grad_output
+    grads = torch.autograd.grad(loss, inputs, go)
+    return loss.detach(), grads
+
+
+def check(actual, expected, dtype, what):
+    loss, grads = actual
+    loss_e, grads_e = expected
+    assert_close(loss, loss_e, dtype, f"{what}: loss")
+    for i, (g, ge) in enumerate(zip(grads, grads_e)):
+        assert_close(g, ge, dtype, f"{what}: grad {i}")
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy vs torch.nn.functional.cross_entropy (float64)
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [(5, 1), (6, 2), (7,), (9, 7), (3, 1031), (2, 5, 3, 2)]
+OPTIONS = {
+    "plain": {},
+    "weight": {"weight": True},
+    "smooth": {"label_smoothing": EPS},
+    "smooth+weight": {"label_smoothing": EPS, "weight": True},
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cross_entropy_matches_torch(shape, reduction, option, device, triton_backend):
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    kw = dict(OPTIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(n_classes, dtype=F64, device=device) + 0.5
+    x = logits(shape, device=device)
+    t = class_targets(target_shape(shape), n_classes, device)
+    with launched(FWD):
+        actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+    check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, f"{shape} {reduction} {option}")
+
+
+@pytest.mark.parametrize("option", ["plain", "smooth+weight"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(4, 7), (7,), (2, 5, 3)], ids=str)
+def test_cross_entropy_probabilities_match_torch(shape, reduction, option, device, triton_backend):
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    kw = dict(OPTIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(n_classes, dtype=F64, device=device) + 0.5
+    x, y = logits(shape, device=device), prob_targets(shape, device)
+    with launched(FWD):
+        actual = loss_and_grads(FF.cross_entropy, x, y, **kw)
+    check(actual, loss_and_grads(F.cross_entropy, x, y, **kw), F64, f"{shape} {reduction} {option}")
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_multi_block_rows_match_torch(reduction, prob, device, triton_backend):
+    """Rows longer than one block: online log-sum-exp pass, then the gradient pass."""
+    shape = (3, 200)
+    x = logits(shape, device=device, scale=6.0)
+    t = prob_targets(shape, device) if prob else class_targets((3,), 200, device)
+    kw = {"reduction": reduction, "label_smoothing": EPS, "weight": torch.rand(200, dtype=F64, device=device)}
+    with looped_rows(), launched(FWD):
+        actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+    check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, "looped")
+
+
+def test_class_dim_layout_and_noncontiguous_logits(device, triton_backend):
+    """(N, C, d1, d2) with the class dimension strided, transposed (N, C) and sliced logits."""
+    seg = logits((2, 3, 4, 5), device=device).permute(0, 3, 1, 2)  # (2, 5, 3, 4), class stride 1
+    t = class_targets((2, 3, 4), 5, device)
+    cases = [
+        (seg, t),
+        (logits((7, 6), device=device).t(), class_targets((6,), 7, device)),
+        (logits((6, 20), device=device)[:, 3:15:2], class_targets((6,), 6, device)),
+    ]
+    for x, t in cases:
+        assert not x.is_contiguous()
+        for kw in ({}, {"label_smoothing": EPS, "reduction": "none"}):
+            with launched(FWD):
+                actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+            check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, f"{tuple(x.shape)} {kw}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_grad_output_scaling(reduction, device, triton_backend):
+    x, t = logits((5, 7), device=device), class_targets((5,), 7, device)
+    go = torch.rand(5, dtype=F64, device=device) if reduction == "none" else torch.tensor(2.5, dtype=F64)
+    kw = {"reduction": reduction, "label_smoothing": EPS}
+    names = (FWD, SCALE) if reduction != "none" else (FWD,)
+    with launched(*names):
+        actual = loss_and_grads(FF.cross_entropy, x, t, go.to(device), **kw)
+    check(actual, loss_and_grads(F.cross_entropy, x, t, go.to(device), **kw), F64, reduction)
+
+
+def test_all_targets_ignored(device, backend):
+    x = logits((4, 6), device=device)
+    t = torch.full((4,), -100, device=device)
+    w = torch.rand(6, dtype=F64, device=device)
+    for kw in ({}, {"weight": w}, {"label_smoothing": EPS}, {"reduction": "sum"}, {"reduction": "none"}):
+        check(loss_and_grads(FF.cross_entropy, x, t, **kw), loss_and_grads(F.cross_entropy, x, t, **kw),
+              F64, f"all ignored {kw}")
+
+
+def test_empty_batch(device, backend):
+    x = logits((0, 6), device=device)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    for reduction in ("mean", "sum", "none"):
+        actual = FF.cross_entropy(x, t, reduction=reduction)
+        assert_close(actual, F.cross_entropy(x, t, reduction=reduction), F64, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_extreme_logits_stay_finite(dtype, device, triton_backend):
+    x = logits((4, 9), device=device) * 1e4
+    x[:, 0] = 3e4
+    x[:, 1] = -3e4
+    t = torch.tensor([0, 1, 2, -100], device=device)
+    x = x.to(dtype)
+    loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, label_smoothing=EPS)
+    exact, (grad_exact,) = loss_and_grads(F.cross_entropy, x.double(), t, label_smoothing=EPS)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss.double(), exact, dtype, "loss")
+    assert_close(grad.double(), grad_exact, dtype, "grad")
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes: kernels vs the reference in each dtype; half precision vs torch against float64
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=dtype_id)
+@pytest.mark.parametrize("shape", [(6, 7), (3, 1031)], ids=str)
+def test_kernel_matches_reference_per_dtype(shape, dtype, device):
+    x, t = logits(shape, dtype, device), class_targets((shape[0],), shape[1], device)
+    w = torch.rand(shape[1], dtype=dtype, device=device) + 0.5
+    kw = {"weight": w, "label_smoothing": EPS, "z_loss": ZL}
+    with fastloss.use_backend("triton"), launched(FWD):
+        actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+    with fastloss.use_backend("torch"):
+        expected = loss_and_grads(FF.cross_entropy, x, t, **kw)
+    check(actual, expected, dtype, f"{shape} {dtype}")
+    assert actual[0].dtype == dtype and actual[1][0].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_no_less_accurate_than_torch(dtype, reduction, device, triton_backend):
+    # large, close logits: the target term lse - z_t cancels, which torch's half path rounds badly
+    x = (logits((16, 300), F64, device, scale=1.0) + 20.0).to(dtype)
+    t = class_targets((16,), 300, device, ignore=False)
+    for kw in ({}, {"label_smoothing": EPS}):
+        kw = dict(kw, reduction=reduction)
+        loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        loss_t, (grad_t,) = loss_and_grads(F.cross_entropy, x, t, **kw)
+        exact, (grad_e,) = loss_and_grads(F.cross_entropy, x.double(), t, **kw)
+        assert_no_less_accurate(loss, loss_t, exact, f"{dtype} {kw} loss")
+        assert_no_less_accurate(grad, grad_t, grad_e, f"{dtype} {kw} grad")
+
+
+def test_autocast_gives_float32(device, backend):
+    x = logits((6, 7), torch.bfloat16, device)
+    t = class_targets((6,), 7, device)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        expected = F.cross_entropy(x, t)
+        actual = FF.cross_entropy(x, t)
+        focal = FF.focal_loss(x, t)
+    assert expected.dtype == torch.float32
+    assert_close(actual, expected, torch.float32, "autocast")
+    assert focal.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# extensions: z_loss, softcap, inplace_backward
+# --------------------------------------------------------------------------------------------
+
+
+def naive_cross_entropy(x, t, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                        z_loss=0.0, softcap=None):
+    """z_loss / softcap written out with autograd ops: the reference is checked against it."""
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    logp = x.log_softmax(1)
+    lse = x.logsumexp(1)
+    n_classes = x.shape[1]
+    w = torch.ones(n_classes, dtype=x.dtype) if weight is None else weight
+    if t.is_floating_point():
+        y = t * (1 - label_smoothing) + label_smoothing / n_classes
+        loss = -(w * y * logp).sum(1) + z_loss * lse**2
+        denom = torch.tensor(float(t.shape[0]), dtype=x.dtype)
+    else:
+        valid = t != ignore_index
+        ts = torch.where(valid, t, 0)
+        w_t = torch.where(valid, w[ts], 0.0)
+        nll = -logp.gather(1, ts[:, None]).squeeze(1)
+        smooth = -(w * logp).sum(1)
+        loss = (1 - label_smoothing) * w_t * nll + label_smoothing / n_classes * smooth + z_loss * w_t * lse**2
+        loss = torch.where(valid, loss, 0.0)
+        denom = w_t.sum()
+    if reduction == "none":
+        return loss
+    return loss.sum() / denom if reduction == "mean" else loss.sum()
+
+
+EXTENSIONS = {
+    "z_loss": {"z_loss": ZL},
+    "softcap": {"softcap": CAP},
+    "all": {"z_loss": ZL, "softcap": CAP, "label_smoothing": EPS, "weight": True},
+}
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("option", list(EXTENSIONS))
+def test_reference_extensions_match_naive_formula(option, reduction, prob):
+    x = logits((5, 7), scale=5.0)
+    t = prob_targets((5, 7)) if prob else class_targets((5,), 7)
+    kw = dict(EXTENSIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(7, dtype=F64) + 0.5
+    check(loss_and_grads(reference.cross_entropy, x, t, **kw), loss_and_grads(naive_cross_entropy, x, t, **kw),
+          F64, option)
+
+
+@pytest.mark.parametrize("looped", [False, True], ids=["single_pass", "looped"])
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(EXTENSIONS))
+def test_extensions_kernel_matches_reference(option, reduction, prob, looped, device, triton_backend):
+    shape = (4, 130) if looped else (5, 7)
+    x = logits(shape, device=device, scale=5.0)
+    t = prob_targets(shape, device) if prob else class_targets((shape[0],), shape[1], device)
+    kw = dict(EXTENSIONS[option], reduction=reduction)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(shape[1], dtype=F64, device=device) + 0.5
+    with looped_rows() if looped else contextlib.nullcontext(), launched(FWD):
+        actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+    check(actual, loss_and_grads(reference.cross_entropy, x, t, **kw), F64, option)
+
+
+def test_inplace_backward_writes_grad_into_logits(device, triton_backend):
+    x0, t = logits((6, 40), device=device), class_targets((6,), 40, device)
+    expected = loss_and_grads(FF.cross_entropy, x0, t, label_smoothing=EPS)
+    h = x0.clone().requires_grad_()
+    out = h * 1.0  # the logits: a non-leaf buffer, as a model's output
+    loss = FF.cross_entropy(out, t, label_smoothing=EPS, inplace_backward=True)
+    assert_close(loss.detach(), expected[0], F64, "inplace loss")
+    assert_close(out.detach(), expected[1][0], F64, "the logits' memory holds the gradient")
+    loss.backward(retain_graph=True)
+    assert_close(h.grad, expected[1][0], F64, "inplace grad")
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+def test_second_backward_recomputes(device, triton_backend):
+    x, t = logits((5, 7), device=device).requires_grad_(), class_targets((5,), 7, device)
+    loss = FF.cross_entropy(x, t, z_loss=ZL)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss * 2, x)
+    assert_close(g2, 2 * g1, F64, "second backward")
+
+
+# --------------------------------------------------------------------------------------------
+# focal loss
+# --------------------------------------------------------------------------------------------
+
+
+def classic_focal(x, t, alpha=1.0, gamma=2.0):
+    """What users write: per-sample cross-entropy, p_t = exp(-ce), then the mean."""
+    ce = F.cross_entropy(x, t, reduction="none")
+    pt = torch.exp(-ce)
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha[t]
+    return (alpha * (1 - pt) ** gamma * ce).mean()
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25, "tensor"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("shape", [(9, 7), (3, 1031), (2, 4, 3)], ids=str)
+def test_focal_matches_classic_composition(shape, gamma, alpha, device, backend):
+    n_classes = shape[1]
+    x = logits(shape, device=device)
+    t = class_targets(target_shape(shape), n_classes, device, ignore=False)
+    if alpha == "tensor":
+        alpha = torch.rand(n_classes, dtype=F64, device=device)
+    actual = loss_and_grads(FF.focal_loss, x, t, alpha=alpha, gamma=gamma)
+    expected = loss_and_grads(classic_focal, x, t, alpha=alpha, gamma=gamma)
+    check(actual, expected, F64, f"focal {shape} gamma={gamma}")
+    # and the module form
+    crit = fastloss.FocalLoss(alpha, gamma)
+    assert_close(crit(x, t), expected[0], F64, "FocalLoss module")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("looped", [False, True], ids=["single_pass", "looped"])
+def test_focal_kernel_matches_reference(reduction, looped, device):
+    shape = (5, 130)
+    x = logits(shape, device=device)
+    t = class_targets((5,), 130, device)
+    kw = {"alpha": torch.rand(130, dtype=F64, device=device), "gamma": 0.5, "reduction": reduction,
+          "weight": torch.rand(130, dtype=F64, device=device) + 0.5}
+    with fastloss.use_backend("triton"), looped_rows() if looped else contextlib.nullcontext(), launched(FWD):
+        actual = loss_and_grads(FF.focal_loss, x, t, **kw)
+    with fastloss.use_backend("torch"):
+        expected = loss_and_grads(FF.focal_loss, x, t, **kw)
+    check(actual, expected, F64, "focal kernel")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_focal_gamma0_is_cross_entropy(reduction, device, backend):
+    x = logits((2, 6, 3), device=device)
+    t = class_targets((2, 3), 6, device)
+    w = torch.rand(6, dtype=F64, device=device) + 0.5
+    kw = {"weight": w, "ignore_index": -100, "reduction": reduction}
+    check(loss_and_grads(FF.focal_loss, x, t, alpha=1.0, gamma=0.0, **kw),
+          loss_and_grads(F.cross_entropy, x, t, **kw), F64, "gamma=0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0])
+def test_focal_gradient_finite_when_confident(gamma, dtype, device, backend):
+    x = logits((4, 5), device=device, scale=0.1)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    x[torch.arange(4), t] = torch.tensor([60.0, 30.0, 16.0, 5.0], dtype=F64, device=device)
+    loss, (grad,) = loss_and_grads(FF.focal_loss, x.to(dtype), t, gamma=gamma)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all(), grad
+    _, (grad_e,) = loss_and_grads(reference.focal_loss, x, t, gamma=gamma)
+    assert_close(grad.double(), grad_e, dtype, "confident focal grad")
+
+
+def test_focal_ignore_index_and_weight(device, backend):
+    x = logits((8, 5), device=device)
+    t = class_targets((8,), 5, device)
+    w = torch.rand(5, dtype=F64, device=device) + 0.5
+    loss, (grad,) = loss_and_grads(FF.focal_loss, x, t, gamma=2.0, weight=w)
+    # explicit: weighted focal terms over non-ignored rows / sum of their weights
+    valid = t != -100
+    logp_t = x.log_softmax(1)[valid].gather(1, t[valid, None]).squeeze(1)
+    terms = -w[t[valid]] * (1 - logp_t.exp()) ** 2 * logp_t
+    assert_close(loss, terms.sum() / w[t[valid]].sum(), F64, "weighted focal")
+    assert (grad[~valid] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck (float64, both backends)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["ce", "ce_prob", "ce_seg", "focal"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(case, reduction, device, backend):
+    w = torch.rand(5, dtype=F64, device=device) + 0.5
+    if case == "focal":
+        x = logits((3, 5), device=device)
+        t = class_targets((3,), 5, device)
+        alpha = torch.rand(5, dtype=F64, device=device)
+        fn = lambda x: FF.focal_loss(x, t, alpha, 0.5, reduction, w)
+        inputs = (x.requires_grad_(),)
+    elif case == "ce_prob":
+        x, y = logits((3, 5), device=device), prob_targets((3, 5), device)
+        fn = lambda x, y: FF.cross_entropy(x, y, w, reduction=reduction, label_smoothing=EPS,
+                                           z_loss=ZL, softcap=CAP)
+        inputs = (x.requires_grad_(), y.requires_grad_())
+    else:
+        shape = (3, 5) if case == "ce" else (2, 5, 2)
+        x = logits(shape, device=device)
+        t = class_targets(target_shape(shape), 5, device)
+        fn = lambda x: FF.cross_entropy(x, t, w, reduction=reduction, label_smoothing=EPS,
+                                        z_loss=ZL, softcap=CAP)
+        inputs = (x.requires_grad_(),)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_like_torch(backend):
+    x = logits((3, 5))
+    cases = [
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 3, 4])), ValueError, "batch_size"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1.0, 2.0, 3.0])), RuntimeError, "Long or Byte"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 3], dtype=torch.int32)), RuntimeError, "Long or Byte"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 5])), IndexError, "Target 5 is out of bounds"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, -3, 2])), IndexError, "Target -3 is out of bounds"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 3]), label_smoothing=1.5), RuntimeError,
+         "label_smoothing"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 3]), weight=torch.ones(4, dtype=F64)),
+         RuntimeError, "weight tensor"),
+        (lambda m: m.cross_entropy(x, torch.tensor([1, 2, 3]), reduction="avg"), ValueError, "reduction"),
+        (lambda m: m.cross_entropy(logits((2, 5, 4)), torch.zeros(2, 3, dtype=torch.long)), RuntimeError,
+         "Expected target size"),
+        (lambda m: m.cross_entropy(x, prob_targets((3, 5)), ignore_index=1), RuntimeError, "ignore_index"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call(F)
+        with pytest.raises(error, match=match):
+            call(FF)
+    t = torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="gamma"):
+        FF.focal_loss(x, t, gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        fastloss.FocalLoss(gamma=-0.5)
+    with pytest.raises(ValueError, match="z_loss"):
+        FF.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        FF.cross_entropy(x, t, softcap=0.0)
+    with pytest.raises(ValueError, match="one value per class"):
+        FF.focal_loss(x, t, alpha=torch.ones(4, dtype=F64))
+    with pytest.raises(ValueError, match="batch_size"):
+        FF.focal_loss(x, torch.tensor([1, 2]))
+
+
+def test_out_of_range_target_in_kernel_gives_nan(monkeypatch, device, triton_backend):
+    """The CUDA path never reads out of bounds: such a row's loss and gradient are NaN."""
+    monkeypatch.setattr(ops_softmax, "_check_targets_cpu", lambda *args: None)
+    x = logits((3, 5), device=device).requires_grad_()
+    t = torch.tensor([1, 7, -4], device=device)
+    loss = FF.cross_entropy(x, t, reduction="none")
+    loss.sum().backward()
+    assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0])
+    assert torch.isfinite(x.grad[0]).all() and torch.isnan(x.grad[1:]).all()
+
+
+# --------------------------------------------------------------------------------------------
+# modules and torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_module_is_torch_drop_in(device, backend):
+    w = torch.rand(7, dtype=F64, device=device) + 0.5
+    ours = fastloss.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=EPS)
+    theirs = nn.CrossEntropyLoss(weight=w, ignore_index=3, label_smoothing=EPS)
+    assert isinstance(ours, nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x, t = logits((9, 7), device=device), class_targets((9,), 7, device)
+    t[t == -100] = 3
+    check(loss_and_grads(lambda x, t: ours(x, t), x, t), loss_and_grads(lambda x, t: theirs(x, t), x, t),
+          F64, "module")
+    legacy = fastloss.CrossEntropyLoss(size_average=False)
+    assert legacy.reduction == "sum"
+    assert "z_loss=0.5" in repr(fastloss.CrossEntropyLoss(z_loss=0.5))
+
+
+@pytest.mark.parametrize("compile_backend", ["auto", "triton"])
+def test_torch_compile_fullgraph(compile_backend, device):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 11)).to(device)
+    data = torch.randn(12, 8, device=device)
+    t = torch.randint(0, 11, (12,), device=device)
+    t[3] = -100
+    ce = fastloss.CrossEntropyLoss(label_smoothing=EPS, z_loss=ZL)
+    focal = fastloss.FocalLoss(alpha=0.25, gamma=2.0)
+
+    def step(ce_fn, focal_fn):
+        out = model(data)
+        return ce_fn(out, t) + focal_fn(out, t.clamp_min(0))
+
+    expected = step(lambda o, t: reference.cross_entropy(o, t, label_smoothing=EPS, z_loss=ZL),
+                    lambda o, t: classic_focal(o, t, 0.25, 2.0))
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    compiled = torch.compile(lambda: step(ce, focal), fullgraph=True)
+    kernels = compile_backend == "triton" or device == "cuda"
+    with fastloss.use_backend(compile_backend):
+        before = _utils.launch_counts[FWD]
+        for _ in range(2):  # the second call reuses the compiled graph
+            model.zero_grad()
+            loss = compiled()
+            loss.backward()
+            assert_close(loss.detach(), expected.detach(), torch.float32, f"compiled {compile_backend}")
+            for p, g in zip(model.parameters(), expected_grads):
+                assert_close(p.grad, g, torch.float32, f"compiled {compile_backend} parameter grad")
+        assert (_utils.launch_counts[FWD] > before) == kernels
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (a 4 GiB logits tensor)")
+def test_int64_offsets_large_logits():
+    """N x V > 2**31: row offsets must be int64."""
+    n, v = 8400, 256000
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), device="cuda")
+    t[-1] = v - 1
+    x.requires_grad_()
+    loss = FF.cross_entropy(x, t, reduction="none")
+    rows = [0, n // 2, n - 1]
+    expected = F.cross_entropy(x.detach()[rows].float(), t[rows], reduction="none")
+    torch.testing.assert_close(loss[rows].float(), expected, rtol=1e-2, atol=1e-2)
+    loss.sum().backward()
+    g = x.grad[rows].float()
+    ge = torch.softmax(x.detach()[rows].float(), 1)
+    ge[torch.arange(3), t[rows]] -= 1
+    torch.testing.assert_close(g, ge, rtol=2e-2, atol=1e-4)
