@@ -1,0 +1,252 @@
+"""Combine a GPU check's outputs into one JSON and render markdown tables.
+
+    # what bench/gpu_check.sh runs: combine and render
+    python bench/to_markdown.py --pytest-json bench-pytest.json --cli-json bench-cli.json \\
+        --tests-junit tests.xml --step tests=0 --step bench=0 \\
+        --out-json bench/results/2026-01-01-nvidia-h100.json --out-md bench/results/2026-01-01-nvidia-h100.md
+
+    # re-render a combined JSON, or render one pytest-benchmark / `fastloss bench --json` file
+    python bench/to_markdown.py bench/results/2026-01-01-nvidia-h100.json
+    python bench/to_markdown.py --pytest-json .benchmarks/run.json
+
+Markdown goes to --out-md, or stdout. Per (loss, N, dtype) group: median times, speed-ups of fastloss
+over torch eager and torch.compile, peak memory, achieved GB/s and the share of the copy bandwidth
+(3-pass byte model), and the sigmoid-focal target (>= 4x torchvision eager at <= 1/3 its memory).
+Missing or empty inputs are reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+from typing import Any
+
+try:
+    from fastloss import _bench
+except ImportError:  # not installed: run from the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fastloss import _bench
+
+_DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
+
+
+def load_json(path: str | None, notes: list[str]) -> dict | None:
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        notes.append(f"{path}: not read ({exc.strerror or exc})")
+        return None
+    if not text.strip():
+        notes.append(f"{path}: empty (no benchmark finished)")
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        notes.append(f"{path}: invalid JSON ({exc})")
+        return None
+
+
+def junit_summary(path: str | None, notes: list[str]) -> dict | None:
+    """Counts and failing test ids from a pytest --junitxml file."""
+    if not path:
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        notes.append(f"{path}: no test report ({exc})")
+        return None
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    out: dict[str, Any] = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time_s": 0.0}
+    for s in suites:
+        for key, attr in (("tests", "tests"), ("failures", "failures"), ("errors", "errors"),
+                          ("skipped", "skipped")):
+            out[key] += int(s.get(attr, 0) or 0)
+        out["time_s"] += float(s.get("time", 0) or 0)
+    out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+    failed = []
+    for case in root.iter("testcase"):
+        bad = case.find("failure")
+        if bad is None:
+            bad = case.find("error")
+        if bad is not None:
+            msg = (bad.get("message") or "").strip().splitlines()
+            failed.append(f"{case.get('classname', '')}::{case.get('name', '')}"
+                          + (f" - {msg[0][:200]}" if msg else ""))
+    out["failed"] = failed
+    return out
+
+
+def pytest_records(data: dict | None) -> list[dict]:
+    """pytest-benchmark JSON -> fastloss._bench records (ok ones with their median, then the skips)."""
+    if not data:
+        return []
+    records = []
+    for b in data.get("benchmarks", []):
+        info = dict(b.get("extra_info") or {})
+        if "loss" not in info:
+            continue
+        stats = b.get("stats") or {}
+        rec = {**info, "status": "ok", "reason": None, "median_s": stats.get("median"),
+               "min_s": stats.get("min"), "max_s": stats.get("max"), "q1_s": stats.get("q1"),
+               "q3_s": stats.get("q3"), "repeat": stats.get("rounds"), "name": b.get("name")}
+        records.append(rec)
+    for s in (data.get("fastloss") or {}).get("skipped", []):
+        if "loss" in s:
+            records.append({"loss": s["loss"], "impl": s.get("impl"), "n": s.get("n"),
+                            "dtype": s.get("dtype"), "device": (data.get("fastloss") or {})
+                            .get("device", {}).get("type"), "status": "skipped",
+                            "reason": s.get("reason"), "name": s.get("name")})
+    return sort_records(records)
+
+
+def sort_records(records: list[dict]) -> list[dict]:
+    losses = list(_bench.LOSSES)
+    impls = list(_bench.IMPLS)
+
+    def key(r):
+        return (losses.index(r["loss"]) if r.get("loss") in losses else 99, r.get("n") or 0,
+                _DTYPE_ORDER.get(r.get("dtype"), 9), impls.index(r["impl"]) if r.get("impl") in impls else 9)
+
+    return sorted(records, key=key)
+
+
+def _strip_pytest(data: dict | None) -> dict | None:
+    """pytest-benchmark JSON without the raw per-round samples (kept small for the repository)."""
+    if not data:
+        return data
+    out = dict(data)
+    out["benchmarks"] = [{**b, "stats": {k: v for k, v in (b.get("stats") or {}).items() if k != "data"}}
+                         for b in data.get("benchmarks", [])]
+    return out
+
+
+def combine(args: argparse.Namespace) -> dict:
+    notes: list[str] = []
+    pytest_data = load_json(args.pytest_json, notes)
+    cli_data = load_json(args.cli_json, notes)
+    tests = junit_summary(args.tests_junit, notes)
+    steps = {}
+    for item in args.step or []:
+        name, _, rc = item.partition("=")
+        steps[name] = int(rc) if rc.strip().lstrip("-").isdigit() else rc
+    device = ((cli_data or {}).get("device") or ((pytest_data or {}).get("fastloss") or {}).get("device")
+              or {})
+    return {
+        "schema": "fastloss-gpu-check/1",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_rev": args.git_rev,
+        "device": device,
+        "steps": steps,
+        "ok": bool(steps) and all(v == 0 for v in steps.values()),
+        "tests": tests,
+        "pytest_benchmark": _strip_pytest(pytest_data),
+        "cli": cli_data,
+        "notes": notes,
+    }
+
+
+def _rc_text(rc: Any) -> str:
+    if rc == 0:
+        return "ok"
+    why = {124: ": timed out", 137: ": killed", 5: ": no tests collected", 2: ": interrupted or usage error"}
+    return f"FAILED (rc {rc}{why.get(rc, '') if isinstance(rc, int) else ''})"
+
+
+def render(doc: dict) -> str:
+    """Markdown of a combined JSON (or of a bare pytest-benchmark / CLI JSON wrapped by main)."""
+    dev = doc.get("device") or {}
+    title = dev.get("name", "unknown device")
+    date = (doc.get("date") or "")[:10]
+    out = [f"# fastloss benchmarks: {title}{', ' + date if date else ''}", ""]
+    facts = [f"torch {dev.get('torch')}", f"triton {dev.get('triton')}"]
+    if dev.get("cuda"):
+        facts.append(f"CUDA {dev['cuda']}")
+    if dev.get("python"):
+        facts.append(f"python {dev['python']}")
+    if doc.get("git_rev"):
+        facts.append(f"git {doc['git_rev']}")
+    out.append("- " + ", ".join(facts))
+    copies = []
+    pb = doc.get("pytest_benchmark") or {}
+    cli = doc.get("cli") or {}
+    if (pb.get("fastloss") or {}).get("copy_gbps"):
+        copies.append(f"{pb['fastloss']['copy_gbps']:.0f} GB/s (pytest run)")
+    if cli.get("copy_gbps"):
+        copies.append(f"{cli['copy_gbps']:.0f} GB/s (CLI run)")
+    if copies:
+        out.append("- device-to-device copy (bytes read + written): " + ", ".join(copies))
+    if doc.get("steps"):
+        steps = ", ".join(f"{k} {_rc_text(v)}" for k, v in doc["steps"].items())
+        out.append(f"- steps: {steps}; overall {'PASS' if doc.get('ok') else 'FAIL'}")
+    tests = doc.get("tests")
+    if tests:
+        out.append(f"- tests: {tests['passed']} passed, {tests['failures']} failed, {tests['errors']} "
+                   f"errors, {tests['skipped']} skipped in {tests['time_s']:.0f} s")
+        out.extend(f"  - FAILED {t}" for t in tests.get("failed", [])[:30])
+    out.extend(f"- note: {n}" for n in doc.get("notes") or [])
+    out.append("")
+    out.append("All numbers: `loss = f(x, y); loss.backward()`, reduction=\"mean\", x and y of N elements. "
+               "GB/s and % copy use the fused 3-pass byte model (read x, read y, write grad = 3 x N x "
+               "itemsize) over the median time. Peak memory: max_memory_allocated during one step minus "
+               "what was allocated before (gradient included).")
+    out.append("")
+    records = pytest_records(pb)
+    if records:
+        out.append("## pytest bench/ (pytest-benchmark; L2 flushed and grad cleared in setup, timed step "
+                   "ends with torch.cuda.synchronize)")
+        out.append("")
+        out.append(_bench.format_markdown(records))
+    if cli.get("results"):
+        conf = cli.get("config") or {}
+        out.append(f"## python -m fastloss bench ({conf.get('timer', '')}, {conf.get('repeat')} "
+                   "repetitions)")
+        out.append("")
+        out.append(_bench.format_markdown(sort_records(list(cli["results"]))))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("combined", nargs="?", help="a combined JSON written by --out-json, to re-render")
+    p.add_argument("--pytest-json", help="pytest --benchmark-json output")
+    p.add_argument("--cli-json", help="python -m fastloss bench --json output")
+    p.add_argument("--tests-junit", help="pytest --junitxml output of the test suite")
+    p.add_argument("--step", action="append", metavar="NAME=RC", help="exit status of a step (repeatable)")
+    p.add_argument("--git-rev", help="commit the run was made from")
+    p.add_argument("--out-json", help="write the combined JSON here")
+    p.add_argument("--out-md", help="write the markdown here (default: stdout)")
+    args = p.parse_args(argv)
+    if args.combined:
+        notes: list[str] = []
+        doc = load_json(args.combined, notes)
+        if doc is None:
+            print("; ".join(notes), file=sys.stderr)
+            return 1
+        if "benchmarks" in doc:  # a bare pytest-benchmark file
+            doc = {"pytest_benchmark": doc, "device": (doc.get("fastloss") or {}).get("device"),
+                   "date": doc.get("datetime")}
+        elif "results" in doc and "schema" in doc and doc["schema"].startswith("fastloss-bench"):
+            doc = {"cli": doc, "device": doc.get("device"), "date": doc.get("date")}
+    else:
+        doc = combine(args)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(doc, f, indent=1)
+    md = render(doc)
+    if args.out_md:
+        with open(args.out_md, "w") as f:
+            f.write(md)
+    else:
+        sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
