@@ -56,6 +56,9 @@ _triton_ok: bool | None = None
 _interpret: bool | None = None
 
 
+# Both probes import modules, which torch.compile cannot trace: their results are constant for the
+# life of the process, so dynamo calls them once and folds the answer into the graph.
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     """Whether the triton package can be imported (checked once)."""
     global _triton_ok
@@ -69,6 +72,7 @@ def triton_available() -> bool:
     return _triton_ok
 
 
+@torch.compiler.assume_constant_result
 def interpreter_enabled() -> bool:
     """Whether fastloss's kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     global _interpret

@@ -37,12 +37,8 @@ def _reduction_arg(size_average: bool | None, reduce: bool | None, reduction: st
 
 
 def _result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
-    """torch.result_type(a, b), written so that torch.compile traces it without a graph break."""
-    if a.dtype == b.dtype:
-        return a.dtype
-    # a 0-dim tensor does not promote a dimensioned one of the same category (floating, integral)
-    if (a.dim() == 0) != (b.dim() == 0) and a.is_floating_point() == b.is_floating_point():
-        return b.dtype if a.dim() == 0 else a.dtype
+    """The dtype torch.nn computes in: torch.nn broadcasts input and target to one shape first (or
+    requires equal shapes), so a 0-dim operand promotes like any other: plain type promotion."""
     return torch.promote_types(a.dtype, b.dtype)
 
 
@@ -228,6 +224,10 @@ def sigmoid_focal_loss(
         raise ValueError(f"sigmoid_focal_loss(): gamma must be non-negative, got {gamma}")
     if targets.size() != inputs.size():
         raise ValueError(f"Target size ({targets.size()}) must be the same as input size ({inputs.size()})")
+    if not inputs.is_floating_point():  # torchvision fails in binary_cross_entropy_with_logits
+        raise NotImplementedError(
+            f"sigmoid_focal_loss(): expected floating-point inputs (logits), got {inputs.dtype}"
+        )
     inputs, targets = _floating_operands("sigmoid_focal_loss", inputs, targets)
     if use_triton(inputs, targets):
         return pointwise_loss("sigmoid_focal", inputs, targets, param1=alpha, param2=gamma,

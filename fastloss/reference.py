@@ -30,13 +30,14 @@ def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
 
 
 def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype, weight: Tensor | None = None) -> Tensor:
-    """Apply the reduction; ``weight`` (when given) makes "mean" the weighted mean sum(w l) / sum(w)."""
+    """Apply the reduction; ``weight`` (when given) makes "mean" sum(w l) / sum(w), as torch.nn's
+    weighted mse/l1 (the sum of the weight itself, not of its broadcast)."""
     if reduction == "none":
         out = loss
     elif reduction == "sum":
         out = loss.sum()
     elif weight is not None:
-        out = loss.sum() / weight.expand_as(loss).sum()
+        out = loss.sum() / weight.sum()
     else:
         out = loss.mean()
     return out.to(dtype)
@@ -69,7 +70,8 @@ def huber_loss(
     d = x - y
     a = d.abs()
     loss = torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
+    # unlike mse/l1, torch.nn's weighted huber "mean" is the plain mean of the weighted loss
+    return _reduce(loss if w is None else loss * w, reduction, input.dtype)
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", beta: float = 1.0) -> Tensor:
@@ -106,8 +108,13 @@ def sigmoid_focal_loss(
     x, y = _upcast(inputs, targets)
     p = torch.sigmoid(x)
     ce = (1.0 - y) * x + _softplus_neg(x)
-    p_t = p * y + (1.0 - p) * (1.0 - y)
-    loss = ce * (1.0 - p_t) ** gamma
+    # 1 - p_t, written without the cancellation that rounds it to 0 for large |x| and hard targets
+    m = p * (1.0 - y) + torch.sigmoid(-x) * y
+    # m ** gamma as exp(gamma log m): its gradient gamma m^gamma / m stays finite for tiny m, where
+    # autograd's gamma m^(gamma-1) overflows (gamma < 1); masked at m = 0, where dm/dx = ce = 0.
+    pos = m > 0
+    m_gamma = torch.exp(gamma * torch.log(torch.where(pos, m, 1.0)))
+    loss = ce * torch.where(pos, m_gamma, 0.0 if gamma > 0 else 1.0)
     if alpha >= 0:
         loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
     return _reduce(loss, reduction, inputs.dtype)

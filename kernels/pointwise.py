@@ -30,8 +30,10 @@ Formulas (``d = x - y``):
              dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = 2 alpha - 1 (0 when alpha < 0)
              df/dx = a_t (dce/dx m^gamma + ce gamma m^(gamma-1) dm/dx)
              df/dy = a_t (dce/dy m^gamma + ce gamma m^(gamma-1) dm/dy) + da_t/dy ce m^gamma
-    ``gamma m^(gamma-1)`` is taken as 0 at m = 0 unless gamma == 1, where it is 1: at m = 0 the
-    factor it multiplies is 0, so the gradient stays finite for every gamma >= 0.
+    ``gamma m^(gamma-1) dm`` is evaluated as ``gamma m^gamma (dm/dx / m)`` and
+    ``gamma m^gamma (ce / m) dm/dy``: ``|dm/dx| <= m`` and ``ce ~ m`` as m -> 0, so both stay finite
+    for tiny m (where m^(gamma-1) overflows for gamma < 1). At m = 0 (saturated logit, hard target)
+    dm/dx = ce = 0 and the term is 0, so the gradient stays finite for every gamma >= 0.
 """
 
 import triton
@@ -122,16 +124,27 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     dce_dy = -x
     m = s * (1.0 - y) + s_neg * y
     m_gamma = _pow(m, gamma)
-    dpow = tl.where(m > 0, gamma * _pow(m, gamma - 1.0), tl.where(gamma == 1.0, 1.0, 0.0))
     dm_dx = -s * s_neg * (2.0 * y - 1.0)
     dm_dy = 1.0 - 2.0 * s
+    # gamma m^(gamma-1) overflows for tiny m when gamma < 1 (and 0 * inf at gamma = 0), so use
+    # gamma m^gamma (dm/dx / m) and gamma m^gamma (ce / m): |dm/dx| <= m and ce ~ m as m -> 0.
+    m_safe = tl.where(m > 0, m, 1.0)
+    dpow_dx = gamma * m_gamma * (dm_dx / m_safe)
+    dpow_dy = gamma * m_gamma * (ce / m_safe) * dm_dy
     use_alpha = alpha >= 0
     a_t = tl.where(use_alpha, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
     da_dy = tl.where(use_alpha, 2.0 * alpha - 1.0, 0.0)
     loss = a_t * ce * m_gamma
-    grad_x = a_t * (dce_dx * m_gamma + ce * dpow * dm_dx)
-    grad_y = a_t * (dce_dy * m_gamma + ce * dpow * dm_dy) + da_dy * ce * m_gamma
+    grad_x = a_t * (dce_dx * m_gamma + ce * dpow_dx)
+    grad_y = a_t * (dce_dy * m_gamma + dpow_dy) + da_dy * ce * m_gamma
     return loss, grad_x, grad_y
+
+
+@triton.jit
+def _acc_params(param1, param2, scale, ACC_DTYPE: tl.constexpr):
+    """The float parameters in ACC_DTYPE: they arrive as fp64 (a plain Python float would be
+    passed as fp32, which would round delta, alpha or 1/n in a float64 kernel)."""
+    return tl.full((), param1, ACC_DTYPE), tl.full((), param2, ACC_DTYPE), tl.full((), scale, ACC_DTYPE)
 
 
 @triton.jit
@@ -170,8 +183,9 @@ def pointwise_fwd_kernel(
     grad_target_ptr,      # [n_elements] input dtype, scale * dloss/dtarget, written iff GRAD_TARGET
     n_elements,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
-    param1, param2,       # loss parameters (delta, beta, alpha, gamma)
-    scale,                # 1/n for "mean", 1 otherwise; multiplies partials and gradients
+    param1: tl.float64,   # loss parameters (delta, beta, alpha, gamma)
+    param2: tl.float64,
+    scale: tl.float64,    # 1/n for "mean", 1 otherwise; multiplies partials and gradients
     TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -180,6 +194,7 @@ def pointwise_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
+    param1, param2, scale = _acc_params(param1, param2, scale, ACC_DTYPE)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -212,8 +227,9 @@ def pointwise_bwd_kernel(
     grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET
     n_elements, stride_grad_output,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
-    param1, param2,
-    scale,                # extra factor on grad_output (1/n when replaying a "mean" loss)
+    param1: tl.float64,
+    param2: tl.float64,
+    scale: tl.float64,    # extra factor on grad_output (1/n when replaying a "mean" loss)
     TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -222,6 +238,7 @@ def pointwise_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
+    param1, param2, scale = _acc_params(param1, param2, scale, ACC_DTYPE)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,

@@ -1,0 +1,211 @@
+"""Backend selection: set_backend / use_backend / FASTLOSS_BACKEND, and which path actually runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, assert_launched, assert_not_launched
+
+import fastloss
+import fastloss.functional as FF
+from fastloss import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def run_python(code: str, env_update: dict[str, str | None]) -> subprocess.CompletedProcess:
+    """Run ``python -c code`` in a fresh interpreter with the environment changed as given
+    (None removes a variable)."""
+    env = dict(os.environ)
+    for key, value in env_update.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_default_backend_is_auto():
+    # conftest restores "auto" after every test; a fresh import without FASTLOSS_BACKEND is checked below
+    assert fastloss.get_backend() == "auto"
+    assert _backend.BACKENDS == ("auto", "triton", "torch")
+
+
+@pytest.mark.parametrize("name", ["auto", "triton", "torch"])
+def test_set_backend(name):
+    fastloss.set_backend(name)
+    assert fastloss.get_backend() == name
+
+
+@pytest.mark.parametrize("name", ["cuda", "Torch", "", None])
+def test_set_backend_rejects_unknown_names(name):
+    fastloss.set_backend("torch")
+    with pytest.raises(ValueError, match="unknown fastloss backend"):
+        fastloss.set_backend(name)
+    assert fastloss.get_backend() == "torch", "a rejected name must leave the backend unchanged"
+    with pytest.raises(ValueError, match="unknown fastloss backend"), fastloss.use_backend(name):
+        pass
+    assert fastloss.get_backend() == "torch"
+
+
+def test_use_backend_restores_previous_backend():
+    fastloss.set_backend("torch")
+    with fastloss.use_backend("triton"):
+        assert fastloss.get_backend() == "triton"
+        with fastloss.use_backend("auto"):
+            assert fastloss.get_backend() == "auto"
+        assert fastloss.get_backend() == "triton"
+    assert fastloss.get_backend() == "torch"
+
+
+def test_use_backend_restores_previous_backend_on_exception():
+    fastloss.set_backend("torch")
+    with pytest.raises(KeyError), fastloss.use_backend("triton"):
+        assert fastloss.get_backend() == "triton"
+        raise KeyError("boom")
+    assert fastloss.get_backend() == "torch"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("torch", "torch"), (" Triton ", "triton"), ("", "auto"), (None, "auto")],
+    ids=["torch", "triton_mixed_case_spaces", "empty", "unset"],
+)
+def test_environment_variable_sets_starting_backend(value, expected):
+    result = run_python("import fastloss; print(fastloss.get_backend())", {"FASTLOSS_BACKEND": value})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_environment_variable_with_unknown_name_fails_at_import():
+    result = run_python("import fastloss", {"FASTLOSS_BACKEND": "cudnn"})
+    assert result.returncode != 0
+    assert "ValueError" in result.stderr and "unknown fastloss backend" in result.stderr
+
+
+def test_triton_on_cpu_without_interpreter_raises_a_clear_error():
+    code = (
+        "import torch, fastloss\n"
+        "fastloss.set_backend('triton')\n"
+        "x = torch.randn(4)\n"
+        "try:\n"
+        "    fastloss.functional.mse_loss(x, torch.zeros(4))\n"
+        "except RuntimeError as e:\n"
+        "    print('RuntimeError:', e)\n"
+        "else:\n"
+        "    print('no error')\n"
+    )
+    result = run_python(code, {"TRITON_INTERPRET": None, "FASTLOSS_BACKEND": None})
+    assert result.returncode == 0, result.stderr
+    message = result.stdout
+    assert message.startswith("RuntimeError:"), message
+    # says why (CPU tensors, kernels need CUDA or the interpreter) and what to do
+    assert "cpu" in message and "CUDA" in message and "TRITON_INTERPRET=1" in message, message
+    assert 'set_backend("auto")' in message, message
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter is only switched on without CUDA")
+def test_conftest_switched_on_the_interpreter():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert _backend.interpreter_enabled()
+
+
+def _operands(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1030, generator=g).to(device).requires_grad_()
+    y = torch.rand(3, 1030, generator=g).to(device)
+    return x, y
+
+
+def _run_family(x, y):
+    """One forward and backward of every loss of the family."""
+    losses = [
+        FF.mse_loss(x, y),
+        FF.l1_loss(x, y, reduction="sum"),
+        FF.huber_loss(x, y, reduction="none").mean(),
+        FF.smooth_l1_loss(x, y, beta=0.5),
+        FF.binary_cross_entropy_with_logits(x, y, pos_weight=torch.full((1030,), 2.0, device=x.device)),
+        FF.sigmoid_focal_loss(x, y, reduction="mean"),
+    ]
+    sum(losses).backward()
+    return losses
+
+
+def _expected_family(x, y):
+    x = x.detach().requires_grad_()
+    p = torch.sigmoid(x)
+    p_t = p * y + (1 - p) * (1 - y)
+    focal = (0.25 * y + 0.75 * (1 - y)) * F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    losses = [
+        F.mse_loss(x, y),
+        F.l1_loss(x, y, reduction="sum"),
+        F.huber_loss(x, y, reduction="none").mean(),
+        F.smooth_l1_loss(x, y, beta=0.5),
+        F.binary_cross_entropy_with_logits(x, y, pos_weight=torch.full((1030,), 2.0, device=x.device)),
+        (focal * (1 - p_t) ** 2).mean(),
+    ]
+    sum(losses).backward()
+    return losses, x.grad
+
+
+def _check_family(x, y):
+    losses = _run_family(x, y)
+    expected, grad = _expected_family(x, y)
+    for loss, exp in zip(losses, expected):
+        assert_close(loss.detach(), exp.detach(), torch.float32, "loss")
+    assert_close(x.grad, grad, torch.float32, "grad")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on CUDA 'auto' runs the kernels")
+def test_auto_on_cpu_runs_the_reference():
+    x, y = _operands("cpu")
+    with assert_not_launched():
+        _check_family(x, y)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_auto_on_cuda_runs_the_kernels():
+    x, y = _operands("cuda")
+    with assert_launched("pointwise_fwd_kernel", "pointwise_bwd_kernel", "scale_grad_kernel"):
+        _check_family(x, y)
+
+
+def test_auto_with_cpu_tensors_never_launches(device):
+    x, y = _operands("cpu")
+    with assert_not_launched():
+        _run_family(x, y)
+
+
+def test_torch_never_launches_kernels(device):
+    x, y = _operands(device)
+    fastloss.set_backend("torch")
+    with assert_not_launched():
+        _check_family(x, y)
+
+
+def test_triton_launches_kernels(device):
+    x, y = _operands(device)
+    kernels = ("pointwise_fwd_kernel", "pointwise_bwd_kernel", "scale_grad_kernel")
+    with fastloss.use_backend("triton"), assert_launched(*kernels):
+        _check_family(x, y)
+
+
+def test_modules_follow_the_backend(device):
+    x, y = _operands(device)
+    module = fastloss.MSELoss()
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        module(x, y)
+    with fastloss.use_backend("torch"), assert_not_launched():
+        module(x, y)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA and CPU tensors at once")
+def test_triton_with_mixed_devices_raises():
+    with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="cannot run"):
+        FF.mse_loss(torch.randn(4, device="cuda"), torch.randn(4))

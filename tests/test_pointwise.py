@@ -1,0 +1,973 @@
+"""The pointwise loss family: MSE, L1, Huber, SmoothL1, BCE-with-logits, sigmoid focal.
+
+The reference is checked against torch.nn (and torchvision's focal-loss formula, written inline) in
+float64; the kernels are checked against the reference in every dtype; fastloss.functional and the
+modules are checked against torch.nn for torch's behaviour (broadcasting, dtypes, errors, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    DTYPES,
+    HALF_DTYPES,
+    assert_close,
+    assert_launched,
+    assert_no_less_accurate,
+    assert_not_launched,
+    dtype_id,
+)
+from torch import Tensor, nn
+
+import fastloss
+import fastloss.functional as FF
+from fastloss import _backend
+from fastloss import reference as R
+from fastloss.ops import pointwise as ops
+
+REDUCTIONS = ["none", "mean", "sum"]
+TARGET_SIZE_WARNING = "Using a target size"
+
+
+def torchvision_sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss, verbatim (torchvision is not a test dependency)."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    p_t = p * y + (1 - p) * (1 - y)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * y + (1 - alpha) * (1 - y)
+        loss = alpha_t * loss
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# The loss table: each case calls torch (the oracle), fastloss.functional and fastloss.reference
+# with the same operands. ``extra(shape, dtype, device)`` builds extra tensor operands (BCE weights).
+# --------------------------------------------------------------------------------------------
+
+Fn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    torch: Fn  # (x, y, reduction, **extra)
+    fast: Fn
+    ref: Fn
+    probability_target: bool = False  # targets in [0, 1]
+    kinks: tuple[float, ...] = ()  # |x - y| where the loss is not differentiable
+    extra: Callable[[tuple[int, ...], torch.dtype, str], dict[str, Tensor]] = field(
+        default=lambda shape, dtype, device: {}
+    )
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _regression(name, torch_fn, fast_fn, ref_fn, kinks):
+    return Case(
+        name,
+        torch=lambda x, y, r: torch_fn(x, y, reduction=r),
+        fast=lambda x, y, r: fast_fn(x, y, reduction=r),
+        ref=lambda x, y, r: ref_fn(x, y, r),
+        kinks=kinks,
+    )
+
+
+def _huber(delta):
+    return Case(
+        f"huber_delta{delta:g}",
+        torch=lambda x, y, r: F.huber_loss(x, y, reduction=r, delta=delta),
+        fast=lambda x, y, r: FF.huber_loss(x, y, reduction=r, delta=delta),
+        ref=lambda x, y, r: R.huber_loss(x, y, r, delta),
+        kinks=(delta,),
+    )
+
+
+def _smooth_l1(beta):
+    return Case(
+        f"smooth_l1_beta{beta:g}",
+        torch=lambda x, y, r: F.smooth_l1_loss(x, y, reduction=r, beta=beta),
+        fast=lambda x, y, r: FF.smooth_l1_loss(x, y, reduction=r, beta=beta),
+        ref=lambda x, y, r: R.smooth_l1_loss(x, y, r, beta),
+        kinks=(0.0,) if beta == 0 else (beta,),
+    )
+
+
+def _class_weights(shape, dtype, device):
+    """BCE weight and pos_weight of shape (C,), C = the last dimension."""
+    c = shape[-1]
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    pos_weight = torch.rand(c, generator=g, dtype=torch.float64) * 3 + 0.25
+    return {"weight": weight.to(device, dtype), "pos_weight": pos_weight.to(device, dtype)}
+
+
+def _bce(weighted):
+    return Case(
+        "bce_weight_pos_weight" if weighted else "bce",
+        torch=lambda x, y, r, **w: F.binary_cross_entropy_with_logits(x, y, reduction=r, **w),
+        fast=lambda x, y, r, **w: FF.binary_cross_entropy_with_logits(x, y, reduction=r, **w),
+        ref=lambda x, y, r, weight=None, pos_weight=None: R.binary_cross_entropy_with_logits(
+            x, y, weight, r, pos_weight
+        ),
+        probability_target=True,
+        extra=_class_weights if weighted else (lambda shape, dtype, device: {}),
+    )
+
+
+def _focal(alpha, gamma):
+    return Case(
+        f"focal_alpha{alpha:g}_gamma{gamma:g}",
+        torch=lambda x, y, r: torchvision_sigmoid_focal_loss(x, y, alpha, gamma, r),
+        fast=lambda x, y, r: FF.sigmoid_focal_loss(x, y, alpha, gamma, r),
+        ref=lambda x, y, r: R.sigmoid_focal_loss(x, y, alpha, gamma, r),
+        probability_target=True,
+    )
+
+
+MSE = _regression("mse", F.mse_loss, FF.mse_loss, R.mse_loss, kinks=())
+L1 = _regression("l1", F.l1_loss, FF.l1_loss, R.l1_loss, kinks=(0.0,))
+REGRESSION_CASES = [MSE, L1, _huber(0.5), _smooth_l1(0.5), _smooth_l1(0.0)]
+BCE_CASES = [_bce(False), _bce(True)]
+FOCAL_CASES = [_focal(0.25, 2.0), _focal(-1.0, 0.5)]
+CASES = REGRESSION_CASES + BCE_CASES + FOCAL_CASES
+# float64 reference-vs-torch also covers the default parameters and a few more
+REFERENCE_CASES = CASES + [_huber(1.0), _huber(2.0), _smooth_l1(1.0), _focal(0.5, 0.0), _focal(0.25, 3.3)]
+UNWEIGHTED_CASES = [c for c in CASES if c.name != "bce_weight_pos_weight"]
+
+
+def case_id(case: Case) -> str:
+    return case.name
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+# Kernels use BLOCK_SIZE 1024 up to 65536 elements: 1025 is two blocks, 3x7x129 = 2709 three.
+KERNEL_SHAPES = [(0,), (1,), (7,), (1025,), (3, 7, 129)]
+
+
+def make_operands(case: Case, shape, dtype, device, requires_grad=True, seed=0):
+    """Input, target (both requiring grad) and extra operands; values drawn in float64, then cast."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    if case.probability_target:
+        y = torch.rand(shape, generator=g, dtype=torch.float64)
+        hard = torch.rand(shape, generator=g) < 0.5
+        y = torch.where(hard, y.round(), y)
+    else:
+        y = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x.to(device, dtype).requires_grad_(requires_grad)
+    y = y.to(device, dtype).requires_grad_(requires_grad)
+    return x, y, case.extra(shape, dtype, device)
+
+
+def random_grad_output(loss: Tensor, seed=2) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)
+
+
+def loss_and_grads(fn: Callable[[], Tensor], inputs: tuple[Tensor, ...], grad_output: Tensor | None = None):
+    """Run ``fn``; grad_output None means a plain ``.backward()`` (grad_output 1 for a reduced loss,
+    ``.sum().backward()`` for reduction="none"), else ``torch.autograd.grad`` with ``grad_output``."""
+    for t in inputs:
+        t.grad = None
+    loss = fn()
+    if grad_output is None:
+        (loss if loss.dim() == 0 else loss.sum()).backward()
+        grads = tuple(t.grad for t in inputs)
+    else:
+        grads = torch.autograd.grad(loss, inputs, grad_output)
+    return loss.detach(), grads
+
+
+def check_same(actual, expected, dtype, what: str) -> None:
+    loss_a, grads_a = actual
+    loss_e, grads_e = expected
+    assert_close(loss_a, loss_e, dtype, f"{what}: loss")
+    for name, ga, ge in zip(("input", "target", "weight"), grads_a, grads_e):
+        assert ga is not None and ge is not None, f"{what}: no gradient for {name}"
+        assert_close(ga, ge, dtype, f"{what}: grad {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference vs torch.nn, float64
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("api", ["reference", "functional"])
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=case_id)
+def test_reference_matches_torch_float64(case, api, reduction, device):
+    x, y, extra = make_operands(case, (4, 5, 6), torch.float64, device)
+    fn = case.ref if api == "reference" else case.fast
+    with fastloss.use_backend("torch"):
+        for go in (None, random_grad_output(case.torch(x, y, reduction, **extra))):
+            expected = loss_and_grads(lambda: case.torch(x, y, reduction, **extra), (x, y), go)
+            actual = loss_and_grads(lambda: fn(x, y, reduction, **extra), (x, y), go)
+            check_same(actual, expected, torch.float64, f"{case.name} {api} {reduction}")
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels vs reference, every dtype
+# --------------------------------------------------------------------------------------------
+
+
+def _kernels_for(reduction: str, numel: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(forward kernels, backward kernels) that must run for this call."""
+    if numel == 0:
+        return (), ()
+    backward = ("pointwise_bwd_kernel",) if reduction == "none" else ("scale_grad_kernel",)
+    return ("pointwise_fwd_kernel",), backward
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_reference(case, dtype, reduction, shape, device):
+    x, y, extra = make_operands(case, shape, dtype, device)
+    fwd_kernels, bwd_kernels = _kernels_for(reduction, x.numel())
+
+    def run_kernel():
+        with fastloss.use_backend("triton"), assert_launched(*fwd_kernels):
+            return case.fast(x, y, reduction, **extra)
+
+    loss = case.ref(x, y, reduction, **extra)
+    for go in (None, random_grad_output(loss)):
+        expected = loss_and_grads(lambda: case.ref(x, y, reduction, **extra), (x, y), go)
+        with assert_launched(*bwd_kernels):
+            actual = loss_and_grads(run_kernel, (x, y), go)
+        check_same(actual, expected, dtype, f"{case.name} {reduction} go={'1' if go is None else 'random'}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_half_precision_never_less_accurate_than_torch(case, dtype, reduction, backend, device):
+    """fastloss in half precision vs torch.nn in the same dtype, both against float64 torch.nn."""
+    x, y, extra = make_operands(case, (3, 1000), dtype, device)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    extra64 = {k: v.double() for k, v in extra.items()}
+    go = random_grad_output(case.torch(x64, y64, reduction, **extra64)).to(dtype)
+    exact = loss_and_grads(lambda: case.torch(x64, y64, reduction, **extra64), (x64, y64), go.double())
+    in_torch = loss_and_grads(lambda: case.torch(x, y, reduction, **extra), (x, y), go)
+    in_fast = loss_and_grads(lambda: case.fast(x, y, reduction, **extra), (x, y), go)
+    for what, fast, torch_result, ref in zip(
+        ("loss", "grad input", "grad target"),
+        (in_fast[0], *in_fast[1]),
+        (in_torch[0], *in_torch[1]),
+        (exact[0], *exact[1]),
+    ):
+        assert_no_less_accurate(fast, torch_result, ref, f"{case.name} {reduction} {what}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_retain_graph_second_backward_recomputes(case, reduction, device):
+    """A reduced loss hands its forward-made gradient out in the first backward; a second backward
+    (retain_graph=True) must recompute it, and the first result must not be disturbed."""
+    x, y, extra = make_operands(case, (1025,), torch.float32, device)
+    go1, go2 = torch.tensor(0.75, device=device), torch.tensor(-1.5, device=device)
+
+    def grads_twice(fn, kernels=False):
+        x.grad = y.grad = None
+        loss = fn()
+        with assert_launched(*(("scale_grad_kernel",) if kernels else ())):
+            first = torch.autograd.grad(loss, (x, y), go1, retain_graph=True)
+            first_copy = tuple(g.clone() for g in first)
+        with assert_launched(*(("pointwise_bwd_kernel",) if kernels else ())):
+            loss.backward(go2, retain_graph=True)
+        with assert_launched(*(("pointwise_bwd_kernel",) if kernels else ())):
+            loss.backward()
+        for g, g_copy in zip(first, first_copy):
+            assert torch.equal(g, g_copy), "a later backward wrote into an earlier gradient"
+        return first, (x.grad, y.grad)
+
+    expected = grads_twice(lambda: case.ref(x, y, reduction, **extra))
+    with fastloss.use_backend("triton"):
+        actual = grads_twice(lambda: case.fast(x, y, reduction, **extra), kernels=True)
+    for (a_x, a_y), (e_x, e_y) in zip(actual, expected):
+        assert_close(a_x, e_x, torch.float32, f"{case.name} grad input")
+        assert_close(a_y, e_y, torch.float32, f"{case.name} grad target")
+
+
+def test_reduced_kernel_gradient_for_loss_used_twice(device):
+    """Two uses of one reduced loss give one backward call with grad_output 2 (no double scaling)."""
+    x, y, _ = make_operands(MSE, (7, 3), torch.float32, device)
+    with fastloss.use_backend("triton"):
+        loss = FF.mse_loss(x, y)
+        (loss + loss).backward()
+    expected = torch.autograd.grad(2 * F.mse_loss(x, y), x)[0]
+    assert_close(x.grad, expected, torch.float32, "mse loss + loss")
+
+
+def test_no_grad_forward_matches_torch(device):
+    x, y, _ = make_operands(MSE, (1025,), torch.float32, device)
+    with fastloss.use_backend("triton"), torch.no_grad():
+        loss = FF.mse_loss(x, y)
+    assert not loss.requires_grad
+    assert_close(loss, F.mse_loss(x.detach(), y.detach()), torch.float32, "mse under no_grad")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.nn behaviour: layouts, broadcasting, empty, NaN, scalars, dtypes (both backends)
+# --------------------------------------------------------------------------------------------
+
+
+def _compare_with_torch(case, x, y, reduction, extra=None, warns=False):
+    """fastloss (current backend) vs torch.nn on the same operands: loss and all gradients."""
+    extra = extra or {}
+    inputs = tuple(t for t in (x, y) if t.requires_grad)
+
+    def call(fn):
+        if warns:
+            with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
+                return fn(x, y, reduction, **extra)
+        return fn(x, y, reduction, **extra)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        go = random_grad_output(case.torch(x.detach(), y.detach(), reduction, **extra))
+    for grad_output in (None, go):
+        expected = loss_and_grads(lambda: call(case.torch), inputs, grad_output)
+        actual = loss_and_grads(lambda: call(case.fast), inputs, grad_output)
+        check_same(actual, expected, expected[0].dtype, f"{case.name} {reduction}")
+    return expected[0]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_non_contiguous_operands(case, reduction, layout, backend, device):
+    x, y, extra = make_operands(case, (14, 33), torch.float64, device, requires_grad=False)
+    if layout == "transposed":
+        x, y = x.t(), y.t()
+    else:
+        x, y = x[::2, 1:], y[1::2, :-1]
+    if extra:
+        extra = _class_weights(x.shape, torch.float64, device)
+    assert not x.is_contiguous() and not y.is_contiguous()
+    _compare_with_torch(case, x.requires_grad_(), y.requires_grad_(), reduction, extra)
+
+
+BROADCAST_SHAPES = [((5, 1, 7), (3, 7)), ((3, 7), (5, 3, 7)), ((4, 1), (1, 6)), ((6,), ())]
+
+
+@pytest.mark.parametrize("shapes", BROADCAST_SHAPES, ids=lambda s: f"{shape_id(s[0])}-vs-{shape_id(s[1])}")
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
+def test_broadcasting_warns_and_matches_torch(case, reduction, shapes, backend, device):
+    x = make_operands(case, shapes[0], torch.float64, device, seed=3)[0]
+    y = make_operands(case, shapes[1], torch.float64, device, seed=4)[1]
+    _compare_with_torch(case, x, y, reduction, warns=True)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0, 4)], ids=shape_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_empty_operands(case, reduction, shape, backend, device):
+    x, y, extra = make_operands(case, shape, torch.float32, device)
+    loss = _compare_with_torch(case, x, y, reduction, extra)
+    if reduction == "mean":
+        assert math.isnan(loss.item())
+    elif reduction == "sum":
+        assert loss.item() == 0
+    else:
+        assert loss.shape == shape
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_nan_propagates_like_torch(case, reduction, backend, device):
+    x, y, extra = make_operands(case, (3, 1030), torch.float32, device, requires_grad=False)
+    nan_at = torch.zeros(x.shape, dtype=torch.bool)
+    nan_at[0, 5] = nan_at[2, 1029] = True
+    x[nan_at] = float("nan")
+    y[1, 7] = float("nan")
+    nan_at[1, 7] = True
+    x.requires_grad_()
+    expected = case.torch(x, y, reduction, **extra)
+    actual = case.fast(x, y, reduction, **extra)
+    assert_close(actual.detach(), expected.detach(), torch.float32, f"{case.name} {reduction}")
+    if reduction == "none":
+        assert torch.equal(actual.isnan(), nan_at), "NaN must show exactly where an operand is NaN"
+        # gradients where the operands are finite are unaffected
+        go = random_grad_output(actual)
+        (g_actual,) = torch.autograd.grad(actual, x, go)
+        (g_expected,) = torch.autograd.grad(expected, x, go)
+        assert_close(g_actual[~nan_at], g_expected[~nan_at], torch.float32, f"{case.name} finite grads")
+    else:
+        assert actual.isnan().item()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", UNWEIGHTED_CASES, ids=case_id)
+def test_scalar_operands(case, reduction, backend, device):
+    x = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.tensor(0.3 if case.probability_target else -0.4, dtype=torch.float64, device=device,
+                     requires_grad=True)
+    loss = _compare_with_torch(case, x, y, reduction)
+    assert loss.shape == ()
+
+
+@pytest.mark.parametrize("case", REGRESSION_CASES + BCE_CASES[:1], ids=case_id)
+def test_float32_input_float64_target_promotes_like_torch(case, backend, device):
+    x, y, _ = make_operands(case, (4, 9), torch.float32, device, requires_grad=False)
+    x, y = x.requires_grad_(), y.double().requires_grad_()
+    # torch.nn's huber_loss keeps the input dtype here and its backward fails, unlike every other
+    # loss: fastloss promotes for huber too, and the oracle promotes explicitly
+    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
+    for reduction in REDUCTIONS:  # gradient dtypes (float32, float64) are checked against torch's
+        if not case.name.startswith("huber"):
+            assert case.torch(x, y, reduction).dtype == torch.float64
+        assert _compare_with_torch(oracle, x, y, reduction).dtype == torch.float64
+
+
+@pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
+def test_zero_dim_float64_target_promotes_like_torch(case, backend, device):
+    """torch.nn broadcasts before computing, so a 0-dim float64 target promotes a float32 input."""
+    x = torch.randn(6, device=device, requires_grad=True)
+    y = torch.tensor(0.25, dtype=torch.float64, device=device, requires_grad=True)
+    if not case.name.startswith("huber"):  # torch.nn's huber_loss keeps float32 (see above)
+        with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
+            assert case.torch(x, y, "mean").dtype == torch.float64
+    # torch.nn's huber_loss backward fails on mixed dtypes, so the oracle promotes explicitly
+    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
+    loss = _compare_with_torch(oracle, x, y, "mean", warns=True)
+    assert loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", [MSE, L1, _smooth_l1(0.5)], ids=case_id)
+def test_integer_target_with_float_input(case, reduction, backend, device):
+    """(torch.nn's huber_loss backward fails on an integer target, so it is left out.)"""
+    x = torch.randn(5, 8, device=device, requires_grad=True)
+    y = torch.randint(-2, 3, (5, 8), device=device)
+    loss = _compare_with_torch(case, x, y, reduction)
+    assert loss.dtype == torch.float32
+
+
+WEIGHTED_REGRESSION = [
+    pytest.param(F.mse_loss, FF.mse_loss, id="mse"),
+    pytest.param(F.l1_loss, FF.l1_loss, id="l1"),
+    pytest.param(F.huber_loss, FF.huber_loss, id="huber"),
+]
+
+
+@pytest.mark.parametrize("shapes", [((4, 6), (4, 6)), ((4, 1), (1, 6))], ids=["same", "broadcast_target"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("torch_fn, fast_fn", WEIGHTED_REGRESSION)
+def test_weighted_regression_matches_torch(torch_fn, fast_fn, reduction, shapes, backend, device):
+    """torch.nn's ``weight=``: "mean" is sum(w l) / sum(w) for mse and l1 (the weight's own sum, not
+    its broadcast), but the plain mean of w l for huber."""
+    x = make_operands(MSE, shapes[0], torch.float64, device, seed=8)[0]
+    y = make_operands(MSE, shapes[1], torch.float64, device, seed=9)[1]
+    weight = (torch.rand(shapes[0], dtype=torch.float64) + 0.5).to(device)
+    case = Case(
+        "weighted",
+        torch=lambda a, b, r: torch_fn(a, b, reduction=r, weight=weight),
+        fast=lambda a, b, r: fast_fn(a, b, reduction=r, weight=weight),
+        ref=None,
+    )
+    _compare_with_torch(case, x, y, reduction, warns=shapes[0] != shapes[1])
+    with pytest.raises(ValueError, match="Weights and input must have the same size"):
+        fast_fn(x, y, weight=weight[:1])
+
+
+# --------------------------------------------------------------------------------------------
+# BCE with logits: weights
+# --------------------------------------------------------------------------------------------
+
+N, C, L = 6, 5, 4
+WEIGHT_SHAPES = {
+    "per_class": ((N, C), (C,)),
+    "per_sample": ((N, C), (N, 1)),
+    "full": ((N, C), (N, C)),
+    "scalar_like": ((N, C), (1,)),
+    "per_channel_3d": ((N, C, L), (C, 1)),
+    "per_sample_position_3d": ((N, C, L), (N, 1, L)),
+    "none": ((N, C), None),
+}
+BCE = BCE_CASES[0]
+
+
+@pytest.mark.parametrize("with_pos_weight", [False, True], ids=["no_pos_weight", "pos_weight"])
+@pytest.mark.parametrize("weight_shape", list(WEIGHT_SHAPES), ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_bce_weight_shapes_match_torch(weight_shape, with_pos_weight, reduction, backend, device):
+    shape, w_shape = WEIGHT_SHAPES[weight_shape]
+    x, y, _ = make_operands(BCE, shape, torch.float64, device)
+    g = torch.Generator().manual_seed(5)
+    extra = {}
+    if w_shape is not None:
+        extra["weight"] = (torch.rand(w_shape, generator=g, dtype=torch.float64) + 0.5).to(device)
+    if with_pos_weight:
+        pw_shape = (C, 1) if len(shape) == 3 else (C,)
+        extra["pos_weight"] = (torch.rand(pw_shape, generator=g, dtype=torch.float64) * 3).to(device)
+    if backend == "triton":
+        with assert_launched("pointwise_fwd_kernel"):
+            _compare_with_torch(BCE, x, y, reduction, extra)
+    else:
+        _compare_with_torch(BCE, x, y, reduction, extra)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("weight_shape", ["per_class", "per_sample", "per_channel_3d"])
+def test_bce_weighted_kernel_matches_reference(weight_shape, dtype, device):
+    shape, w_shape = WEIGHT_SHAPES[weight_shape]
+    x, y, _ = make_operands(BCE, shape, dtype, device)
+    weight = (torch.rand(w_shape, dtype=torch.float64) + 0.5).to(device, dtype)
+    for reduction in REDUCTIONS:
+        expected = loss_and_grads(
+            lambda r=reduction: R.binary_cross_entropy_with_logits(x, y, weight, r), (x, y)
+        )
+        with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+            actual = loss_and_grads(
+                lambda r=reduction: FF.binary_cross_entropy_with_logits(x, y, weight, reduction=r), (x, y)
+            )
+        check_same(actual, expected, dtype, f"bce weight {weight_shape} {reduction}")
+
+
+@pytest.mark.parametrize("arg", ["weight", "pos_weight"])
+def test_bce_weights_requiring_grad_raise_like_torch(arg, backend, device):
+    x, y, _ = make_operands(BCE, (N, C), torch.float32, device)
+    w = torch.rand(C, device=device, requires_grad=True)
+    message = f"not differentiable with respect to argument '{arg}'"
+    with pytest.raises(RuntimeError, match=message):
+        F.binary_cross_entropy_with_logits(x, y, **{arg: w})
+    with pytest.raises(RuntimeError, match=message):
+        FF.binary_cross_entropy_with_logits(x, y, **{arg: w})
+
+
+@pytest.mark.parametrize("fn", [FF.binary_cross_entropy_with_logits, FF.sigmoid_focal_loss],
+                         ids=["bce", "focal"])
+def test_bce_and_focal_target_size_mismatch_raises_value_error(fn, backend, device):
+    x = torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match="Target size"):
+        F.binary_cross_entropy_with_logits(x, torch.rand(4, 1, device=device))
+    with pytest.raises(ValueError, match="Target size"):
+        fn(x, torch.rand(4, 1, device=device))
+    with pytest.raises(ValueError, match="Target size"):
+        fn(x, torch.rand(3, 4, device=device))
+
+
+def test_bce_weighted_loss_dtype_follows_input(backend, device):
+    x, y, _ = make_operands(BCE, (N, C), torch.float32, device, requires_grad=False)
+    weight = torch.rand(C, dtype=torch.float64, device=device)
+    for reduction in REDUCTIONS:
+        expected = F.binary_cross_entropy_with_logits(x, y, weight, reduction=reduction)
+        actual = FF.binary_cross_entropy_with_logits(x, y, weight, reduction=reduction)
+        assert_close(actual, expected, torch.float32, f"bce float64 weight {reduction}")
+
+
+@pytest.mark.parametrize("case", [BCE_CASES[0], FOCAL_CASES[0]], ids=case_id)
+def test_confident_logits_keep_relative_accuracy(case, backend, device):
+    """Tiny losses of confident logits (softplus(-x) ~ exp(-x)) are as accurate, relative to their
+    size, as torch's in float32: no log(1 + exp(-x)) that rounds them to 0."""
+    x = torch.tensor([5.0, 10.0, 15.0, 20.0, 30.0, 50.0, -5.0, -10.0, -15.0, -30.0], device=device)
+    for y in ((x > 0).float(), (x < 0).float()):
+        exact = case.torch(x.double(), y.double(), "none")
+        rel_fast = (case.fast(x, y, "none").double() - exact).abs() / exact.abs().clamp_min(1e-300)
+        rel_torch = (case.torch(x, y, "none").double() - exact).abs() / exact.abs().clamp_min(1e-300)
+        assert (rel_fast <= rel_torch + 1e-5).all(), f"{rel_fast} vs torch {rel_torch}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid focal loss (torchvision's semantics)
+# --------------------------------------------------------------------------------------------
+
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 3.3]
+ALPHAS = [0.25, -1.0, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("alpha", ALPHAS, ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize("gamma", GAMMAS, ids=lambda g: f"gamma{g:g}")
+def test_sigmoid_focal_matches_torchvision(gamma, alpha, reduction, backend, device):
+    x, y, _ = make_operands(FOCAL_CASES[0], (3, 7, 11), torch.float64, device)
+    _compare_with_torch(_focal(alpha, gamma), x, y, reduction)
+
+
+def test_sigmoid_focal_defaults(backend, device):
+    x, y, _ = make_operands(FOCAL_CASES[0], (5, 9), torch.float64, device, requires_grad=False)
+    out = FF.sigmoid_focal_loss(x, y)
+    assert out.shape == x.shape, "functional default reduction is 'none'"
+    assert_close(out, torchvision_sigmoid_focal_loss(x, y, 0.25, 2.0, "none"), torch.float64, "defaults")
+    module = fastloss.SigmoidFocalLoss()
+    assert (module.alpha, module.gamma, module.reduction) == (0.25, 2.0, "mean")
+    assert_close(module(x, y), torchvision_sigmoid_focal_loss(x, y, 0.25, 2.0, "mean"), torch.float64,
+                 "module default reduction is 'mean'")
+    module = fastloss.SigmoidFocalLoss(alpha=-1, gamma=0.5, reduction="sum")
+    assert_close(module(x, y), torchvision_sigmoid_focal_loss(x, y, -1, 0.5, "sum"), torch.float64,
+                 "module arguments")
+
+
+@pytest.mark.parametrize("alpha", [-1.0, 0.25, 0.5], ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 3.3], ids=lambda g: f"gamma{g:g}")
+def test_sigmoid_focal_properties(gamma, alpha, backend, device):
+    """torchvision's own checks: focal <= BCE (class weights <= 1), and focal / BCE is exactly
+    alpha_t (1 - p_t)^gamma."""
+    x, y, _ = make_operands(FOCAL_CASES[0], (4, 50), torch.float64, device, requires_grad=False)
+    focal = FF.sigmoid_focal_loss(x, y, alpha, gamma, "none")
+    bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    assert (focal <= bce).all()
+    p = torch.sigmoid(x)
+    p_t = p * y + (1 - p) * (1 - y)
+    alpha_t = alpha * y + (1 - alpha) * (1 - y) if alpha >= 0 else torch.ones_like(y)
+    assert_close(focal / bce, alpha_t * (1 - p_t) ** gamma, torch.float64, "focal / bce")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_sigmoid_focal_without_alpha_and_gamma_is_bce(reduction, backend, device):
+    x, y, _ = make_operands(FOCAL_CASES[0], (3, 7, 11), torch.float64, device)
+    for go in (None, random_grad_output(F.binary_cross_entropy_with_logits(x, y, reduction=reduction))):
+        expected = loss_and_grads(lambda: F.binary_cross_entropy_with_logits(x, y, reduction=reduction),
+                                  (x, y), go)
+        actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(x, y, -1.0, 0.0, reduction), (x, y), go)
+        check_same(actual, expected, torch.float64, f"focal(alpha=-1, gamma=0) vs bce {reduction}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("alpha", [0.25, -1.0], ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize("gamma", GAMMAS, ids=lambda g: f"gamma{g:g}")
+def test_sigmoid_focal_gradient_finite_when_p_t_is_one(gamma, alpha, dtype, backend, device):
+    """Very large |logits| with matching hard targets: p_t -> 1 and the loss and its gradient -> 0."""
+    x = torch.tensor([12.0, -12.0, 30.0, -30.0, 100.0, -100.0, 1000.0, -1000.0], dtype=dtype, device=device)
+    y = (x > 0).to(dtype)
+    x.requires_grad_(), y.requires_grad_()
+    for reduction in REDUCTIONS:
+        loss = FF.sigmoid_focal_loss(x, y, alpha, gamma, reduction)
+        gx, gy = torch.autograd.grad(loss, (x, y), torch.ones_like(loss))
+        assert torch.isfinite(loss).all(), f"loss {loss}"
+        assert torch.isfinite(gx).all() and torch.isfinite(gy).all(), f"grads {gx} {gy}"
+        # d loss / d x -> 0 (the logit is already right); d/dy is bounded by |x| (dce/dy = -x)
+        assert gx.abs().max() < 1e-4, f"grad input {gx}"
+        assert (gy.abs() <= x.detach().abs() + 1).all(), f"grad target {gy}"
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck, float64, both backends
+# --------------------------------------------------------------------------------------------
+
+
+def _kink_free_operands(case: Case, device):
+    """Operands with |x - y| at least 0.1 away from every kink; BCE/focal targets in (0.1, 0.9)."""
+    g = torch.Generator().manual_seed(7)
+    shape = (3, 4)
+    if case.probability_target:
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+        y = torch.rand(shape, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    else:
+        y = torch.randn(shape, generator=g, dtype=torch.float64)
+        # |d| alternates between (0.1, 0.4) and (0.6, 1.5): around a kink at 0.5 and off 0
+        size = torch.rand(shape, generator=g, dtype=torch.float64)
+        size = torch.where(torch.arange(12).reshape(shape) % 2 == 0, 0.1 + 0.3 * size, 0.6 + 0.9 * size)
+        sign = torch.where(torch.rand(shape, generator=g) < 0.5, -1.0, 1.0).double()
+        x = y + sign * size
+        for kink in case.kinks:
+            assert ((x - y).abs() - kink).abs().min() >= 0.1
+    return x.to(device).requires_grad_(), y.to(device).requires_grad_()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_gradcheck(case, reduction, backend, device):
+    x, y = _kink_free_operands(case, device)
+    extra = case.extra(x.shape, torch.float64, device)
+    assert torch.autograd.gradcheck(lambda a, b: case.fast(a, b, reduction, **extra), (x, y))
+
+
+# --------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------
+
+MODULE_PAIRS = [
+    (fastloss.MSELoss, nn.MSELoss, {}),
+    (fastloss.L1Loss, nn.L1Loss, {}),
+    (fastloss.HuberLoss, nn.HuberLoss, {"delta": 0.5}),
+    (fastloss.SmoothL1Loss, nn.SmoothL1Loss, {"beta": 0.5}),
+    (fastloss.SmoothL1Loss, nn.SmoothL1Loss, {"beta": 0.0}),
+    (fastloss.BCEWithLogitsLoss, nn.BCEWithLogitsLoss, {}),
+    (fastloss.BCEWithLogitsLoss, nn.BCEWithLogitsLoss,
+     {"weight": torch.linspace(0.5, 1.5, C, dtype=torch.float64),
+      "pos_weight": torch.linspace(0.25, 3.0, C, dtype=torch.float64)}),
+]
+LEGACY_ARGS = [
+    {"size_average": False},
+    {"reduce": False},
+    {"size_average": True, "reduce": True},
+    {"size_average": False, "reduce": True},
+]
+
+
+def _module_id(pair):
+    fast_cls, _, kwargs = pair
+    return fast_cls.__name__ + "".join(f"_{k}" for k in kwargs)
+
+
+def _on_device(kwargs, device):
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+
+
+def _module_targets(torch_cls, shape, device):
+    x, y, _ = make_operands(BCE if torch_cls is nn.BCEWithLogitsLoss else MSE, shape, torch.float64, device)
+    return x, y
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("pair", MODULE_PAIRS, ids=_module_id)
+def test_module_matches_torch_nn(pair, reduction, backend, device):
+    fast_cls, torch_cls, kwargs = pair
+    kwargs = _on_device(kwargs, device)
+    fast, ref = fast_cls(reduction=reduction, **kwargs), torch_cls(reduction=reduction, **kwargs)
+    assert isinstance(fast, torch_cls)
+    x, y = _module_targets(torch_cls, (N, C), device)
+    for go in (None, random_grad_output(ref(x, y))):
+        check_same(loss_and_grads(lambda: fast(x, y), (x, y), go),
+                   loss_and_grads(lambda: ref(x, y), (x, y), go), torch.float64, _module_id(pair))
+
+
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+@pytest.mark.parametrize("legacy", LEGACY_ARGS, ids=lambda d: "_".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize("pair", [p for p in MODULE_PAIRS if p[1] is not nn.HuberLoss], ids=_module_id)
+def test_module_legacy_reduction_args(pair, legacy, device):
+    fast_cls, torch_cls, kwargs = pair
+    kwargs = _on_device(kwargs, device)
+    fast, ref = fast_cls(**legacy, **kwargs), torch_cls(**legacy, **kwargs)
+    assert fast.reduction == ref.reduction
+    x, y = _module_targets(torch_cls, (N, C), device)
+    assert_close(fast(x, y), ref(x, y), torch.float64, f"{_module_id(pair)} {legacy}")
+
+
+def test_module_constructor_attributes_are_torchs():
+    assert fastloss.HuberLoss(delta=0.3).delta == 0.3
+    assert fastloss.SmoothL1Loss(beta=0.2).beta == 0.2
+    assert fastloss.MSELoss().reduction == nn.MSELoss().reduction == "mean"
+    with pytest.raises(TypeError):
+        fastloss.HuberLoss(size_average=False)  # torch.nn.HuberLoss has no legacy arguments
+    with pytest.raises(TypeError):
+        nn.HuberLoss(size_average=False)
+
+
+def test_bce_module_state_dict_has_torchs_buffers():
+    weight, pos_weight = torch.rand(C), torch.rand(C)
+    fast = fastloss.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight)
+    ref = nn.BCEWithLogitsLoss(weight=weight, pos_weight=pos_weight)
+    assert list(fast.state_dict()) == list(ref.state_dict()) == ["weight", "pos_weight"]
+    assert list(fastloss.BCEWithLogitsLoss().state_dict()) == list(nn.BCEWithLogitsLoss().state_dict())
+    other = fastloss.BCEWithLogitsLoss(weight=torch.zeros(C), pos_weight=torch.zeros(C))
+    other.load_state_dict(ref.state_dict())
+    assert torch.equal(other.weight, weight) and torch.equal(other.pos_weight, pos_weight)
+    assert list(dict(fast.named_buffers())) == list(dict(ref.named_buffers()))
+
+
+def test_bce_module_moves_its_weights_with_to():
+    fast = fastloss.BCEWithLogitsLoss(weight=torch.rand(C), pos_weight=torch.rand(C)).double()
+    assert fast.weight.dtype == fast.pos_weight.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: torch's exceptions
+# --------------------------------------------------------------------------------------------
+
+REGRESSION_FUNCTIONS = [
+    pytest.param(F.mse_loss, FF.mse_loss, id="mse"),
+    pytest.param(F.l1_loss, FF.l1_loss, id="l1"),
+    pytest.param(F.huber_loss, FF.huber_loss, id="huber"),
+    pytest.param(F.smooth_l1_loss, FF.smooth_l1_loss, id="smooth_l1"),
+]
+ALL_FUNCTIONS = REGRESSION_FUNCTIONS + [
+    pytest.param(F.binary_cross_entropy_with_logits, FF.binary_cross_entropy_with_logits, id="bce"),
+    pytest.param(torchvision_sigmoid_focal_loss, FF.sigmoid_focal_loss, id="focal"),
+]
+
+
+@pytest.mark.filterwarnings(f"ignore:{TARGET_SIZE_WARNING}")
+@pytest.mark.parametrize("torch_fn, fast_fn", REGRESSION_FUNCTIONS)
+def test_non_broadcastable_shapes_raise_runtime_error(torch_fn, fast_fn, backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.randn(3, 5, device=device)
+    with pytest.raises(RuntimeError):
+        torch_fn(x, y)
+    with pytest.raises(RuntimeError):
+        fast_fn(x, y)
+
+
+@pytest.mark.parametrize("torch_fn, fast_fn", ALL_FUNCTIONS)
+def test_integer_input_raises_runtime_error(torch_fn, fast_fn, backend, device):
+    x, y = torch.randint(0, 2, (3, 4), device=device), torch.randint(0, 2, (3, 4), device=device)
+    with pytest.raises(RuntimeError):  # NotImplementedError is a RuntimeError
+        torch_fn(x, y)
+    with pytest.raises(RuntimeError):
+        fast_fn(x, y)
+
+
+@pytest.mark.parametrize("torch_fn, fast_fn", ALL_FUNCTIONS[4:])
+def test_integer_logits_with_float_target_raise_runtime_error(torch_fn, fast_fn, backend, device):
+    x, y = torch.randint(0, 2, (3, 4), device=device), torch.rand(3, 4, device=device)
+    with pytest.raises(RuntimeError):
+        torch_fn(x, y)
+    with pytest.raises(RuntimeError):
+        fast_fn(x, y)
+
+
+@pytest.mark.parametrize("case", [MSE, L1, _smooth_l1(0.5)], ids=case_id)
+def test_integer_input_with_float_target_promotes_like_torch(case, backend, device):
+    """torch.nn computes in the promoted dtype (its huber_loss fails on an internal cast instead)."""
+    x = torch.randint(-2, 3, (5, 8), device=device)
+    y = torch.randn(5, 8, device=device, requires_grad=True)
+    for reduction in REDUCTIONS:
+        assert _compare_with_torch(case, x, y, reduction).dtype == torch.float32
+
+
+def test_bce_integer_target_raises_runtime_error(backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.randint(0, 2, (3, 4), device=device)
+    with pytest.raises(RuntimeError):
+        F.binary_cross_entropy_with_logits(x, y)
+    with pytest.raises(RuntimeError):
+        FF.binary_cross_entropy_with_logits(x, y)
+
+
+@pytest.mark.parametrize("torch_fn, fast_fn", ALL_FUNCTIONS)
+def test_bad_reduction_raises_value_error(torch_fn, fast_fn, backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    if torch_fn is not torchvision_sigmoid_focal_loss:  # the inline oracle does not validate
+        with pytest.raises(ValueError):
+            torch_fn(x, y, reduction="bogus")
+    with pytest.raises(ValueError):
+        fast_fn(x, y, reduction="bogus")
+
+
+def test_bad_reduction_in_module_constructor():
+    with pytest.raises(ValueError):
+        fastloss.SigmoidFocalLoss(reduction="average")
+    with pytest.raises(ValueError):
+        fastloss.MSELoss(reduction="average")(torch.randn(3), torch.randn(3))
+
+
+@pytest.mark.parametrize("delta", [0.0, -1.0])
+def test_non_positive_delta_raises_runtime_error(delta, backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)
+    with pytest.raises(RuntimeError, match="delta"):
+        F.huber_loss(x, y, delta=delta)
+    with pytest.raises(RuntimeError, match="delta"):
+        FF.huber_loss(x, y, delta=delta)
+    with pytest.raises(RuntimeError, match="delta"):
+        fastloss.HuberLoss(delta=delta)(x, y)
+
+
+def test_negative_beta_raises_runtime_error(backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)
+    with pytest.raises(RuntimeError, match="beta"):
+        F.smooth_l1_loss(x, y, beta=-0.5)
+    with pytest.raises(RuntimeError, match="beta"):
+        FF.smooth_l1_loss(x, y, beta=-0.5)
+    with pytest.raises(RuntimeError, match="beta"):
+        fastloss.SmoothL1Loss(beta=-0.5)(x, y)
+
+
+def test_negative_gamma_raises_value_error(backend, device):
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    with pytest.raises(ValueError, match="gamma"):
+        FF.sigmoid_focal_loss(x, y, gamma=-1.0)
+    with pytest.raises(ValueError, match="gamma"):
+        fastloss.SigmoidFocalLoss(gamma=-0.5)
+
+
+def test_never_writes_into_callers_tensors(backend, device):
+    cases = {c.name: c for c in CASES}
+    for case in cases.values():
+        x, y, extra = make_operands(case, (3, 1030), torch.float32, device)
+        before = [t.detach().clone() for t in (x, y, *extra.values())]
+        for reduction in REDUCTIONS:
+            loss = case.fast(x, y, reduction, **extra)
+            loss.sum().backward()
+        for t, b in zip((x, y, *extra.values()), before):
+            assert torch.equal(t.detach(), b), f"{case.name} wrote into an operand"
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): a small model + every loss of the family
+# --------------------------------------------------------------------------------------------
+
+
+def _all_losses(mod, out, target, prob, weight, pos_weight):
+    """Sum of the six losses with assorted arguments; ``mod`` is torch.nn.functional or fastloss's."""
+    focal = (FF.sigmoid_focal_loss if mod is FF else torchvision_sigmoid_focal_loss)(out, prob, 0.25, 2.0, "mean")
+    return (
+        mod.mse_loss(out, target)
+        + mod.l1_loss(out, target, reduction="sum") * 0.01
+        + mod.huber_loss(out, target, delta=0.5)
+        + mod.smooth_l1_loss(out, target, reduction="none", beta=0.5).mean()
+        + mod.binary_cross_entropy_with_logits(out, prob, weight, pos_weight=pos_weight)
+        + focal
+    )
+
+
+@pytest.mark.parametrize("compile_backend", ["auto", "triton"])
+def test_torch_compile_fullgraph(compile_backend, device, monkeypatch):
+    torch._dynamo.reset()
+    # as in a fresh process: the backend's one-time probes (which import triton) run while tracing
+    monkeypatch.setattr(_backend, "_triton_ok", None)
+    monkeypatch.setattr(_backend, "_interpret", None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, C)).to(device)
+    data = torch.randn(N, 8, device=device)
+    target = torch.randn(N, C, device=device)
+    prob = torch.rand(N, C, device=device)
+    weight = torch.rand(C, device=device) + 0.5
+    pos_weight = torch.rand(C, device=device) * 2
+
+    def step(mod):
+        return _all_losses(mod, model(data), target, prob, weight, pos_weight)
+
+    expected = step(F)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+
+    compiled = torch.compile(lambda: step(FF), fullgraph=True)
+    kernels = compile_backend == "triton" or device == "cuda"
+    with fastloss.use_backend(compile_backend):
+        launches = ("pointwise_fwd_kernel", "scale_grad_kernel", "pointwise_bwd_kernel")
+        with assert_launched(*launches) if kernels else assert_not_launched():
+            for _ in range(2):  # the second call reuses the compiled graph
+                model.zero_grad()
+                loss = compiled()
+                loss.backward()
+                assert_close(loss.detach(), expected.detach(), torch.float32, f"compiled {compile_backend}")
+                for p, g in zip(model.parameters(), expected_grads):
+                    assert_close(p.grad, g, torch.float32, f"compiled {compile_backend} parameter grad")
+    torch._dynamo.reset()
+
+
+def test_custom_ops_pass_opcheck(device):
+    """The torch.library ops that torch.compile traces: schema, fake (meta) kernels, autograd."""
+    x = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.rand(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, device=device)
+    for reduction in REDUCTIONS:
+        # a reduced forward's gradient outputs are internal (dropped by pointwise_loss, scaled in
+        # place in backward), so the AOT test, which returns them to the caller, is left out for it
+        tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+        if reduction == "none":
+            tests += ("test_aot_dispatch_dynamic",)
+        torch.library.opcheck(ops.pointwise_fwd, (x, y, w, w, "bce_with_logits", 0.0, 0.0, reduction, True, True),
+                              test_utils=tests)
+    go = torch.randn(5, 7, dtype=torch.float64, device=device)
+    torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal", 0.25, 2.0,
+                                               1.0, True, True))
+    torch.library.opcheck(ops.scale_grad_, (torch.randn(5, 7, device=device), torch.tensor(2.0, device=device)))
