@@ -15,13 +15,16 @@ from fastloss.monitor import LossMonitor
 from fastloss.selector import select_loss
 from fastloss.modules import (
     BCEWithLogitsLoss,
+    ContrastiveLoss,
     CrossEntropyLoss,
     FocalLoss,
     HuberLoss,
+    InfoNCELoss,
     L1Loss,
     MSELoss,
     SigmoidFocalLoss,
     SmoothL1Loss,
+    TripletMarginLoss,
 )
 
 __version__ = "0.1.0"
@@ -40,6 +43,9 @@ __all__ = [
     "SigmoidFocalLoss",
     "CrossEntropyLoss",
     "FocalLoss",
+    "ContrastiveLoss",
+    "TripletMarginLoss",
+    "InfoNCELoss",
     "CombinedLoss",
     "RegularizedLoss",
     "LossMonitor",

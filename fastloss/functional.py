@@ -11,6 +11,8 @@ from torch.nn import _reduction
 
 from fastloss import reference
 from fastloss._backend import use_triton
+from fastloss.ops.embedding import embedding_loss
+from fastloss.ops.info_nce import info_nce_losses
 from fastloss.ops.pointwise import pointwise_loss
 from fastloss.ops.softmax import softmax_loss
 
@@ -23,6 +25,9 @@ __all__ = [
     "sigmoid_focal_loss",
     "cross_entropy",
     "focal_loss",
+    "contrastive_loss",
+    "triplet_margin_loss",
+    "info_nce",
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -384,3 +389,203 @@ def focal_loss(
     if to_float32:
         input = input.float()
     return reference.focal_loss(input, target, alpha, gamma, reduction, weight, ignore_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding losses: contrastive, triplet margin, InfoNCE
+# --------------------------------------------------------------------------------------------
+
+def _check_tensors(name: str, **tensors: object) -> None:
+    for arg, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}(): argument '{arg}' must be a Tensor, got {type(t).__name__}")
+
+
+def _floating_dtype(name: str, *tensors: Tensor) -> torch.dtype:
+    """The promoted dtype of the operands, which must be floating."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name}(): expected floating-point embeddings, got "
+                        f"{', '.join(str(t.dtype) for t in tensors)}")
+    return dtype
+
+
+def contrastive_loss(
+    output1: Tensor,
+    output2: Tensor,
+    label: Tensor,
+    margin: float = 2.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Contrastive loss of embedding pairs (Hadsell et al., 2006):
+    ``(1 - label) * d**2 + label * clamp(margin - d, min=0)**2`` per pair, with
+    ``d = torch.nn.functional.pairwise_distance(output1, output2)`` (``||x1 - x2 + 1e-6||``).
+
+    ``label`` is 1 for a dissimilar pair and 0 for a similar one (any real value interpolates).
+    Shapes: ``output1`` and ``output2`` ``(B, D)`` (or one unbatched pair ``(D,)``), ``label``
+    ``(B,)``; a ``(B, 1)`` label is accepted and read as one label per pair (the classic snippet,
+    whose ``torch.mean`` would broadcast it against ``(B,)`` into a B x B matrix, is not reproduced
+    there). Any other label shape raises ValueError. Integer / bool labels are converted to the
+    embeddings' dtype; a floating label that requires grad receives its gradient
+    ``clamp(margin - d, min=0)**2 - d**2``. ``reduction``: "mean" (over pairs, the default),
+    "sum" or "none" (shape ``(B,)``).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    _check_tensors("contrastive_loss", output1=output1, output2=output2, label=label)
+    if output1.shape != output2.shape:
+        raise ValueError(f"contrastive_loss(): output1 and output2 must have the same shape, got "
+                         f"{tuple(output1.shape)} and {tuple(output2.shape)}")
+    if output1.dim() not in (1, 2):
+        raise ValueError(f"contrastive_loss(): expected (B, D) or (D,) embeddings, got shape "
+                         f"{tuple(output1.shape)}")
+    batch = output1.shape[:-1]
+    if label.shape != batch:
+        if label.shape == (*batch, 1) or (not batch and label.shape == (1,)):
+            label = label.reshape(batch)
+        else:
+            raise ValueError(f"contrastive_loss(): label must have shape {tuple(batch)} (one label per "
+                             f"pair) or {(*batch, 1)}, got {tuple(label.shape)}")
+    dtype = _floating_dtype("contrastive_loss", output1, output2)
+    x1, x2, y = output1.to(dtype), output2.to(dtype), label.to(dtype)
+    if x1.numel() > 0 and use_triton(x1, x2, y):
+        n_cols = x1.shape[-1]
+        out = embedding_loss("contrastive", x1.reshape(-1, n_cols), x2.reshape(-1, n_cols), y.reshape(-1),
+                             margin, reduction=reduction)
+        return out.reshape(batch) if reduction == "none" else out
+    return reference.contrastive_loss(x1, x2, y, margin, reduction)
+
+
+def triplet_margin_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float = 1.0,
+    p: float = 2,
+    eps: float = 1e-6,
+    swap: bool = False,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Triplet margin loss, as torch.nn.functional.triplet_margin_loss:
+    ``max(margin + d(a, p) - d(a, n), 0)`` with ``d = pairwise_distance(., ., p, eps)``; ``swap``
+    uses ``min(d(a, n), d(p, n))`` as the negative distance. Operands ``(..., D)`` with the same
+    number of dimensions (broadcast as torch does). The kernels run for floating operands and
+    ``0 < p < inf``; other cases run the PyTorch reference.
+    """
+    reduction = _reduction_arg(size_average, reduce, reduction)
+    if margin <= 0:
+        raise ValueError(f"margin must be greater than 0, got {margin}")
+    _check_tensors("triplet_margin_loss", anchor=anchor, positive=positive, negative=negative)
+    if not anchor.dim() == positive.dim() == negative.dim():
+        raise RuntimeError(
+            "The anchor, positive, and negative tensors are expected to have the same number of "
+            f"dimensions, but got: anchor {anchor.dim()}D, positive {positive.dim()}D, and negative "
+            f"{negative.dim()}D inputs"
+        )
+    if not all(t.is_floating_point() for t in (anchor, positive, negative)):
+        return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
+    dtype = _floating_dtype("triplet_margin_loss", anchor, positive, negative)
+    a, pos, neg = anchor.to(dtype), positive.to(dtype), negative.to(dtype)
+    if a.shape != pos.shape or a.shape != neg.shape:
+        a, pos, neg = torch.broadcast_tensors(a, pos, neg)
+    kernel_p = 0 < p < float("inf")
+    if kernel_p and a.dim() > 0 and a.numel() > 0 and use_triton(a, pos, neg):
+        n_cols = a.shape[-1]
+        out = embedding_loss("triplet", a.reshape(-1, n_cols), pos.reshape(-1, n_cols),
+                             neg.reshape(-1, n_cols), margin, p, eps, swap, reduction)
+        return out.reshape(a.shape[:-1]) if reduction == "none" else out
+    return reference.triplet_margin_loss(a, pos, neg, margin, p, eps, swap, reduction)
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    temperature: float | Tensor = 0.07,
+    reduction: str = "mean",
+    symmetric: bool = False,
+    normalize: bool = True,
+    *,
+    gather: bool = False,
+) -> Tensor:
+    """InfoNCE / NT-Xent over a batch of pairs: row i of ``key`` is the positive of row i of
+    ``query`` and every other row a negative. Per row, ``cross_entropy(q @ k.T / temperature,
+    arange(B))``; the rows are L2-normalised first when ``normalize``.
+
+    Args:
+        query, key: ``(B, D)``, any B >= 1 and D, float32 / float64 / bfloat16 / float16.
+        temperature: a positive number, or a 0-dim tensor (e.g. a learnable one; it then receives a
+            gradient, and its sign is not checked, to avoid a host sync).
+        reduction: "mean" (mean over rows), "sum" or "none" (``(B,)`` per-row losses).
+        symmetric: also score key -> query and average the two directions row by row (CLIP); for
+            "none" the result is ``(loss_q2k_i + loss_k2q_i) / 2``.
+        gather: under torch.distributed, all-gather the keys (and, for the symmetric loss, the
+            queries) of every rank, gradients flowing back to their rank; each rank scores its own
+            rows against the global batch (open_clip's local-loss mode) and returns the reduction
+            over its own rows. With "mean" the average of the ranks' losses is the single-process
+            loss, and DDP's gradient averaging yields exactly the single-process gradients (each
+            rank's local embedding gradient is world_size times its share); with "sum" the ranks'
+            losses and gradients add up to the single-process ones. All ranks must pass the same B
+            and all must call backward.
+
+    On CUDA the Triton kernels never form the B x B score matrix (extra memory O(B * D)); the
+    PyTorch path works in chunks of rows (peak O(B * chunk)).
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    _check_tensors("info_nce", query=query, key=key)
+    if query.dim() != 2 or key.dim() != 2:
+        raise ValueError(f"info_nce(): query and key must be 2-D (batch, dim), got shapes "
+                         f"{tuple(query.shape)} and {tuple(key.shape)}")
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"info_nce(): query and key must have the same feature size, got "
+                         f"{query.shape[1]} and {key.shape[1]}")
+    if query.shape[0] != key.shape[0]:
+        raise ValueError(f"info_nce(): query and key must have the same batch size (row i of key is "
+                         f"the positive of row i of query), got {query.shape[0]} and {key.shape[0]}")
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(f"info_nce(): temperature must be a number or a one-element tensor, got "
+                             f"shape {tuple(temperature.shape)}")
+        temperature = temperature.reshape(())
+    elif not 0 < temperature < float("inf"):
+        raise ValueError(f"info_nce(): temperature must be positive and finite, got {temperature}")
+    dtype = _floating_dtype("info_nce", query, key)
+    query, key = query.to(dtype), key.to(dtype)
+    triton = query.shape[0] > 0 and use_triton(query, key)
+    if not triton and not gather:
+        return reference.info_nce(query, key, temperature, reduction, symmetric, normalize)
+    if not triton and dtype in (torch.float16, torch.bfloat16):
+        query, key = query.float(), key.float()  # as reference.info_nce: half in float32
+    if normalize:
+        query = torch.nn.functional.normalize(query, dim=-1)
+        key = torch.nn.functional.normalize(key, dim=-1)
+    scale = 1.0
+    if isinstance(temperature, Tensor):
+        query = query / temperature
+    else:
+        scale = 1.0 / temperature
+    keys, queries, offset = key, query, 0
+    if gather:
+        from fastloss.distributed import all_gather_with_grad, rank_and_world_size
+
+        offset = rank_and_world_size()[0] * query.shape[0]
+        keys = all_gather_with_grad(key)
+        queries = all_gather_with_grad(query) if symmetric else query
+    if triton and symmetric and not gather:
+        rows, cols = info_nce_losses(query, key, scale, 0, with_cols=True)
+    elif triton:
+        rows = info_nce_losses(query, keys, scale, offset)[0]
+        cols = info_nce_losses(key, queries, scale, offset)[0] if symmetric else None
+    else:
+        rows = reference.info_nce_rows(query, keys, scale, offset)
+        cols = reference.info_nce_rows(key, queries, scale, offset) if symmetric else None
+    loss = rows if cols is None else 0.5 * (rows + cols)
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(dtype)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from fastloss import functional as F
 
 __all__ = ["MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "SigmoidFocalLoss",
-           "CrossEntropyLoss", "FocalLoss"]
+           "CrossEntropyLoss", "FocalLoss", "ContrastiveLoss", "TripletMarginLoss", "InfoNCELoss"]
 
 
 class MSELoss(nn.MSELoss):
@@ -173,3 +173,73 @@ class FocalLoss(nn.Module):
     def extra_repr(self) -> str:
         alpha = "tensor" if isinstance(self.alpha, Tensor) else self.alpha
         return f"alpha={alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+class ContrastiveLoss(nn.Module):
+    """Contrastive loss of embedding pairs: ``(1 - label) d**2 + label clamp(margin - d, min=0)**2``
+    with ``d = pairwise_distance(output1, output2)``; label 1 marks a dissimilar pair.
+
+    Args:
+        margin: distance beyond which dissimilar pairs cost nothing (default 2.0).
+        reduction: "mean" over pairs (default), "sum" or "none".
+
+    ``forward(output1, output2, label)``: embeddings ``(B, D)``, label ``(B,)`` (or ``(B, 1)``); see
+    fastloss.functional.contrastive_loss.
+    """
+
+    def __init__(self, margin: float = 2.0, reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        self.margin = margin
+        self.reduction = reduction
+
+    def forward(self, output1: Tensor, output2: Tensor, label: Tensor) -> Tensor:
+        return F.contrastive_loss(output1, output2, label, self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, reduction={self.reduction!r}"
+
+
+class TripletMarginLoss(nn.TripletMarginLoss):
+    """Drop-in torch.nn.TripletMarginLoss(margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")."""
+
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return F.triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p,
+                                     eps=self.eps, swap=self.swap, reduction=self.reduction)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE / NT-Xent over a batch: row i of ``key`` is the positive of row i of ``query``.
+
+    Args:
+        temperature: softmax temperature, > 0 (default 0.07).
+        reduction: "mean" over rows (default), "sum" or "none".
+        symmetric: average the query -> key and key -> query directions (CLIP).
+        normalize: L2-normalise the rows of query and key first (default True).
+        gather: all-gather keys (and queries) across torch.distributed ranks, with gradients; see
+            fastloss.functional.info_nce for what each rank's loss is.
+
+    On CUDA the kernels never form the B x B similarity matrix (extra memory O(B * D)).
+    """
+
+    def __init__(self, temperature: float = 0.07, reduction: str = "mean", symmetric: bool = False,
+                 normalize: bool = True, gather: bool = False) -> None:
+        super().__init__()
+        if not 0 < temperature < float("inf"):
+            raise ValueError(f"InfoNCELoss: temperature must be positive and finite, got {temperature}")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+        self.temperature = temperature
+        self.reduction = reduction
+        self.symmetric = symmetric
+        self.normalize = normalize
+        self.gather = gather
+
+    def forward(self, query: Tensor, key: Tensor) -> Tensor:
+        return F.info_nce(query, key, self.temperature, self.reduction, self.symmetric, self.normalize,
+                          gather=self.gather)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"symmetric={self.symmetric}, normalize={self.normalize}, gather={self.gather}")

@@ -2,13 +2,16 @@
 
 Each function takes validated, broadcast operands of one floating dtype (``fastloss.functional``
 validates) and relies on autograd for its gradients, so the kernels' hand-written gradients are
-checked against an independent derivation. Half-precision operands are computed in float32 and the
-result is rounded once to the operand dtype, which is never less accurate than torch.nn.
+checked against an independent derivation. Where torch.nn has the loss, the reference calls it (the
+same numbers and CPU speed as torch.nn by construction); losses torch lacks are written out as
+formulas. Half-precision operands are computed in float32 and the result is rounded once to the
+operand dtype, which is never less accurate than torch.nn in that dtype.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -20,6 +23,10 @@ __all__ = [
     "sigmoid_focal_loss",
     "cross_entropy",
     "focal_loss",
+    "contrastive_loss",
+    "triplet_margin_loss",
+    "info_nce_rows",
+    "info_nce",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -51,6 +58,8 @@ def _softplus_neg(x: Tensor) -> Tensor:
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
     """Mean squared error: (input - target)^2, optionally weighted (weighted mean for "mean")."""
     x, y, w = _upcast(input, target, weight)
+    if w is None:
+        return F.mse_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y) ** 2
     return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
 
@@ -58,6 +67,8 @@ def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Ten
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
     """Mean absolute error: |input - target|, optionally weighted."""
     x, y, w = _upcast(input, target, weight)
+    if w is None:
+        return F.l1_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y).abs()
     return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
 
@@ -67,6 +78,8 @@ def huber_loss(
 ) -> Tensor:
     """Huber loss: d^2/2 where |d| < delta, delta (|d| - delta/2) elsewhere; d = input - target."""
     x, y, w = _upcast(input, target, weight)
+    if w is None:
+        return F.huber_loss(x, y, reduction=reduction, delta=delta).to(input.dtype)
     d = x - y
     a = d.abs()
     loss = torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
@@ -76,13 +89,8 @@ def huber_loss(
 
 def smooth_l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", beta: float = 1.0) -> Tensor:
     """Smooth L1: d^2 / (2 beta) where |d| < beta, |d| - beta/2 elsewhere; plain L1 when beta = 0."""
-    if beta == 0.0:
-        return l1_loss(input, target, reduction)
     x, y = _upcast(input, target)
-    d = x - y
-    a = d.abs()
-    loss = torch.where(a < beta, 0.5 * d * d / beta, a - 0.5 * beta)
-    return _reduce(loss, reduction, input.dtype)
+    return F.smooth_l1_loss(x, y, reduction=reduction, beta=beta).to(input.dtype)
 
 
 def binary_cross_entropy_with_logits(
@@ -94,11 +102,7 @@ def binary_cross_entropy_with_logits(
 ) -> Tensor:
     """Binary cross-entropy on logits: (1 - y) x + (1 + (pw - 1) y) softplus(-x), times weight."""
     x, y, w, pw = _upcast(input, target, weight, pos_weight)
-    log_weight = 1.0 if pw is None else 1.0 + (pw - 1.0) * y
-    loss = (1.0 - y) * x + log_weight * _softplus_neg(x)
-    if w is not None:
-        loss = loss * w
-    return _reduce(loss, reduction, input.dtype)
+    return F.binary_cross_entropy_with_logits(x, y, w, reduction=reduction, pos_weight=pw).to(input.dtype)
 
 
 def sigmoid_focal_loss(
@@ -223,3 +227,89 @@ def contrastive_loss(
     d = torch.nn.functional.pairwise_distance(x1, x2)
     loss = (1 - y) * d.pow(2) + y * torch.clamp(margin - d, min=0.0).pow(2)
     return _reduce(loss, reduction, output1.dtype)
+
+
+def triplet_margin_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float = 1.0,
+    p: float = 2.0,
+    eps: float = 1e-6,
+    swap: bool = False,
+    reduction: str = "mean",
+) -> Tensor:
+    """torch.nn.functional.triplet_margin_loss: ``clamp_min(margin + d(a, p) - d_neg, 0)`` with
+    ``d = pairwise_distance(., ., p, eps)`` and ``d_neg = d(a, n)``, or ``min(d(a, n), d(p, n))``
+    with ``swap``."""
+    a, pos, neg = _upcast(anchor, positive, negative)
+    dist = torch.nn.functional.pairwise_distance
+    d_pos = dist(a, pos, p, eps)
+    d_neg = dist(a, neg, p, eps)
+    if swap:
+        d_neg = torch.minimum(d_neg, dist(pos, neg, p, eps))
+    loss = torch.clamp_min(margin + d_pos - d_neg, 0)
+    return _reduce(loss, reduction, anchor.dtype)
+
+
+#: Score-matrix elements the InfoNCE reference holds at once (16 MiB of float32): rows of the query
+#: are processed in chunks of ``INFO_NCE_CHUNK_ELEMENTS // n_keys`` rows.
+INFO_NCE_CHUNK_ELEMENTS = 1 << 22
+
+
+def info_nce_rows(query: Tensor, key: Tensor, scale: float = 1.0, offset: int = 0) -> Tensor:
+    """Per-row InfoNCE losses ``logsumexp_j(s_ij) - s_{i, i + offset}``, ``s = scale * query @ key.T``.
+
+    Row i of ``query`` (M, D) is scored against every row of ``key`` (N, D); its positive is key row
+    ``i + offset``. The (M, N) scores are never held at once: chunks of query rows are scored one
+    after the other and, when gradients are needed, each chunk runs under activation checkpointing
+    (its scores recomputed in backward), so peak memory is O(N * chunk + (M + N) * D). Returns
+    float32 (float64 for float64 operands); gradients come from autograd.
+    """
+    q, k = _upcast(query, key)
+    n_rows, n_cols = q.shape[0], k.shape[0]
+    chunk = max(1, INFO_NCE_CHUNK_ELEMENTS // max(n_cols, 1))
+
+    def rows(qc: Tensor, k: Tensor, start: int) -> Tensor:
+        s = (qc @ k.T) * scale
+        return torch.logsumexp(s, dim=1) - s.narrow(1, start + offset, qc.shape[0]).diagonal()
+
+    if n_rows <= chunk:
+        return rows(q, k, 0)
+    from torch.utils.checkpoint import checkpoint
+
+    recompute = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    parts = []
+    for start in range(0, n_rows, chunk):
+        qc = q[start:start + chunk]
+        if recompute:
+            parts.append(checkpoint(rows, qc, k, start, use_reentrant=False))
+        else:
+            parts.append(rows(qc, k, start))
+    return torch.cat(parts)
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    temperature: float | Tensor = 0.07,
+    reduction: str = "mean",
+    symmetric: bool = False,
+    normalize: bool = True,
+) -> Tensor:
+    """InfoNCE: row i of ``key`` is the positive of row i of ``query``, every other row a negative;
+    per row ``cross_entropy(q @ k.T / temperature, arange(B))`` (rows L2-normalised first when
+    ``normalize``). ``symmetric`` averages it with the key -> query direction, per row, before the
+    reduction (CLIP). Chunked: see info_nce_rows."""
+    q, k = _upcast(query, key)
+    if normalize:
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    scale = 1.0
+    if isinstance(temperature, Tensor):
+        q = q / temperature
+    else:
+        scale = 1.0 / temperature
+    loss = info_nce_rows(q, k, scale)
+    if symmetric:
+        loss = 0.5 * (loss + info_nce_rows(k, q, scale))
+    return _reduce(loss, reduction, query.dtype)

@@ -1,0 +1,280 @@
+"""Launchers and autograd for the pairwise-distance losses (kernels/embedding.py).
+
+``embedding_fwd`` is one torch.library custom op for the family (``loss`` = "contrastive" or
+"triplet"): it returns the loss and, for reduced losses, the gradients of the three operands
+computed in the same pass. Operands are ``(x, y, z)`` = (output1, output2, label) for the
+contrastive loss and (anchor, positive, negative) for the triplet loss, each ``(n_rows, n_cols)``
+(the label ``(n_rows,)``). Backward of a reduced loss scales those gradients by ``grad_output`` in
+place (fastloss.ops.pointwise's scale kernel, a no-op on device when it is 1); backward of
+``reduction="none"`` recomputes them in one pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops.pointwise import _scale_grad, scale_grad_
+
+__all__ = ["LOSSES", "embedding_loss"]
+
+LOSSES = ("contrastive", "triplet")
+
+
+@functools.cache
+def _kernels():
+    import triton.language as tl
+
+    from fastloss.kernels import embedding as k
+
+    return k, {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _block_config(n_cols: int) -> tuple[int, int, bool, int]:
+    """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements."""
+    block_cols = min(triton_next_pow2(max(n_cols, 1)), 1024)
+    block_rows = max(1, 2048 // block_cols)
+    return block_rows, block_cols, n_cols <= block_cols, 4 if block_rows * block_cols <= 1024 else 8
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _p_mode(p: float) -> int:
+    return 1 if p == 1.0 else 2 if p == 2.0 else 0
+
+
+def _grad_buffers(x: Tensor, y: Tensor, z: Tensor, want: tuple[bool, bool, bool]):
+    return tuple(empty(t.shape, t.dtype, t.device) if w else t.new_empty(0) for t, w in zip((x, y, z), want))
+
+
+def _fwd(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    margin: float,
+    p: float,
+    eps: float,
+    swap: bool,
+    reduction: str,
+    grad_x: bool,
+    grad_y: bool,
+    grad_z: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss and, for reduced losses, d(loss)/d(x, y, z) (empty tensors when not asked)."""
+    k, tl_dtype = _kernels()
+    x, y, z = x.contiguous(), y.contiguous(), z.contiguous()
+    n_rows, n_cols = x.shape
+    reduce = reduction != "none"
+    acc = acc_dtype(x.dtype)
+    want = (reduce and grad_x, reduce and grad_y, reduce and grad_z)
+    gx, gy, gz = _grad_buffers(x, y, z, want)
+    block_rows, block_cols, single, warps = _block_config(n_cols)
+    n_programs = triton_cdiv(n_rows, block_rows)
+    out = empty((n_programs,), acc, x.device) if reduce else empty((n_rows,), x.dtype, x.device)
+    count = n_rows if reduction == "mean" and n_rows else 1
+    common = {"REDUCE": reduce, "ACC_DTYPE": tl_dtype[acc], "BLOCK_ROWS": block_rows,
+              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "num_warps": warps}
+    if n_rows > 0:
+        if loss == "contrastive":
+            k.contrastive_fwd_kernel[(n_programs,)](
+                x, y, z, out, gx, gy, gz, n_rows, n_cols, margin, eps, count,
+                GRAD_X1=want[0], GRAD_X2=want[1], GRAD_LABEL=want[2], **common,
+            )
+            count_launch("contrastive_fwd_kernel")
+        else:
+            k.triplet_fwd_kernel[(n_programs,)](
+                x, y, z, out, gx, gy, gz, n_rows, n_cols, margin, p, eps, count,
+                P_MODE=_p_mode(p), SWAP=swap, GRAD_A=want[0], GRAD_P=want[1], GRAD_N=want[2], **common,
+            )
+            count_launch("triplet_fwd_kernel")
+    if reduce:
+        if n_rows == 0:
+            out = x.new_full((), math.nan if reduction == "mean" else 0.0)
+        else:
+            out = out.sum().to(x.dtype)
+    return out, gx, gy, gz
+
+
+@torch.library.custom_op("fastloss::embedding_fwd", mutates_args=())
+def embedding_fwd(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    margin: float,
+    p: float,
+    eps: float,
+    swap: bool,
+    reduction: str,
+    grad_x: bool,
+    grad_y: bool,
+    grad_z: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Custom-op form of _fwd, for torch.compile."""
+    return _fwd(loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z)
+
+
+@embedding_fwd.register_fake
+def _(loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z):
+    reduce = reduction != "none"
+    out = x.new_empty(()) if reduce else x.new_empty(x.shape[:1])
+    grads = tuple(t.new_empty(t.shape) if reduce and w else t.new_empty(0)
+                  for t, w in zip((x, y, z), (grad_x, grad_y, grad_z)))
+    return (out, *grads)
+
+
+def _bwd(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    grad_output: Tensor,
+    margin: float,
+    p: float,
+    eps: float,
+    swap: bool,
+    count: int,
+    grad_x: bool,
+    grad_y: bool,
+    grad_z: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_output / count * d(loss)/d(x, y, z); grad_output is (n_rows,) or a scalar."""
+    k, tl_dtype = _kernels()
+    x, y, z = x.contiguous(), y.contiguous(), z.contiguous()
+    n_rows, n_cols = x.shape
+    gx, gy, gz = _grad_buffers(x, y, z, (grad_x, grad_y, grad_z))
+    if grad_output.dim() == 0:
+        go, stride = grad_output, 0
+    else:
+        go, stride = grad_output.contiguous(), 1
+    block_rows, block_cols, single, warps = _block_config(n_cols)
+    common = {"ACC_DTYPE": tl_dtype[acc_dtype(x.dtype)], "BLOCK_ROWS": block_rows,
+              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "num_warps": warps}
+    grid = (triton_cdiv(n_rows, block_rows),)
+    if n_rows > 0 and (grad_x or grad_y or grad_z):
+        if loss == "contrastive":
+            k.contrastive_bwd_kernel[grid](
+                x, y, z, go, gx, gy, gz, n_rows, n_cols, stride, margin, eps, count,
+                GRAD_X1=grad_x, GRAD_X2=grad_y, GRAD_LABEL=grad_z, **common,
+            )
+            count_launch("contrastive_bwd_kernel")
+        else:
+            k.triplet_bwd_kernel[grid](
+                x, y, z, go, gx, gy, gz, n_rows, n_cols, stride, margin, p, eps, count,
+                P_MODE=_p_mode(p), SWAP=swap, GRAD_A=grad_x, GRAD_P=grad_y, GRAD_N=grad_z, **common,
+            )
+            count_launch("triplet_bwd_kernel")
+    return gx, gy, gz
+
+
+@torch.library.custom_op("fastloss::embedding_bwd", mutates_args=())
+def embedding_bwd(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    grad_output: Tensor,
+    margin: float,
+    p: float,
+    eps: float,
+    swap: bool,
+    count: int,
+    grad_x: bool,
+    grad_y: bool,
+    grad_z: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Custom-op form of _bwd, for torch.compile."""
+    return _bwd(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, grad_z)
+
+
+@embedding_bwd.register_fake
+def _(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, grad_z):
+    return tuple(t.new_empty(t.shape) if w else t.new_empty(0)
+                 for t, w in zip((x, y, z), (grad_x, grad_y, grad_z)))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _setup_context(ctx, inputs, output):
+    loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z = inputs
+    ctx.save_for_backward(x, y, z)
+    ctx.args = (loss, margin, p, eps, swap, reduction)
+    # Gradients of a reduced loss come from the forward; they are handed to autograd in backward
+    # (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
+    ctx.grads = tuple(g if want else None for g, want in zip(output[1:], (grad_x, grad_y, grad_z)))
+
+
+def _backward(ctx, grad_loss, scale_grad, recompute):
+    x, y, z = ctx.saved_tensors
+    loss, margin, p, eps, swap, reduction = ctx.args
+    needs = ctx.needs_input_grad[1:4]
+    if reduction != "none" and ctx.grads is not None:
+        grads = ctx.grads
+        ctx.grads = None
+        for g in grads:
+            if g is not None:
+                scale_grad(g, grad_loss)
+    else:
+        # reduction="none", or a second backward through a reduced loss (retain_graph=True) whose
+        # forward-made gradients were already handed out: recompute from the operands.
+        n_rows = x.shape[0]
+        count = n_rows if reduction == "mean" and n_rows else 1
+        grads = recompute(loss, x, y, z, grad_loss, margin, p, eps, swap, count, *needs)
+    return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
+
+
+def _setup_context_op(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_op(ctx, grad_loss, *_grad_grads):
+    return _backward(ctx, grad_loss, scale_grad_, embedding_bwd)
+
+
+embedding_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
+
+
+class _EmbeddingLoss(torch.autograd.Function):
+    """Eager twin of the custom ops: the same launchers and backward without the dispatch cost."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, _scale_grad, _bwd)
+
+
+def embedding_loss(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    margin: float,
+    p: float = 2.0,
+    eps: float = 1e-6,
+    swap: bool = False,
+    reduction: str = "mean",
+) -> Tensor:
+    """Run one loss of the family on the kernels. Operands must be validated, 2-D ``(rows, D)`` (the
+    contrastive label ``(rows,)``) and of one floating dtype; the result has x's dtype and, for
+    ``reduction="none"``, shape ``(rows,)``."""
+    grad = torch.is_grad_enabled()
+    args = (loss, x, y, z, float(margin), float(p), float(eps), bool(swap), reduction,
+            grad and x.requires_grad, grad and y.requires_grad, grad and z.requires_grad)
+    if torch.compiler.is_compiling():
+        return embedding_fwd(*args)[0]
+    return _EmbeddingLoss.apply(*args)

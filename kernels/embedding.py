@@ -1,0 +1,352 @@
+"""Pairwise-distance losses on rows of embeddings: contrastive and triplet margin.
+
+Every row ``r`` of the ``(n_rows, n_cols)`` operands is one pair (triplet); a program owns
+``BLOCK_ROWS`` rows. When a row fits in one ``BLOCK_COLS`` block (``SINGLE_PASS``) it is loaded
+once and stays in registers; otherwise a first loop over the columns accumulates the norms and a
+second one re-reads the operands to write the gradients.
+
+Distances are torch's ``pairwise_distance``: ``d(x, y) = || x - y + eps ||_p``, so with
+``v = x - y + eps``:
+
+    d = (sum |v|^p)^(1/p)            (sqrt(sum v^2) for p = 2, sum |v| for p = 1)
+    dd/dx = g(v) = sign(v) |v|^(p-1) / d^(p-1)        (v / d for p = 2, sign(v) for p = 1)
+    dd/dy = -g(v)
+    g = 0 where d = 0 (and |v|^(p-1) = 0 where v = 0), as torch's norm backward.
+
+Contrastive (label y, 1 = dissimilar pair), p = 2, h = max(margin - d, 0):
+    loss  = (1 - y) d^2 + y h^2
+    dloss/dd = 2 (1 - y) d - 2 y h,  so  dloss/dx1 = (2 (1 - y) - 2 y h / d) v = -dloss/dx2
+    dloss/dy = h^2 - d^2
+
+Triplet (anchor a, positive p, negative n), d_neg = d(a, n), or min(d(a, n), d(p, n)) with swap:
+    loss = max(margin + d(a, p) - d_neg, 0)
+    the gradient flows where margin + d(a, p) - d_neg >= 0 (torch's clamp_min backward);
+    a tie d(a, n) == d(p, n) splits it in halves (torch's minimum backward): c_an + c_pn = 1,
+    dloss/da = g(v_ap) - c_an g(v_an)
+    dloss/dp = -g(v_ap) - c_pn g(v_pn)
+    dloss/dn = c_an g(v_an) + c_pn g(v_pn)
+
+For a reduced loss the forward writes the gradients already multiplied by ``scale`` (1/n_rows for
+"mean", computed in the accumulation dtype from the integer ``count``); backward then only scales them
+by grad_output (fastloss.kernels.pointwise.scale_grad_kernel).
+For ``reduction="none"`` the backward kernels recompute them times a per-row grad_output.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _abs_pow(v, p, P_MODE: tl.constexpr):
+    """|v|^p for P_MODE 1 (p = 1), 2 (p = 2) or 0 (any p > 0; 0 where v = 0)."""
+    if P_MODE == 1:
+        return tl.abs(v)
+    elif P_MODE == 2:
+        return v * v
+    else:
+        a = tl.abs(v)
+        return tl.where(a > 0, tl.exp2(p * tl.log2(tl.where(a > 0, a, 1.0))), 0.0)
+
+
+@triton.jit
+def _finish_norm(acc, p, P_MODE: tl.constexpr):
+    """d = acc^(1/p) from acc = sum |v|^p."""
+    if P_MODE == 1:
+        return acc
+    elif P_MODE == 2:
+        return tl.sqrt(acc)
+    else:
+        return tl.where(acc > 0, tl.exp2(tl.log2(tl.where(acc > 0, acc, 1.0)) / p), 0.0)
+
+
+@triton.jit
+def _norm_grad(v, d, p, P_MODE: tl.constexpr):
+    """dd/dv for d = ||v||_p; v is [BLOCK_ROWS, BLOCK_COLS], d is [BLOCK_ROWS]; 0 where d = 0."""
+    dd = d[:, None]
+    if P_MODE == 1:
+        g = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
+    elif P_MODE == 2:
+        g = v / tl.where(dd > 0, dd, 1.0)
+    else:
+        a = tl.abs(v)
+        a_pow = tl.where(a > 0, tl.exp2((p - 1.0) * tl.log2(tl.where(a > 0, a, 1.0))), 0.0)
+        d_pow = tl.exp2((p - 1.0) * tl.log2(tl.where(dd > 0, dd, 1.0)))
+        g = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)) * a_pow / d_pow
+    return tl.where(dd > 0, g, 0.0)
+
+
+@triton.jit
+def _tile(rows, row_mask, c0, n_cols, BLOCK_COLS: tl.constexpr):
+    """Offsets and mask of the [BLOCK_ROWS, BLOCK_COLS] block of columns c0.. of these rows."""
+    cols = c0 + tl.arange(0, BLOCK_COLS)
+    offs = rows[:, None] * n_cols + cols[None, :]
+    mask = row_mask[:, None] & (cols[None, :] < n_cols)
+    return offs, mask
+
+
+@triton.jit
+def _diff(x_ptr, y_ptr, offs, mask, eps, ACC_DTYPE: tl.constexpr):
+    """v = x - y + eps (0 on masked lanes)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    return tl.where(mask, x - y + eps, 0.0)
+
+
+@triton.jit
+def _contrastive_rows(
+    x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """(loss, coefficient of v in dloss/dx1, dloss/dlabel, v of the first block) of these rows."""
+    offs, mask = _tile(rows, row_mask, 0, n_cols, BLOCK_COLS)
+    v = _diff(x1_ptr, x2_ptr, offs, mask, eps, ACC_DTYPE)
+    sq = tl.sum(v * v, axis=1)
+    if not SINGLE_PASS:
+        for c0 in range(BLOCK_COLS, n_cols, BLOCK_COLS):
+            offs_c, mask_c = _tile(rows, row_mask, c0, n_cols, BLOCK_COLS)
+            vc = _diff(x1_ptr, x2_ptr, offs_c, mask_c, eps, ACC_DTYPE)
+            sq += tl.sum(vc * vc, axis=1)
+    d = tl.sqrt(sq)
+    y = tl.load(label_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+    h = tl.maximum(margin - d, 0.0)
+    loss = (1.0 - y) * sq + y * h * h
+    coef = 2.0 * (1.0 - y) - tl.where(d > 0, 2.0 * y * h / tl.where(d > 0, d, 1.0), 0.0)
+    return tl.where(row_mask, loss, 0.0), coef, h * h - sq, v
+
+
+@triton.jit
+def _contrastive_store(
+    x1_ptr, x2_ptr, grad_x1_ptr, grad_x2_ptr, rows, row_mask, v, coef, n_cols, eps,
+    GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """grad_x1 = coef v, grad_x2 = -coef v (coef already holds the scale and grad_output)."""
+    for c0 in range(0, n_cols, BLOCK_COLS):
+        offs, mask = _tile(rows, row_mask, c0, n_cols, BLOCK_COLS)
+        if not SINGLE_PASS:
+            v = _diff(x1_ptr, x2_ptr, offs, mask, eps, ACC_DTYPE)
+        g = coef[:, None] * v
+        if GRAD_X1:
+            tl.store(grad_x1_ptr + offs, g.to(grad_x1_ptr.dtype.element_ty), mask=mask)
+        if GRAD_X2:
+            tl.store(grad_x2_ptr + offs, (-g).to(grad_x2_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def contrastive_fwd_kernel(
+    x1_ptr,               # [n_rows, n_cols] contiguous, floating
+    x2_ptr,               # [n_rows, n_cols] contiguous, same dtype
+    label_ptr,            # [n_rows] same dtype (1 = dissimilar pair)
+    loss_ptr,             # [n_rows] input dtype, or [n_programs] ACC_DTYPE partial sums iff REDUCE
+    grad_x1_ptr,          # [n_rows, n_cols] scale * dloss/dx1, written iff REDUCE and GRAD_X1
+    grad_x2_ptr,          # [n_rows, n_cols] scale * dloss/dx2, written iff REDUCE and GRAD_X2
+    grad_label_ptr,       # [n_rows] scale * dloss/dlabel, written iff REDUCE and GRAD_LABEL
+    n_rows, n_cols, margin, eps,
+    count,                # n_rows for "mean", 1 otherwise: partials and gradients are scaled by 1/count
+    REDUCE: tl.constexpr, GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    """Contrastive loss of BLOCK_ROWS pairs and, for reduced losses, its gradients."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    loss, coef, dlabel, v = _contrastive_rows(
+        x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
+        ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+    if REDUCE:
+        tl.store(loss_ptr + pid, (tl.sum(loss, axis=0) * scale).to(loss_ptr.dtype.element_ty))
+        if GRAD_X1 or GRAD_X2:
+            _contrastive_store(
+                x1_ptr, x2_ptr, grad_x1_ptr, grad_x2_ptr, rows, row_mask, v, coef * scale, n_cols, eps,
+                GRAD_X1, GRAD_X2, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+            )
+        if GRAD_LABEL:
+            tl.store(grad_label_ptr + rows, (dlabel * scale).to(grad_label_ptr.dtype.element_ty),
+                     mask=row_mask)
+    else:
+        tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def contrastive_bwd_kernel(
+    x1_ptr,               # [n_rows, n_cols] contiguous, floating
+    x2_ptr,               # [n_rows, n_cols] contiguous, same dtype
+    label_ptr,            # [n_rows] same dtype
+    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0)
+    grad_x1_ptr,          # [n_rows, n_cols] written iff GRAD_X1
+    grad_x2_ptr,          # [n_rows, n_cols] written iff GRAD_X2
+    grad_label_ptr,       # [n_rows] written iff GRAD_LABEL
+    n_rows, n_cols, stride_grad_output, margin, eps,
+    count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
+    GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    """Gradients of the contrastive loss recomputed from the operands, times grad_output."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    _, coef, dlabel, v = _contrastive_rows(
+        x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
+        ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+    go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
+    go = go.to(ACC_DTYPE) * scale
+    if GRAD_X1 or GRAD_X2:
+        _contrastive_store(
+            x1_ptr, x2_ptr, grad_x1_ptr, grad_x2_ptr, rows, row_mask, v, coef * go, n_cols, eps,
+            GRAD_X1, GRAD_X2, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+        )
+    if GRAD_LABEL:
+        tl.store(grad_label_ptr + rows, (dlabel * go).to(grad_label_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _triplet_rows(
+    a_ptr, p_ptr, n_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
+    P_MODE: tl.constexpr, SWAP: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """Loss, distances, gradient weights and the first block's differences of these triplets."""
+    offs, mask = _tile(rows, row_mask, 0, n_cols, BLOCK_COLS)
+    v_ap = _diff(a_ptr, p_ptr, offs, mask, eps, ACC_DTYPE)
+    v_an = _diff(a_ptr, n_ptr, offs, mask, eps, ACC_DTYPE)
+    acc_ap = tl.sum(_abs_pow(v_ap, norm_p, P_MODE), axis=1)
+    acc_an = tl.sum(_abs_pow(v_an, norm_p, P_MODE), axis=1)
+    if SWAP:
+        v_pn = _diff(p_ptr, n_ptr, offs, mask, eps, ACC_DTYPE)
+        acc_pn = tl.sum(_abs_pow(v_pn, norm_p, P_MODE), axis=1)
+    else:
+        v_pn = v_an
+        acc_pn = acc_an
+    if not SINGLE_PASS:
+        for c0 in range(BLOCK_COLS, n_cols, BLOCK_COLS):
+            offs_c, mask_c = _tile(rows, row_mask, c0, n_cols, BLOCK_COLS)
+            acc_ap += tl.sum(_abs_pow(_diff(a_ptr, p_ptr, offs_c, mask_c, eps, ACC_DTYPE), norm_p,
+                                      P_MODE), axis=1)
+            acc_an += tl.sum(_abs_pow(_diff(a_ptr, n_ptr, offs_c, mask_c, eps, ACC_DTYPE), norm_p,
+                                      P_MODE), axis=1)
+            if SWAP:
+                acc_pn += tl.sum(_abs_pow(_diff(p_ptr, n_ptr, offs_c, mask_c, eps, ACC_DTYPE),
+                                          norm_p, P_MODE), axis=1)
+    d_ap = _finish_norm(acc_ap, norm_p, P_MODE)
+    d_an = _finish_norm(acc_an, norm_p, P_MODE)
+    if SWAP:
+        d_pn = _finish_norm(acc_pn, norm_p, P_MODE)
+        c_an = tl.where(d_an < d_pn, 1.0, tl.where(d_an == d_pn, 0.5, 0.0))
+        d_neg = tl.minimum(d_an, d_pn, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out
+    else:
+        d_pn = d_an
+        c_an = tl.full(d_an.shape, 1.0, ACC_DTYPE)
+        d_neg = d_an
+    z = margin + d_ap - d_neg
+    loss = tl.where(row_mask, tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL), 0.0)
+    active = tl.where(row_mask & (z >= 0), 1.0, 0.0).to(ACC_DTYPE)
+    c_an = c_an.to(ACC_DTYPE)
+    return loss, d_ap, d_an, d_pn, active * c_an, active * (1.0 - c_an), active, v_ap, v_an, v_pn
+
+
+@triton.jit
+def _triplet_store(
+    a_ptr, p_ptr, n_ptr, grad_a_ptr, grad_p_ptr, grad_n_ptr, rows, row_mask,
+    v_ap, v_an, v_pn, d_ap, d_an, d_pn, w_ap, w_an, w_pn, n_cols, norm_p, eps,
+    P_MODE: tl.constexpr, SWAP: tl.constexpr,
+    GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """Store the three gradients; w_xy are the per-row weights of g(v_xy) (scale folded in)."""
+    for c0 in range(0, n_cols, BLOCK_COLS):
+        offs, mask = _tile(rows, row_mask, c0, n_cols, BLOCK_COLS)
+        if not SINGLE_PASS:
+            v_ap = _diff(a_ptr, p_ptr, offs, mask, eps, ACC_DTYPE)
+            v_an = _diff(a_ptr, n_ptr, offs, mask, eps, ACC_DTYPE)
+            if SWAP:
+                v_pn = _diff(p_ptr, n_ptr, offs, mask, eps, ACC_DTYPE)
+        g_ap = w_ap[:, None] * _norm_grad(v_ap, d_ap, norm_p, P_MODE)
+        g_an = w_an[:, None] * _norm_grad(v_an, d_an, norm_p, P_MODE)
+        if SWAP:
+            g_pn = w_pn[:, None] * _norm_grad(v_pn, d_pn, norm_p, P_MODE)
+        else:
+            g_pn = tl.zeros_like(g_ap)
+        if GRAD_A:
+            tl.store(grad_a_ptr + offs, (g_ap - g_an).to(grad_a_ptr.dtype.element_ty), mask=mask)
+        if GRAD_P:
+            tl.store(grad_p_ptr + offs, (-g_ap - g_pn).to(grad_p_ptr.dtype.element_ty), mask=mask)
+        if GRAD_N:
+            tl.store(grad_n_ptr + offs, (g_an + g_pn).to(grad_n_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def triplet_fwd_kernel(
+    anchor_ptr,           # [n_rows, n_cols] contiguous, floating
+    positive_ptr,         # [n_rows, n_cols] contiguous, same dtype
+    negative_ptr,         # [n_rows, n_cols] contiguous, same dtype
+    loss_ptr,             # [n_rows] input dtype, or [n_programs] ACC_DTYPE partial sums iff REDUCE
+    grad_anchor_ptr,      # [n_rows, n_cols] scale * dloss/danchor, written iff REDUCE and GRAD_A
+    grad_positive_ptr,    # [n_rows, n_cols] written iff REDUCE and GRAD_P
+    grad_negative_ptr,    # [n_rows, n_cols] written iff REDUCE and GRAD_N
+    n_rows, n_cols, margin, norm_p, eps,
+    count,                # n_rows for "mean", 1 otherwise: partials and gradients are scaled by 1/count
+    P_MODE: tl.constexpr, SWAP: tl.constexpr, REDUCE: tl.constexpr,
+    GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    """Triplet margin loss of BLOCK_ROWS triplets and, for reduced losses, its gradients."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    loss, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
+        anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
+        P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+    if REDUCE:
+        tl.store(loss_ptr + pid, (tl.sum(loss, axis=0) * scale).to(loss_ptr.dtype.element_ty))
+        if GRAD_A or GRAD_P or GRAD_N:
+            _triplet_store(
+                anchor_ptr, positive_ptr, negative_ptr, grad_anchor_ptr, grad_positive_ptr,
+                grad_negative_ptr, rows, row_mask, v_ap, v_an, v_pn, d_ap, d_an, d_pn,
+                w_ap * scale, w_an * scale, w_pn * scale, n_cols, norm_p, eps,
+                P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+            )
+    else:
+        tl.store(loss_ptr + rows, loss.to(loss_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def triplet_bwd_kernel(
+    anchor_ptr,           # [n_rows, n_cols] contiguous, floating
+    positive_ptr,         # [n_rows, n_cols] contiguous, same dtype
+    negative_ptr,         # [n_rows, n_cols] contiguous, same dtype
+    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0)
+    grad_anchor_ptr,      # [n_rows, n_cols] written iff GRAD_A
+    grad_positive_ptr,    # [n_rows, n_cols] written iff GRAD_P
+    grad_negative_ptr,    # [n_rows, n_cols] written iff GRAD_N
+    n_rows, n_cols, stride_grad_output, margin, norm_p, eps,
+    count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
+    P_MODE: tl.constexpr, SWAP: tl.constexpr,
+    GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+):
+    """Gradients of the triplet margin loss recomputed from the operands, times grad_output."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < n_rows
+    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
+        anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
+        P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+    go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
+    go = go.to(ACC_DTYPE) * scale
+    _triplet_store(
+        anchor_ptr, positive_ptr, negative_ptr, grad_anchor_ptr, grad_positive_ptr, grad_negative_ptr,
+        rows, row_mask, v_ap, v_an, v_pn, d_ap, d_an, d_pn, w_ap * go, w_an * go, w_pn * go,
+        n_cols, norm_p, eps, P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
