@@ -1,0 +1,387 @@
+"""ContrastiveLoss and TripletMarginLoss: the reference against the seed guide's contrastive
+composition and torch.nn.TripletMarginLoss in float64, then the kernels (Triton's interpreter on
+CPU) against those oracles and against the reference in every dtype."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch.nn.functional as F
+from helpers import assert_close, dtype_id
+from torch import nn
+
+import fastloss
+from fastloss import functional as FL
+from fastloss.ops import _utils
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    """Fresh kernel outputs are NaN until written (conftest does it too; kept for standalone runs)."""
+    old = _utils.POISON_OUTPUTS
+    _utils.POISON_OUTPUTS = True
+    yield
+    _utils.POISON_OUTPUTS = old
+    fastloss.set_backend("auto")
+
+
+@contextlib.contextmanager
+def launched(*names: str):
+    """The block must launch each named kernel (proof that the Triton path ran)."""
+    before = collections.Counter(_utils.launch_counts)
+    yield
+    for name in names:
+        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
+
+
+@contextlib.contextmanager
+def not_launched():
+    before = collections.Counter(_utils.launch_counts)
+    yield
+    assert _utils.launch_counts == before, f"kernels ran: {_utils.launch_counts - before}"
+
+
+class SeedContrastiveLoss(nn.Module):
+    """The seed guide's ContrastiveLoss, verbatim (label 1 = dissimilar pair)."""
+
+    def __init__(self, margin=2.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, output1, output2, label):
+        euclidean_distance = F.pairwise_distance(output1, output2)
+        loss_contrastive = torch.mean(
+            (1 - label) * torch.pow(euclidean_distance, 2)
+            + (label) * torch.pow(torch.clamp(self.margin - euclidean_distance, min=0.0), 2)
+        )
+        return loss_contrastive
+
+
+def seed_contrastive(x1, x2, y, margin, reduction):
+    """The guide's composition with the reduction swapped (mean is exactly SeedContrastiveLoss)."""
+    if reduction == "mean":
+        return SeedContrastiveLoss(margin)(x1, x2, y)
+    d = F.pairwise_distance(x1, x2)
+    per_pair = (1 - y) * torch.pow(d, 2) + y * torch.pow(torch.clamp(margin - d, min=0.0), 2)
+    return per_pair.sum() if reduction == "sum" else per_pair
+
+
+def _pairs(b, d, dtype, seed=0, label_grad=False, zero_pair=True):
+    g = torch.Generator().manual_seed(seed)
+    x1 = torch.randn(b, d, generator=g, dtype=torch.float64)
+    x2 = x1 + torch.randn(b, d, generator=g, dtype=torch.float64) * 0.7
+    y = torch.randint(0, 2, (b,), generator=g).double()
+    if b > 1 and zero_pair:
+        x2[0] = x1[0]  # a zero-distance pair (d = ||eps||), both labels covered below
+        y[0], y[1] = 1.0, 0.0
+    x1, x2, y = (t.to(DEVICE, dtype) for t in (x1, x2, y))
+    return x1.requires_grad_(), x2.requires_grad_(), y.requires_grad_(label_grad)
+
+
+def _grads(out, inputs, seed=1):
+    """Gradients of ``out`` (random grad_output for "none") w.r.t. the inputs needing them."""
+    go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    go = go.to(out.device, out.dtype)
+    needs = [t for t in inputs if t.requires_grad]
+    return torch.autograd.grad(out, needs, go)
+
+
+def _detached(ts, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_(t.requires_grad) for t in ts]
+
+
+# The margin makes about half of the dissimilar pairs active; D > 1024 takes the two-pass kernels.
+CONTRASTIVE_SHAPES = [(1, 1), (7, 3), (33, 130), (5, 1500)]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", CONTRASTIVE_SHAPES, ids=str)
+def test_contrastive_matches_seed_guide(shape, reduction, backend):
+    b, d = shape
+    x1, x2, y = _pairs(b, d, torch.float64, label_grad=True)
+    margin = 1.25 * d**0.5
+    with launched("contrastive_fwd_kernel") if backend == "triton" else not_launched():
+        out = FL.contrastive_loss(x1, x2, y, margin, reduction)
+    ref = _detached((x1, x2, y))
+    want = seed_contrastive(*ref, margin, reduction)
+    assert_close(out, want, msg="loss")
+    for g, w, name in zip(_grads(out, (x1, x2, y)), _grads(want, ref), ("output1", "output2", "label")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_contrastive_module_and_label_shapes(reduction, backend):
+    x1, x2, y = _pairs(9, 5, torch.float64)
+    module = fastloss.ContrastiveLoss(margin=2.0, reduction=reduction)
+    want = seed_contrastive(x1.detach(), x2.detach(), y, 2.0, reduction)
+    assert_close(module(x1, x2, y), want, msg="(B,) label")
+    assert_close(module(x1, x2, y.reshape(-1, 1)), want, msg="(B, 1) label: one label per pair")
+    assert_close(module(x1, x2, y.long()), want, msg="integer label")
+    assert_close(module(x1, x2, y.bool()), want, msg="bool label")
+    assert_close(FL.contrastive_loss(x1[0], x2[0], y[0], reduction=reduction),
+                 seed_contrastive(x1[0].detach(), x2[0].detach(), y[0], 2.0, reduction), msg="unbatched")
+
+
+def test_contrastive_default_margin_is_two():
+    assert fastloss.ContrastiveLoss().margin == 2.0
+    x1, x2, y = _pairs(6, 4, torch.float64)
+    assert_close(fastloss.ContrastiveLoss()(x1, x2, y), SeedContrastiveLoss()(x1, x2, y))
+
+
+def test_contrastive_bad_inputs():
+    x1, x2, y = _pairs(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="same shape"):
+        FL.contrastive_loss(x1, x2[:3], y)
+    with pytest.raises(ValueError, match="same shape"):
+        FL.contrastive_loss(x1, x2[:, :2], y)
+    for bad in (y[:3], y.reshape(2, 2), y.reshape(1, 4), torch.zeros(4, 2)):
+        with pytest.raises(ValueError, match="label must have shape"):
+            FL.contrastive_loss(x1, x2, bad)
+    with pytest.raises(ValueError, match="embeddings"):
+        FL.contrastive_loss(x1.reshape(2, 2, 3), x2.reshape(2, 2, 3), y.reshape(2, 2))
+    with pytest.raises(ValueError, match="reduction"):
+        FL.contrastive_loss(x1, x2, y, reduction="avg")
+    with pytest.raises(ValueError, match="reduction"):
+        fastloss.ContrastiveLoss(reduction="avg")
+    with pytest.raises(TypeError):
+        FL.contrastive_loss(x1, x2, [0, 1, 0, 1])
+    with pytest.raises(TypeError, match="floating"):
+        FL.contrastive_loss(x1.long(), x2.long(), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triplet margin loss vs torch.nn.TripletMarginLoss
+# ---------------------------------------------------------------------------------------------
+
+def _triplets(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    p = a + 0.8 * torch.randn(shape, generator=g, dtype=torch.float64)
+    n = a + 0.9 * torch.randn(shape, generator=g, dtype=torch.float64)
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (a, p, n)]
+
+
+TRIPLET_CONFIGS = [
+    {},                                       # torch's defaults: margin 1, p 2, eps 1e-6, no swap
+    {"swap": True},
+    {"p": 1.0, "margin": 2.0},
+    {"p": 3.0, "swap": True, "margin": 0.5},
+    {"p": 1.5, "eps": 1e-3},
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("config", TRIPLET_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+                         or "defaults")
+@pytest.mark.parametrize("shape", [(1, 1), (33, 17), (6, 1100)], ids=str)
+def test_triplet_matches_torch(shape, config, reduction, backend):
+    # D scaled so that the margin is active for about half of the triplets
+    a, p, n = _triplets(shape, torch.float64)
+    cfg = dict(config)
+    cfg["margin"] = cfg.get("margin", 1.0) * shape[-1] ** (1 / cfg.get("p", 2.0))
+    ours = fastloss.TripletMarginLoss(**cfg, reduction=reduction)
+    theirs = nn.TripletMarginLoss(**cfg, reduction=reduction)
+    with launched("triplet_fwd_kernel") if backend == "triton" else not_launched():
+        out = ours(a, p, n)
+    ref = _detached((a, p, n))
+    want = theirs(*ref)
+    assert_close(out, want, msg="loss")
+    for g, w, name in zip(_grads(out, (a, p, n)), _grads(want, ref), ("anchor", "positive", "negative")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 3, 9)], ids=str)
+def test_triplet_unbatched_and_batched_dims(shape, backend):
+    a, p, n = _triplets(shape, torch.float64)
+    for reduction in REDUCTIONS:
+        out = FL.triplet_margin_loss(a, p, n, margin=2.0, reduction=reduction)
+        want = F.triplet_margin_loss(a.detach(), p.detach(), n.detach(), margin=2.0, reduction=reduction)
+        assert_close(out, want, msg=reduction)
+
+
+def test_triplet_broadcast_and_legacy_args(backend):
+    a, p, n = _triplets((5, 6), torch.float64)
+    p1 = p[:1].detach().requires_grad_()
+    out = FL.triplet_margin_loss(a, p1, n, margin=3.0, size_average=False)
+    want = F.triplet_margin_loss(a.detach(), p1.detach(), n.detach(), margin=3.0, size_average=False)
+    assert_close(out, want)
+    (g,) = torch.autograd.grad(out, p1)
+    p1d = p1.detach().requires_grad_()
+    (gw,) = torch.autograd.grad(F.triplet_margin_loss(a.detach(), p1d, n.detach(), margin=3.0,
+                                                      size_average=False), p1d)
+    assert_close(g, gw, msg="gradient of a broadcast positive")
+
+
+def test_triplet_module_is_torch_module():
+    m = fastloss.TripletMarginLoss(margin=0.3, p=1, swap=True, reduction="sum")
+    assert isinstance(m, nn.TripletMarginLoss)
+    assert (m.margin, m.p, m.eps, m.swap, m.reduction) == (0.3, 1, 1e-6, True, "sum")
+
+
+def test_triplet_bad_inputs():
+    a, p, n = _triplets((4, 3), torch.float32)
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        FL.triplet_margin_loss(a, p[0], n)
+    with pytest.raises(ValueError, match="margin must be greater than 0"):
+        FL.triplet_margin_loss(a, p, n, margin=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        FL.triplet_margin_loss(a, p, n, reduction="avg")
+    with pytest.raises(RuntimeError):
+        FL.triplet_margin_loss(a, p[:3], n)
+
+
+def test_triplet_p_outside_kernel_range_runs_reference(triton_backend):
+    a, p, n = _triplets((4, 3), torch.float64)
+    with not_launched():
+        out = FL.triplet_margin_loss(a, p, n, p=float("inf"))
+    assert_close(out, F.triplet_margin_loss(a.detach(), p.detach(), n.detach(), p=float("inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels vs reference in every dtype; empty inputs; NaN; backward paths
+# ---------------------------------------------------------------------------------------------
+
+def _loss_fn(kind):
+    if kind == "contrastive":
+        return lambda ts, reduction: FL.contrastive_loss(ts[0], ts[1], ts[2], 1.5, reduction)
+    return lambda ts, reduction: FL.triplet_margin_loss(ts[0], ts[1], ts[2], margin=1.5, swap=True,
+                                                        reduction=reduction)
+
+
+def _operands(kind, b, d, dtype, zero_pair=True):
+    if kind == "contrastive":
+        return list(_pairs(b, d, dtype, label_grad=dtype.is_floating_point, zero_pair=zero_pair))
+    return _triplets((b, d), dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+def test_kernels_match_reference_per_dtype(kind, dtype, reduction, triton_backend):
+    fn = _loss_fn(kind)
+    ts = _operands(kind, 37, 24, dtype)
+    out = fn(ts, reduction)
+    assert out.dtype == dtype
+    with fastloss.use_backend("torch"):
+        ref_ts = _detached(ts)
+        want = fn(ref_ts, reduction)
+    assert_close(out, want, msg="loss")
+    for g, w in zip(_grads(out, ts), _grads(want, ref_ts)):
+        assert_close(g, w, msg="grad")
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+def test_half_precision_no_less_accurate_than_torch(kind, triton_backend):
+    """bf16 kernels vs float64 torch on the same rounded inputs: error at most torch's bf16 error."""
+    fn = _loss_fn(kind)
+    ts = _operands(kind, 64, 48, torch.bfloat16)
+    ts = [t.detach().requires_grad_(t.requires_grad) for t in ts]
+    out = fn(ts, "mean")
+    exact_ts = _detached(ts, torch.float64)
+    with fastloss.use_backend("torch"):
+        exact = fn(exact_ts, "mean")
+    if kind == "contrastive":
+        d = F.pairwise_distance(ts[0].detach(), ts[1].detach())
+        y = ts[2].detach()
+        torch_bf16 = torch.mean((1 - y) * d**2 + y * torch.clamp(1.5 - d, min=0.0) ** 2)
+    else:
+        torch_bf16 = F.triplet_margin_loss(*[t.detach() for t in ts], margin=1.5, swap=True)
+    err_fast = (out.double() - exact).abs().item()
+    err_torch = (torch_bf16.double() - exact).abs().item()
+    assert err_fast <= err_torch + torch.finfo(torch.bfloat16).eps * exact.abs().item()
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+def test_empty_batch_and_nan(kind, backend):
+    fn = _loss_fn(kind)
+    empty = _operands(kind, 0, 5, torch.float32)
+    assert torch.isnan(fn(empty, "mean"))
+    assert fn(empty, "sum").item() == 0.0
+    assert fn(empty, "none").shape == (0,)
+    ts = _operands(kind, 6, 5, torch.float32)
+    with torch.no_grad():
+        ts[0][2, 1] = float("nan")
+    out = fn(ts, "none")
+    assert torch.isnan(out[2]) and not torch.isnan(out[[0, 1, 3, 4, 5]]).any()
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+def test_backward_twice_and_scaled_grad_output(kind, triton_backend):
+    """A reduced loss hands out its forward-made gradients once; a second backward (retain_graph)
+    recomputes them; grad_output != 1 scales them."""
+    fn = _loss_fn(kind)
+    ts = _operands(kind, 11, 9, torch.float64)
+    with launched(f"{kind}_fwd_kernel"):
+        out = fn(ts, "mean")
+    with launched("scale_grad_kernel"):
+        g1 = torch.autograd.grad(3.0 * out, ts, retain_graph=True)
+    with launched(f"{kind}_bwd_kernel"):
+        g2 = torch.autograd.grad(out, ts)
+    with fastloss.use_backend("torch"):
+        ref_ts = _detached(ts)
+        want = torch.autograd.grad(fn(ref_ts, "mean"), ref_ts)
+    for a, b, w in zip(g1, g2, want):
+        assert_close(a, 3.0 * w, msg="first backward, grad_output 3")
+        assert_close(b, w, msg="second backward")
+
+
+@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+def test_gradcheck(kind, backend):
+    fn = _loss_fn(kind)
+    for reduction in ("mean", "none"):
+        ts = _operands(kind, 4, 3, torch.float64, zero_pair=False)  # away from the kink at d = 0
+        assert torch.autograd.gradcheck(lambda *xs, r=reduction: fn(list(xs), r), ts)
+
+
+def test_inputs_are_not_modified(triton_backend):
+    ts = _operands("triplet", 5, 4, torch.float32)
+    before = [t.detach().clone() for t in ts]
+    _loss_fn("triplet")(ts, "mean").backward()
+    for t, b in zip(ts, before):
+        assert torch.equal(t.detach(), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True): a model with all three embedding losses
+# ---------------------------------------------------------------------------------------------
+
+class _Embedder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(6, 5)
+        self.contrastive = fastloss.ContrastiveLoss(margin=1.0)
+        self.triplet = fastloss.TripletMarginLoss(margin=0.5, swap=True)
+        self.info_nce = fastloss.InfoNCELoss(temperature=0.2, symmetric=True)
+
+    def forward(self, x1, x2, x3, label):
+        e1, e2, e3 = self.net(x1), self.net(x2), self.net(x3)
+        return self.contrastive(e1, e2, label) + self.triplet(e1, e2, e3) + self.info_nce(e1, e2)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+def test_torch_compile_fullgraph(backend_name):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Embedder().to(DEVICE).double()
+    xs = [torch.randn(8, 6, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    label = torch.randint(0, 2, (8,), device=DEVICE).double()
+    with fastloss.use_backend(backend_name):
+        eager = model(*xs, label)
+        eager_grads = torch.autograd.grad(eager, list(model.parameters()))
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(*xs, label)
+        grads = torch.autograd.grad(out, list(model.parameters()))
+    assert_close(out, eager)
+    for g, w in zip(grads, eager_grads):
+        assert_close(g, w)

@@ -1,0 +1,300 @@
+"""InfoNCE: the chunked reference and the tiled kernels (Triton's interpreter on CPU) against the
+naive formula -- normalise, q @ k.T / t, cross_entropy with arange labels (both directions for the
+symmetric loss) -- in float64, the kernels against the reference per dtype, and the reference's
+peak memory on CPU."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch.nn.functional as F
+from helpers import TOLERANCES, assert_close, dtype_id
+
+import fastloss
+from fastloss import functional as FL
+from fastloss import reference
+from fastloss.ops import _utils
+from fastloss.ops.info_nce import info_nce_losses
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    old = _utils.POISON_OUTPUTS
+    _utils.POISON_OUTPUTS = True
+    yield
+    _utils.POISON_OUTPUTS = old
+    fastloss.set_backend("auto")
+
+
+@contextlib.contextmanager
+def launched(*names: str):
+    before = collections.Counter(_utils.launch_counts)
+    yield
+    for name in names:
+        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
+
+
+@contextlib.contextmanager
+def not_launched():
+    before = collections.Counter(_utils.launch_counts)
+    yield
+    assert _utils.launch_counts == before, f"kernels ran: {_utils.launch_counts - before}"
+
+
+def naive_info_nce(q, k, temperature=0.07, reduction="mean", symmetric=False, normalize=True):
+    """The textbook formula, materialising the B x B logits."""
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    logits = q @ k.T / temperature
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = F.cross_entropy(logits, labels, reduction="none")
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels, reduction="none"))
+    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+
+
+def _inputs(b, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=g, dtype=torch.float64)
+    k = q + torch.randn(b, d, generator=g, dtype=torch.float64)  # positives correlated with queries
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (q, k)]
+
+
+def _grads(out, inputs, seed=1):
+    go = torch.rand(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.autograd.grad(out, inputs, go.to(out.device, out.dtype))
+
+
+def _leaf_copies(ts, dtype=None):
+    return [t.detach().to(dtype or t.dtype).requires_grad_() for t in ts]
+
+
+def _check_against_naive(q, k, dtype_oracle=torch.float64, **kw):
+    out = FL.info_nce(q, k, **kw)
+    ref = _leaf_copies((q, k), dtype_oracle)
+    want = naive_info_nce(*ref, **kw)
+    assert out.dtype == q.dtype and out.shape == want.shape
+    assert_close(out, want.to(out.dtype), msg="loss")
+    for g, w, name in zip(_grads(out, (q, k)), _grads(want, ref), ("query", "key")):
+        assert_close(g, w.to(g.dtype), msg=f"d/d{name}")
+
+
+# Odd sizes, one row, a batch crossing tile edges (16-row tiles in the interpreter).
+SHAPES = [(1, 5), (2, 3), (33, 17), (40, 70)]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernels_match_naive_float64(shape, symmetric, reduction, triton_backend):
+    q, k = _inputs(*shape, torch.float64)
+    with launched("info_nce_fwd_kernel", "info_nce_bwd_kernel"):
+        _check_against_naive(q, k, temperature=0.1, reduction=reduction, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+@pytest.mark.parametrize("shape", SHAPES + [(100, 8)], ids=str)
+def test_reference_matches_naive_float64(shape, symmetric, reduction, normalize, torch_backend, monkeypatch):
+    # 64-element chunks: several chunks of rows (each under activation checkpointing) for B >= 9
+    monkeypatch.setattr(reference, "INFO_NCE_CHUNK_ELEMENTS", 64)
+    q, k = _inputs(*shape, torch.float64)
+    with not_launched():
+        _check_against_naive(q, k, temperature=0.07, reduction=reduction, symmetric=symmetric,
+                             normalize=normalize)
+
+
+def test_default_arguments_and_module(backend):
+    q, k = _inputs(33, 17, torch.float64)
+    want = naive_info_nce(q.detach(), k.detach())
+    assert_close(FL.info_nce(q, k), want)
+    module = fastloss.InfoNCELoss()
+    assert (module.temperature, module.reduction, module.symmetric, module.normalize, module.gather) == (
+        0.07, "mean", False, True, False)
+    assert_close(module(q, k), want)
+    sym = fastloss.InfoNCELoss(temperature=0.2, reduction="none", symmetric=True, normalize=False)
+    assert_close(sym(q, k), naive_info_nce(q.detach(), k.detach(), 0.2, "none", True, False))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_kernels_match_reference_per_dtype(dtype, symmetric, triton_backend):
+    q, k = _inputs(37, 48, dtype)
+    out = FL.info_nce(q, k, symmetric=symmetric)
+    with fastloss.use_backend("torch"):
+        ref = _leaf_copies((q, k))
+        want = FL.info_nce(*ref, symmetric=symmetric)
+    assert_close(out, want, msg="loss")
+    # Both sides round the gradient once to the dtype; the kernels also round the softmax - delta
+    # tile to it (the operand of the tensor-core product), as torch's own half-precision backward
+    # does with its logits gradient: allow a few ulps of the largest gradient.
+    for g, w in zip(_grads(out, (q, k)), _grads(want, ref)):
+        tol = TOLERANCES[dtype]
+        atol = tol["atol"] + 4 * torch.finfo(dtype).eps * w.abs().max().item()
+        torch.testing.assert_close(g, w, rtol=tol["rtol"], atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_half_precision_no_less_accurate_than_naive_torch(dtype, triton_backend):
+    """Against float64 on the same rounded inputs, the kernels' loss and gradients are at least as
+    accurate as the naive formula evaluated by torch in the same dtype."""
+    q, k = _inputs(48, 32, dtype)
+    out = FL.info_nce(q, k)
+    grads = torch.autograd.grad(out, (q, k))
+    exact_in = _leaf_copies((q, k), torch.float64)
+    exact = naive_info_nce(*exact_in)
+    exact_grads = torch.autograd.grad(exact, exact_in)
+    torch_in = _leaf_copies((q, k))
+    naive = naive_info_nce(*torch_in)
+    naive_grads = torch.autograd.grad(naive, torch_in)
+    eps = torch.finfo(dtype).eps
+    for ours, theirs, ex, name in [(out, naive, exact, "loss")] + [
+            (g, n, e, f"grad {i}") for i, (g, n, e) in enumerate(zip(grads, naive_grads, exact_grads))]:
+        err_ours = (ours.double() - ex).abs().max().item()
+        err_torch = (theirs.double() - ex).abs().max().item()
+        assert err_ours <= err_torch + eps * ex.abs().max().item(), (name, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+def test_tensor_temperature_gets_a_gradient(symmetric, backend):
+    q, k = _inputs(9, 6, torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    out = FL.info_nce(q, k, t, symmetric=symmetric)
+    ref = _leaf_copies((q, k, t))
+    want = naive_info_nce(ref[0], ref[1], ref[2], symmetric=symmetric)
+    assert_close(out, want)
+    for g, w in zip(torch.autograd.grad(out, (q, k, t)), torch.autograd.grad(want, ref)):
+        assert_close(g, w)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+def test_gradcheck(symmetric, backend):
+    q, k = _inputs(5, 4, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, b: FL.info_nce(a, b, 0.5, "none", symmetric), (q, k))
+
+
+def test_offset_rows_against_all_keys(triton_backend):
+    """The building block of gather=True: rows of q scored against a larger key set whose row
+    i + offset is the positive of row i."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(7, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(21, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    rows, cols = info_nce_losses(q, keys, 2.0, offset=14)
+    assert cols is None
+    q2, k2 = _leaf_copies((q, keys))
+    want = F.cross_entropy(2.0 * q2 @ k2.T, torch.arange(14, 21), reduction="none")
+    assert_close(rows, want)
+    for a, b in zip(_grads(rows, (q, keys)), _grads(want, (q2, k2))):
+        assert_close(a, b)
+    assert_close(reference.info_nce_rows(q2, k2, 2.0, 14), want)
+
+
+def test_bad_inputs(backend):
+    q, k = _inputs(4, 3, torch.float32)
+    with pytest.raises(ValueError, match="same batch size"):
+        FL.info_nce(q, k[:3])
+    with pytest.raises(ValueError, match="same feature size"):
+        FL.info_nce(q, k[:, :2])
+    with pytest.raises(ValueError, match="2-D"):
+        FL.info_nce(q[0], k[0])
+    with pytest.raises(ValueError, match="2-D"):
+        FL.info_nce(q.reshape(2, 2, 3), k.reshape(2, 2, 3))
+    for t in (0.0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            FL.info_nce(q, k, t)
+        with pytest.raises(ValueError, match="temperature"):
+            fastloss.InfoNCELoss(temperature=t)
+    with pytest.raises(ValueError, match="temperature"):
+        FL.info_nce(q, k, torch.ones(2))
+    with pytest.raises(ValueError, match="reduction"):
+        FL.info_nce(q, k, reduction="batchmean")
+    with pytest.raises(ValueError, match="reduction"):
+        fastloss.InfoNCELoss(reduction="batchmean")
+    with pytest.raises(TypeError, match="floating"):
+        FL.info_nce(q.long(), k.long())
+    with pytest.raises(TypeError):
+        FL.info_nce(q, k.tolist())
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        FL.info_nce(q, k, gather=True)
+
+
+def test_empty_batch_and_nan(backend):
+    q, k = _inputs(0, 3, torch.float32)
+    assert torch.isnan(FL.info_nce(q, k))
+    assert FL.info_nce(q, k, reduction="none").shape == (0,)
+    q, k = _inputs(5, 3, torch.float32)
+    with torch.no_grad():
+        q[1, 0] = float("nan")
+    out = FL.info_nce(q, k, reduction="none")
+    assert torch.isnan(out[1])
+
+
+def test_inputs_are_not_modified(triton_backend):
+    q, k = _inputs(6, 5, torch.float32)
+    before = [q.detach().clone(), k.detach().clone()]
+    FL.info_nce(q, k, symmetric=True).backward()
+    assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1])
+
+
+_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch, torch.nn.functional as F
+    from fastloss import reference
+
+    def rss():  # resident bytes now
+        return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+
+    def peak():  # resident bytes at the peak of the process so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    B, D = 16384, 256
+    torch.manual_seed(0)
+    q, k = torch.randn(64, D, requires_grad=True), torch.randn(64, D, requires_grad=True)
+    reference.info_nce(q, k).backward()  # warm-up: libraries and kernels loaded before measuring
+    F.cross_entropy(q @ k.T, torch.arange(64)).backward()
+    q, k = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    base = rss()
+    reference.info_nce(q, k, 0.07).backward()
+    chunked = peak() - base
+    q.grad = k.grad = None
+    base = rss()
+    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    F.cross_entropy(qn @ kn.T / 0.07, torch.arange(B)).backward()
+    naive = peak() - base
+    print(chunked, naive)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_reference_memory_is_chunked():
+    """Peak resident memory of reference.info_nce fwd+bwd at B=16384, D=256 on CPU, measured in a
+    fresh process (torch's CPU allocations are invisible to tracemalloc): at most a quarter of the
+    naive formula's, whose float32 logits alone are 1 GiB. The naive run goes second, so its peak
+    is measured from a resident set that already includes whatever the reference left behind.
+
+    glibc raises its mmap threshold after the first large free, after which freed 16 MiB chunks stay
+    resident (RSS then grows with every chunk even under no_grad); a fixed threshold keeps every
+    tensor over 1 MiB mmap'd and returned on free, so RSS follows live memory in both runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=600, check=True)
+    chunked, naive = map(int, result.stdout.split())
+    assert naive >= 2**30, f"the naive formula's peak ({naive / 2**20:.0f} MiB) was not measured"
+    assert chunked <= naive / 4, f"reference peak {chunked / 2**20:.0f} MiB vs naive {naive / 2**20:.0f} MiB"
