@@ -5,9 +5,14 @@ optional broadcast weight ``w``. A loss contributes only a ``*_terms`` function 
 ``(f, df/dx, df/dy)`` for a block; the driver kernels handle loading, weighting, the reduction and
 the gradient stores.
 
-For a reduced loss (``mean``/``sum``) the forward kernel also writes ``scale * w * df/dx`` (and
-``df/dy`` when the target needs a gradient), so backward only has to multiply by ``grad_output``:
+For a reduced loss (``mean``/``sum``) the forward kernel also writes ``w * df/dx`` (and ``df/dy``
+when the target needs a gradient), so backward only has to multiply by ``grad_output``:
 ``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync.
+
+The drivers evaluate ``f = sum_k coef_k f_k`` over up to three member losses (``TERMS``,
+``TERMS_B``, ``TERMS_C``; absent members are ``None`` and compile away): one loss is the case of one
+member with ``coef`` = 1/n for "mean" and 1 otherwise; fastloss.CombinedLoss uses more members to
+evaluate a weighted sum of losses in the same single pass over memory.
 
 Formulas (``d = x - y``):
     mse      f = d^2                                   df/dx = 2 d
@@ -141,10 +146,35 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
 
 
 @triton.jit
-def _acc_params(param1, param2, scale, ACC_DTYPE: tl.constexpr):
-    """The float parameters in ACC_DTYPE: they arrive as fp64 (a plain Python float would be
-    passed as fp32, which would round delta, alpha or 1/n in a float64 kernel)."""
-    return tl.full((), param1, ACC_DTYPE), tl.full((), param2, ACC_DTYPE), tl.full((), scale, ACC_DTYPE)
+def _add_member(x, y, pw, loss, dx, dy, TERMS: tl.constexpr, coef, param1, param2,
+                ACC_DTYPE: tl.constexpr):
+    """(loss, dx, dy) + coef * TERMS(x, y, ...); unchanged when TERMS is None.
+
+    The float parameters arrive as fp64 and are cast to ACC_DTYPE here (a plain Python float would
+    be passed as fp32, which would round delta, alpha or 1/n in a float64 kernel)."""
+    if TERMS is not None:
+        coef = tl.full((), coef, ACC_DTYPE)
+        l, gx, gy = TERMS(x, y, pw, tl.full((), param1, ACC_DTYPE), tl.full((), param2, ACC_DTYPE))
+        loss += coef * l
+        dx += coef * gx
+        dy += coef * gy
+    return loss, dx, dy
+
+
+@triton.jit
+def _terms(
+    x, y, pw,
+    TERMS: tl.constexpr, coef, param1, param2,
+    TERMS_B: tl.constexpr, coef_b, param1_b, param2_b,
+    TERMS_C: tl.constexpr, coef_c, param1_c, param2_c,
+    ACC_DTYPE: tl.constexpr,
+):
+    """sum_k coef_k * (f_k, df_k/dx, df_k/dy) over the members present."""
+    zero = tl.zeros(x.shape, ACC_DTYPE)
+    loss, dx, dy = _add_member(x, y, pw, zero, zero, zero, TERMS, coef, param1, param2, ACC_DTYPE)
+    loss, dx, dy = _add_member(x, y, pw, loss, dx, dy, TERMS_B, coef_b, param1_b, param2_b, ACC_DTYPE)
+    loss, dx, dy = _add_member(x, y, pw, loss, dx, dy, TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE)
+    return loss, dx, dy
 
 
 @triton.jit
@@ -179,14 +209,17 @@ def pointwise_fwd_kernel(
     weight_ptr,           # [weight_period * ...] contiguous, read iff HAS_WEIGHT
     pos_weight_ptr,       # [pos_weight_period * ...] contiguous, read iff HAS_POS_WEIGHT
     loss_ptr,             # [n_elements] input dtype, or [n_programs] ACC_DTYPE partials iff REDUCE
-    grad_input_ptr,       # [n_elements] input dtype, scale * dloss/dinput, written iff GRAD_INPUT
-    grad_target_ptr,      # [n_elements] input dtype, scale * dloss/dtarget, written iff GRAD_TARGET
+    grad_input_ptr,       # [n_elements] input dtype, dloss/dinput, written iff GRAD_INPUT
+    grad_target_ptr,      # [n_elements] input dtype, dloss/dtarget, written iff GRAD_TARGET
     n_elements,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
-    param1: tl.float64,   # loss parameters (delta, beta, alpha, gamma)
+    coef: tl.float64,     # member A: coefficient (1/n for "mean", 1 otherwise) and parameters
+    param1: tl.float64,   # (delta, beta, alpha, gamma)
     param2: tl.float64,
-    scale: tl.float64,    # 1/n for "mean", 1 otherwise; multiplies partials and gradients
-    TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    coef_b: tl.float64, param1_b: tl.float64, param2_b: tl.float64,   # member B, iff TERMS_B
+    coef_c: tl.float64, param1_c: tl.float64, param2_c: tl.float64,   # member C, iff TERMS_C
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -194,19 +227,20 @@ def pointwise_fwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    param1, param2, scale = _acc_params(param1, param2, scale, ACC_DTYPE)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
         HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
     )
-    loss, dx, dy = TERMS(x, y, pw, param1, param2)
+    loss, dx, dy = _terms(
+        x, y, pw, TERMS, coef, param1, param2, TERMS_B, coef_b, param1_b, param2_b,
+        TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE,
+    )
     loss = loss * w
     if REDUCE:
         # masked lanes are not neutral for every loss (bce(0, 0) = log 2), so zero them
-        partial = tl.sum(tl.where(mask, loss, 0.0), axis=0) * scale
+        partial = tl.sum(tl.where(mask, loss, 0.0), axis=0)
         tl.store(loss_ptr + pid, partial.to(loss_ptr.dtype.element_ty))
-        w = w * scale
         if GRAD_INPUT:
             tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
         if GRAD_TARGET:
@@ -227,10 +261,13 @@ def pointwise_bwd_kernel(
     grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET
     n_elements, stride_grad_output,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
-    param1: tl.float64,
+    coef: tl.float64,     # member coefficients and parameters, as in pointwise_fwd_kernel
+    param1: tl.float64,   # (a replayed "mean" loss passes coef = 1/n)
     param2: tl.float64,
-    scale: tl.float64,    # extra factor on grad_output (1/n when replaying a "mean" loss)
-    TERMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    coef_b: tl.float64, param1_b: tl.float64, param2_b: tl.float64,
+    coef_c: tl.float64, param1_c: tl.float64, param2_c: tl.float64,
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -238,15 +275,17 @@ def pointwise_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n_elements
-    param1, param2, scale = _acc_params(param1, param2, scale, ACC_DTYPE)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
         HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
     )
     go = tl.load(grad_output_ptr + offs * stride_grad_output, mask=mask, other=0.0).to(ACC_DTYPE)
-    loss, dx, dy = TERMS(x, y, pw, param1, param2)
-    w = w * go * scale
+    loss, dx, dy = _terms(
+        x, y, pw, TERMS, coef, param1, param2, TERMS_B, coef_b, param1_b, param2_b,
+        TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE,
+    )
+    w = w * go
     if GRAD_INPUT:
         tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
     if GRAD_TARGET:

@@ -965,9 +965,12 @@ def test_custom_ops_pass_opcheck(device):
         tests = ("test_schema", "test_faketensor", "test_autograd_registration")
         if reduction == "none":
             tests += ("test_aot_dispatch_dynamic",)
-        torch.library.opcheck(ops.pointwise_fwd, (x, y, w, w, "bce_with_logits", 0.0, 0.0, reduction, True, True),
-                              test_utils=tests)
+        torch.library.opcheck(ops.pointwise_fwd, (x, y, w, w, "bce_with_logits", [1.0, 0.0, 0.0], reduction,
+                                                   True, True), test_utils=tests)
+    # a weighted sum of members, as fastloss.CombinedLoss runs it
+    torch.library.opcheck(ops.pointwise_fwd, (x, y, None, None, "mse,huber", [0.7, 0.0, 0.0, 0.3, 0.5, 0.0],
+                                               "none", True, True))
     go = torch.randn(5, 7, dtype=torch.float64, device=device)
-    torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal", 0.25, 2.0,
-                                               1.0, True, True))
+    torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal",
+                                               [1.0, 0.25, 2.0], 1.0, True, True))
     torch.library.opcheck(ops.scale_grad_, (torch.randn(5, 7, device=device), torch.tensor(2.0, device=device)))

@@ -16,10 +16,13 @@ from torch import Tensor
 
 from fastloss.ops._utils import acc_dtype, count_launch, empty
 
-__all__ = ["LOSSES", "pointwise_loss"]
+__all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_loss", "pointwise_combination"]
 
 #: Loss names understood by the kernels; each maps to a ``*_terms`` function in kernels/pointwise.py.
 LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal")
+
+#: Most member losses one kernel pass evaluates (TERMS, TERMS_B, TERMS_C in the kernels).
+MAX_MEMBERS = 3
 
 _TORCH_TO_TRITON: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
 
@@ -72,6 +75,23 @@ def _broadcast_layout(t: Tensor | None, shape: torch.Size) -> tuple[Tensor | Non
     return t.expand(shape).contiguous().reshape(-1), 1, math.prod(shape)
 
 
+def _member_args(losses: str, params: list[float], scale: float) -> dict:
+    """Kernel keyword arguments of the members: ``losses`` is a comma-separated list of names,
+    ``params`` holds (coef, param1, param2) per loss; every coef is multiplied by ``scale``;
+    absent members get TERMS_* = None."""
+    _, terms, _ = _kernels()
+    names = losses.split(",")
+    kwargs = {}
+    for i, suffix in enumerate(("", "_b", "_c")):
+        present = i < len(names)
+        coef, param1, param2 = params[3 * i:3 * i + 3] if present else (0.0, 0.0, 0.0)
+        kwargs["TERMS" + suffix.upper()] = terms[names[i]] if present else None
+        kwargs["coef" + suffix] = coef * scale
+        kwargs["param1" + suffix] = param1
+        kwargs["param2" + suffix] = param2
+    return kwargs
+
+
 def _launch_args(input: Tensor, weight: Tensor | None, pos_weight: Tensor | None):
     w, w_inner, w_period = _broadcast_layout(weight, input.shape)
     pw, pw_inner, pw_period = _broadcast_layout(pos_weight, input.shape)
@@ -84,15 +104,15 @@ def _fwd(
     target: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
-    loss: str,
-    param1: float,
-    param2: float,
+    losses: str,
+    params: list[float],
     reduction: str,
     grad_input: bool,
     grad_target: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss and, for reduced losses, d(loss)/d(input) and d(loss)/d(target) (empty when not asked)."""
-    k, terms, tl_dtype = _kernels()
+    """sum_k coef_k loss_k and, for reduced losses, its d/d(input) and d/d(target) (empty when not
+    asked). ``params`` holds (coef, param1, param2) for each name in ``losses`` (comma-separated)."""
+    k, _, tl_dtype = _kernels()
     x, y = input.contiguous(), target.contiguous()
     n = x.numel()
     reduce = reduction != "none"
@@ -106,9 +126,9 @@ def _fwd(
     w, pw, layout = _launch_args(x, weight, pos_weight)
     if n > 0:
         k.pointwise_fwd_kernel[(n_programs,)](
-            x, y, w, pw, out, gi, gt, n, *layout, param1, param2,
-            1.0 / n if reduction == "mean" else 1.0,
-            TERMS=terms[loss], HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+            x, y, w, pw, out, gi, gt, n, *layout,
+            **_member_args(losses, params, 1.0 / n if reduction == "mean" else 1.0),
+            HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
             REDUCE=reduce, GRAD_INPUT=want_gi, GRAD_TARGET=want_gt,
             ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=block, num_warps=warps,
         )
@@ -127,19 +147,18 @@ def pointwise_fwd(
     target: Tensor,
     weight: Tensor | None,
     pos_weight: Tensor | None,
-    loss: str,
-    param1: float,
-    param2: float,
+    losses: str,
+    params: list[float],
     reduction: str,
     grad_input: bool,
     grad_target: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Custom-op form of _fwd, for torch.compile."""
-    return _fwd(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target)
+    return _fwd(input, target, weight, pos_weight, losses, params, reduction, grad_input, grad_target)
 
 
 @pointwise_fwd.register_fake
-def _(input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target):
+def _(input, target, weight, pos_weight, losses, params, reduction, grad_input, grad_target):
     reduce = reduction != "none"
     out = input.new_empty(()) if reduce else input.new_empty(input.shape)
     gi = input.new_empty(input.shape) if reduce and grad_input else input.new_empty(0)
@@ -153,15 +172,15 @@ def _bwd(
     weight: Tensor | None,
     pos_weight: Tensor | None,
     grad_output: Tensor,
-    loss: str,
-    param1: float,
-    param2: float,
+    losses: str,
+    params: list[float],
     scale: float,
     grad_input: bool,
     grad_target: bool,
 ) -> tuple[Tensor, Tensor]:
-    """scale * grad_output * d(loss)/d(input|target); grad_output has input's shape or is a scalar."""
-    k, terms, tl_dtype = _kernels()
+    """grad_output * d(sum_k scale coef_k loss_k)/d(input|target); grad_output has input's shape or
+    is a scalar."""
+    k, _, tl_dtype = _kernels()
     x, y = input.contiguous(), target.contiguous()
     n = x.numel()
     acc = acc_dtype(x.dtype)
@@ -175,8 +194,8 @@ def _bwd(
     block, warps = _block_config(n)
     if n > 0 and (grad_input or grad_target):
         k.pointwise_bwd_kernel[(triton_cdiv(n, block),)](
-            x, y, w, pw, go, gi, gt, n, stride, *layout, param1, param2, scale,
-            TERMS=terms[loss], HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+            x, y, w, pw, go, gi, gt, n, stride, *layout, **_member_args(losses, params, scale),
+            HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
             GRAD_INPUT=grad_input, GRAD_TARGET=grad_target,
             ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=block, num_warps=warps,
         )
@@ -191,20 +210,18 @@ def pointwise_bwd(
     weight: Tensor | None,
     pos_weight: Tensor | None,
     grad_output: Tensor,
-    loss: str,
-    param1: float,
-    param2: float,
+    losses: str,
+    params: list[float],
     scale: float,
     grad_input: bool,
     grad_target: bool,
 ) -> tuple[Tensor, Tensor]:
     """Custom-op form of _bwd, for torch.compile."""
-    return _bwd(input, target, weight, pos_weight, grad_output, loss, param1, param2, scale, grad_input,
-                grad_target)
+    return _bwd(input, target, weight, pos_weight, grad_output, losses, params, scale, grad_input, grad_target)
 
 
 @pointwise_bwd.register_fake
-def _(input, target, weight, pos_weight, grad_output, loss, param1, param2, scale, grad_input, grad_target):
+def _(input, target, weight, pos_weight, grad_output, losses, params, scale, grad_input, grad_target):
     gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
     gt = input.new_empty(input.shape) if grad_target else input.new_empty(0)
     return gi, gt
@@ -241,9 +258,9 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, pos_weight, loss, param1, param2, reduction, grad_input, grad_target = inputs
+    input, target, weight, pos_weight, losses, params, reduction, grad_input, grad_target = inputs
     ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.args = (loss, param1, param2, reduction)
+    ctx.args = (losses, params, reduction)
     # The gradients of a reduced loss are made by the forward; they are handed to autograd in
     # backward (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
     ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
@@ -251,7 +268,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, scale_grad, recompute):
     input, target, weight, pos_weight = ctx.saved_tensors
-    loss, param1, param2, reduction = ctx.args
+    losses, params, reduction = ctx.args
     need_gi, need_gt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if reduction != "none" and ctx.grads is not None:
         gi, gt = ctx.grads
@@ -263,10 +280,8 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
         # reduction="none", or a second backward through a reduced loss (retain_graph=True),
         # whose forward-made gradients were already handed out: recompute from input and target.
         scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
-        gi, gt = recompute(
-            input, target, weight, pos_weight, grad_loss, loss, param1, param2, scale, need_gi, need_gt
-        )
-    return (gi if need_gi else None, gt if need_gt else None) + (None,) * 8
+        gi, gt = recompute(input, target, weight, pos_weight, grad_loss, losses, params, scale, need_gi, need_gt)
+    return (gi if need_gi else None, gt if need_gt else None) + (None,) * 7
 
 
 def _setup_context_op(ctx, inputs, output):
@@ -296,6 +311,16 @@ class _PointwiseLoss(torch.autograd.Function):
         return _backward(ctx, grad_loss, _scale_grad, _bwd)
 
 
+def _run(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
+         losses: str, params: list[float], reduction: str) -> Tensor:
+    grad = torch.is_grad_enabled()
+    args = (input, target, weight, pos_weight, losses, params, reduction,
+            grad and input.requires_grad, grad and target.requires_grad)
+    if torch.compiler.is_compiling():
+        return pointwise_fwd(*args)[0]
+    return _PointwiseLoss.apply(*args)
+
+
 def pointwise_loss(
     loss: str,
     input: Tensor,
@@ -311,9 +336,16 @@ def pointwise_loss(
     Under torch.compile the torch.library custom ops are traced (no graph break); in eager mode an
     autograd.Function calls the same launchers directly.
     """
-    grad = torch.is_grad_enabled()
-    args = (input, target, weight, pos_weight, loss, float(param1), float(param2), reduction,
-            grad and input.requires_grad, grad and target.requires_grad)
-    if torch.compiler.is_compiling():
-        return pointwise_fwd(*args)[0]
-    return _PointwiseLoss.apply(*args)
+    return _run(input, target, weight, pos_weight, loss, [1.0, float(param1), float(param2)], reduction)
+
+
+def pointwise_combination(
+    members: list[tuple[str, float, float, float]], input: Tensor, target: Tensor, reduction: str = "mean"
+) -> Tensor:
+    """``sum_k coef_k * loss_k(input, target)`` in one kernel pass; ``members`` holds
+    (loss, coef, param1, param2) for at most MAX_MEMBERS losses, all with this reduction."""
+    if not 0 < len(members) <= MAX_MEMBERS:
+        raise ValueError(f"pointwise_combination takes 1 to {MAX_MEMBERS} members, got {len(members)}")
+    losses = ",".join(m[0] for m in members)
+    params = [float(v) for m in members for v in m[1:]]
+    return _run(input, target, None, None, losses, params, reduction)
