@@ -149,8 +149,8 @@ def cross_entropy_fwd_kernel(
             w_t = tl.load(weight_ptr + t, mask=valid & in_range, other=0.0).to(ACC_DTYPE)
         else:
             w_t = tl.where(valid, 1.0, 0.0).to(ACC_DTYPE)
-        z_t, _ = _load_z(logits_ptr, logit_row + t * stride_logits_col, valid & in_range, softcap,
-                         HAS_SOFTCAP, ACC_DTYPE)
+        z_t = _load_z(logits_ptr, logit_row + t * stride_logits_col, valid & in_range, softcap,
+                      HAS_SOFTCAP, ACC_DTYPE)[0]
     if SCALE_BY_DENOM:
         scale = one / tl.load(denom_ptr).to(ACC_DTYPE)
     elif MEAN_OVER_ROWS:
@@ -182,8 +182,8 @@ def cross_entropy_fwd_kernel(
         for start in range(0, n_cols, BLOCK_SIZE):
             cs = start + cols
             mask = row_mask[:, None] & (cs < n_cols)[None, :]
-            z, _ = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :], mask,
-                           softcap, HAS_SOFTCAP, ACC_DTYPE)
+            z = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :], mask,
+                        softcap, HAS_SOFTCAP, ACC_DTYPE)[0]
             m_new = tl.maximum(m, tl.max(z, axis=1))
             m_new = tl.where(row_mask, m_new, 0.0)
             d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
