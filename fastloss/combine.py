@@ -7,6 +7,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from fastloss import modules
+from fastloss._backend import use_triton
+from fastloss.ops.pointwise import MAX_MEMBERS, pointwise_combination
+
 __all__ = ["CombinedLoss", "RegularizedLoss"]
 
 _NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -18,6 +22,23 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
+    """(kernel loss name, param1, param2) of a fastloss pointwise module the fused pass can run, or
+    None (other losses, BCE with weights, invalid parameters that must raise in the module)."""
+    kind = type(module)
+    if kind in (modules.MSELoss, modules.L1Loss):
+        return ("mse" if kind is modules.MSELoss else "l1", 0.0, 0.0)
+    if kind is modules.HuberLoss and module.delta > 0:
+        return ("huber", float(module.delta), 0.0)
+    if kind is modules.SmoothL1Loss and module.beta >= 0:
+        return ("smooth_l1", float(module.beta), 0.0) if module.beta > 0 else ("l1", 0.0, 0.0)
+    if kind is modules.BCEWithLogitsLoss and module.weight is None and module.pos_weight is None:
+        return ("bce_with_logits", 0.0, 0.0)
+    if kind is modules.SigmoidFocalLoss:
+        return ("sigmoid_focal", float(module.alpha), float(module.gamma))
+    return None
+
+
 class CombinedLoss(nn.Module):
     """Weighted sum of losses over the same (input, target): ``sum_k w_k * loss_k(input, target)``.
 
@@ -26,6 +47,12 @@ class CombinedLoss(nn.Module):
 
     ``forward(input, target, return_components=False)``; with ``return_components=True`` it returns
     ``(total, [loss_k, ...])`` (unweighted member values, for logging).
+
+    When every member is a fastloss pointwise loss (MSELoss, L1Loss, HuberLoss, SmoothL1Loss,
+    BCEWithLogitsLoss without weights, SigmoidFocalLoss) with one reduction, and input and target
+    have one shape, the sum runs on the Triton kernels as one fused pass per three members: input
+    and target are read once and one gradient is written, instead of a pass per member. Otherwise
+    (and for ``return_components=True``) the members run one by one.
     """
 
     def __init__(self, losses: Mapping[nn.Module, float] | Iterable[tuple[nn.Module, float]]) -> None:
@@ -41,7 +68,34 @@ class CombinedLoss(nn.Module):
         self.losses = nn.ModuleList([m for m, _ in pairs])
         self.weights = [float(w) for _, w in pairs]
 
+    def _fused(self, input: Tensor, target: Tensor) -> Tensor | None:
+        """The fused sum, or None when the members or operands do not allow it."""
+        members = [_kernel_member(m) for m in self.losses]
+        reductions = {getattr(m, "reduction", None) for m in self.losses}
+        if (
+            any(m is None for m in members)
+            or len(reductions) != 1
+            or not isinstance(input, Tensor)
+            or not isinstance(target, Tensor)
+            or input.shape != target.shape
+            or input.dtype != target.dtype
+            or not input.is_floating_point()
+            or not use_triton(input, target)
+        ):
+            return None
+        (reduction,) = reductions
+        weighted = [(name, w, p1, p2) for (name, p1, p2), w in zip(members, self.weights)]
+        groups = [weighted[i:i + MAX_MEMBERS] for i in range(0, len(weighted), MAX_MEMBERS)]
+        total = pointwise_combination(groups[0], input, target, reduction)
+        for group in groups[1:]:
+            total = total + pointwise_combination(group, input, target, reduction)
+        return total
+
     def forward(self, input: Tensor, target: Tensor, return_components: bool = False):
+        if not return_components:
+            fused = self._fused(input, target)
+            if fused is not None:
+                return fused
         values = [loss(input, target) for loss in self.losses]
         total = sum(w * v for w, v in zip(self.weights, values))
         return (total, values) if return_components else total

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import os
 import warnings
@@ -26,7 +27,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["LossMonitor", "EpochReport", "NonFiniteLossError", "LossMonitorWarning"]
+__all__ = ["EpochReport", "LossMonitor", "LossMonitorWarning", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -184,14 +185,14 @@ class LossMonitor:
         if len(t) <= self.patience:
             return False
         recent = t[-self.patience - 1:]
-        return all(b > a for a, b in zip(recent, recent[1:]))
+        return all(b > a for a, b in itertools.pairwise(recent))
 
     def _overfitting(self) -> bool:
         t, v = self.train_losses, self.val_losses
         if len(t) <= self.patience or any(x is None for x in v[-self.patience - 1:]):
             return False
         tr, va = t[-self.patience - 1:], v[-self.patience - 1:]
-        return all(b < a for a, b in zip(tr, tr[1:])) and all(b > a for a, b in zip(va, va[1:]))
+        return all(b < a for a, b in itertools.pairwise(tr)) and all(b > a for a, b in itertools.pairwise(va))
 
     # output -----------------------------------------------------------------------------------
     def to_csv(self, path: str | os.PathLike) -> None:

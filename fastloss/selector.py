@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["select_loss", "TASKS"]
+__all__ = ["TASKS", "select_loss"]
 
 TASKS = ("regression", "classification")
 

@@ -281,7 +281,7 @@ def pointwise_bwd_kernel(
         HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
     )
     go = tl.load(grad_output_ptr + offs * stride_grad_output, mask=mask, other=0.0).to(ACC_DTYPE)
-    loss, dx, dy = _terms(
+    _, dx, dy = _terms(
         x, y, pw, TERMS, coef, param1, param2, TERMS_B, coef_b, param1_b, param2_b,
         TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE,
     )

@@ -98,7 +98,8 @@ def test_csv_and_png(tmp_path) -> None:
     m = LossMonitor(patience=2, warn=False)
     run_curve(m, [1.0, 0.8, 0.6, 0.5], [1.0, 0.9, 1.0, 1.1])
     m.to_csv(tmp_path / "curve.csv")
-    rows = list(csv.DictReader(open(tmp_path / "curve.csv")))
+    with open(tmp_path / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [float(r["train_loss"]) for r in rows] == pytest.approx([1.0, 0.8, 0.6, 0.5])
     assert [float(r["val_loss"]) for r in rows] == pytest.approx([1.0, 0.9, 1.0, 1.1])
     assert rows[-1]["problems"] == "overfitting"

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastloss.ops._utils import acc_dtype, count_launch, empty
 
-__all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_loss", "pointwise_combination"]
+__all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
 #: Loss names understood by the kernels; each maps to a ``*_terms`` function in kernels/pointwise.py.
 LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal")
