@@ -2,7 +2,7 @@
 
     bench   time fwd+bwd of every loss: fastloss vs torch.nn eager vs torch.compile (see --help)
     check   run each loss once on this device against torch.nn and print OK / FAIL
-    demo    not implemented yet
+    demo    train small models on synthetic data with fastloss and torch.nn losses (see --help)
 """
 
 from __future__ import annotations
@@ -24,7 +24,15 @@ def _parser() -> argparse.ArgumentParser:
     _bench.add_bench_arguments(bench)
     check = sub.add_parser("check", help="run each loss once against torch.nn; print OK / FAIL")
     _bench.add_check_arguments(check)
-    sub.add_parser("demo", help="(not implemented yet)")
+    from fastloss import _demo
+
+    demo = sub.add_parser(
+        "demo", help="train small models with fastloss and torch.nn losses and compare",
+        description="Regression with outliers (MSE vs Huber), imbalanced classification (cross-entropy "
+                    "vs focal), binary classification (BCE) and a siamese embedding (contrastive), each "
+                    "with the fastloss loss and its torch.nn counterpart from the same initial weights.",
+    )
+    _demo.add_demo_arguments(demo)
     return parser
 
 
@@ -35,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "demo":
-        print("python -m fastloss demo: not implemented yet", file=sys.stderr)
-        return 2
+        from fastloss import _demo
+
+        return _demo.demo_main(args)
     from fastloss import _bench
 
     if args.command == "bench":
