@@ -178,7 +178,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
     def mae(model: nn.Module) -> dict[str, float]:
         return {"test MAE": float((model(x_test) - y_test).abs().mean())}
 
-    linear = lambda: nn.Linear(8, 1)  # noqa: E731
+    linear = lambda: nn.Linear(8, 1)
     for name, loss in [("fastloss MSELoss", fastloss.MSELoss()), ("torch.nn MSELoss", nn.MSELoss()),
                        ("fastloss HuberLoss", fastloss.HuberLoss(delta=1.0)),
                        ("torch.nn HuberLoss", nn.HuberLoss(delta=1.0))]:
@@ -192,7 +192,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
         r = _recall(model(xc_test), tc_test, len(priors))
         return {**{f"recall c{c}": v for c, v in enumerate(r)}, "mean recall": sum(r) / len(r)}
 
-    mlp = lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))  # noqa: E731
+    mlp = lambda: nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
     for name, loss in [("fastloss CrossEntropyLoss", fastloss.CrossEntropyLoss()),
                        ("torch.nn CrossEntropyLoss", nn.CrossEntropyLoss()),
                        ("fastloss FocalLoss", fastloss.FocalLoss(alpha=1.0, gamma=2.0)),
@@ -206,7 +206,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
     def accuracy(model: nn.Module) -> dict[str, float]:
         return {"test accuracy": float(((model(xb_test) > 0).float() == yb_test).float().mean())}
 
-    logistic = lambda: nn.Linear(10, 1)  # noqa: E731
+    logistic = lambda: nn.Linear(10, 1)
     for name, loss in [("fastloss BCEWithLogitsLoss", fastloss.BCEWithLogitsLoss()),
                        ("torch.nn BCEWithLogitsLoss", nn.BCEWithLogitsLoss())]:
         train("binary", name, logistic, lambda m, a, b, loss=loss: loss(m(a), b), (xb, yb), 0.05, (xb, yb),
@@ -219,7 +219,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
         d = TF.pairwise_distance(model(pa_test), model(pb_test))
         return {"similar d": float(d[pl_test == 0].mean()), "dissimilar d": float(d[pl_test == 1].mean())}
 
-    embed = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))  # noqa: E731
+    embed = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     for name, loss in [("fastloss ContrastiveLoss", fastloss.ContrastiveLoss(margin=2.0)),
                        ("classic contrastive formula", _seed_contrastive)]:
         train("siamese", name, embed, lambda m, a, b, c, loss=loss: loss(m(a), m(b), c), (pa, pb, pl), 0.01,
