@@ -12,7 +12,7 @@ from torch.nn import _reduction
 from fastloss import reference
 from fastloss._backend import use_triton
 from fastloss.ops.embedding import embedding_loss
-from fastloss.ops.info_nce import info_nce_losses
+from fastloss.ops.info_nce import info_nce_loss
 from fastloss.ops.pointwise import pointwise_loss
 from fastloss.ops.softmax import softmax_loss
 
@@ -531,8 +531,11 @@ def info_nce(
             losses and gradients add up to the single-process ones. All ranks must pass the same B
             and all must call backward.
 
-    On CUDA the Triton kernels never form the B x B score matrix (extra memory O(B * D)); the
-    PyTorch path works in chunks of rows (peak O(B * chunk)).
+    On CUDA the B x B score matrix is never formed: a tiled Triton forward with an online
+    log-sum-exp, and the gradients over chunks of rows (a capped C x B block of scores at a time,
+    tensor-core GEMMs, a Triton kernel for the softmax - delta tile), made in the forward for the
+    reduced losses; extra memory O(B * D) plus the chunk (fastloss.ops.info_nce.CHUNK_ELEMENTS).
+    The PyTorch path also works in chunks of rows (peak O(B * chunk)).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -575,15 +578,16 @@ def info_nce(
         offset = rank_and_world_size()[0] * query.shape[0]
         keys = all_gather_with_grad(key)
         queries = all_gather_with_grad(query) if symmetric else query
-    if triton and symmetric and not gather:
-        rows, cols = info_nce_losses(query, key, scale, 0, with_cols=True)
-    elif triton:
-        rows = info_nce_losses(query, keys, scale, offset)[0]
-        cols = info_nce_losses(key, queries, scale, offset)[0] if symmetric else None
-    else:
-        rows = reference.info_nce_rows(query, keys, scale, offset)
-        cols = reference.info_nce_rows(key, queries, scale, offset) if symmetric else None
-    loss = rows if cols is None else 0.5 * (rows + cols)
+    if triton and not gather:
+        return info_nce_loss(query, key, scale, 0, symmetric, reduction).to(dtype)
+    if triton:
+        loss = info_nce_loss(query, keys, scale, offset, False, reduction)
+        if symmetric:
+            loss = 0.5 * (loss + info_nce_loss(key, queries, scale, offset, False, reduction))
+        return loss.to(dtype)
+    loss = reference.info_nce_rows(query, keys, scale, offset)
+    if symmetric:
+        loss = 0.5 * (loss + reference.info_nce_rows(key, queries, scale, offset))
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

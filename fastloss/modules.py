@@ -220,7 +220,8 @@ class InfoNCELoss(nn.Module):
         gather: all-gather keys (and queries) across torch.distributed ranks, with gradients; see
             fastloss.functional.info_nce for what each rank's loss is.
 
-    On CUDA the kernels never form the B x B similarity matrix (extra memory O(B * D)).
+    On CUDA the kernels never form the B x B similarity matrix (extra memory O(B * D) plus one capped
+    chunk of scores).
     """
 
     def __init__(self, temperature: float = 0.07, reduction: str = "mean", symmetric: bool = False,

@@ -14,18 +14,20 @@ and then dropped, so only lse (n_rows fp32) is kept. The positive logit is read 
 that holds the diagonal. The other direction of a symmetric loss is the same kernel with the roles
 of a and b swapped (its lse is the column log-sum-exp of s).
 
-Backward, for per-row weights w_i = dL/dloss_i (and, for the symmetric loss, per-column weights
+Gradients, for per-row weights w_i = dL/dloss_i (and, for the symmetric loss, per-column weights
 c_j = dL/dloss^col_j with column log-sum-exps lse^col_j):
 
     G_ij = w_i (exp(s_ij - lse_i) - [j = i + offset]) + c_j (exp(s_ij - lse^col_j) - [j = i + offset])
     dL/da_i = scale * sum_j G_ij b_j          dL/db_j = scale * sum_i G_ij a_i
 
-``info_nce_bwd_kernel`` computes dL/d(row operand) for one BLOCK_M x BLOCK_DO block of it, walking
-the column tiles and recomputing s from the operands (flash-attention style). dL/db is the same
-kernel with the roles swapped: G^T has the same form with the row and column statistics exchanged
-and offset -> -offset. The weights enter divided by ``wscale`` = max |w|, |c| so that G stays in
-[-2, 2] when it is rounded to a half-precision operand of the tensor-core product (w = 1/B would
-underflow float16); the accumulator is multiplied back by wscale * scale at the end.
+They are computed over chunks of C rows of a (fastloss/ops/info_nce.py): the raw products of the
+chunk, a C x n_cols fp32 block, come from one tensor-core GEMM; ``info_nce_chunk_kernel`` turns
+them into the rows' log-sum-exp and loss (when the forward computes the gradients itself: reduced
+losses, whose row weights are known in advance) and into the G tile; two more GEMMs give dL/da for
+the chunk and accumulate dL/db. The chunk is the only score block ever held (C x n_cols is capped),
+so memory stays O((n_rows + n_cols) * D + cap). The weights enter divided by ``wscale`` = max |w|,
+|c| so that G stays in [-2, 2] when it is stored in half precision for the GEMMs (w = 1/B would
+underflow float16); the products are multiplied back by wscale * scale.
 
 ``DOT_FP32`` upcasts the operands of tl.dot to float32: set only for bfloat16 under Triton's CPU
 interpreter, whose bfloat16 tl.dot returns garbage (triton 3.9); compiled kernels multiply bfloat16
@@ -93,55 +95,58 @@ def info_nce_fwd_kernel(
 
 
 @triton.jit
-def info_nce_bwd_kernel(
-    a_ptr,                # [n_rows, n_dim] the operand whose gradient this launch writes
-    b_ptr,                # [n_cols, n_dim] the other operand, same dtype
-    lse_row_ptr,          # [n_rows] ACC_DTYPE, read iff HAS_ROW
-    w_row_ptr,            # [n_rows] ACC_DTYPE dL/dloss_row, read iff HAS_ROW
-    lse_col_ptr,          # [n_cols] ACC_DTYPE, read iff HAS_COL
-    w_col_ptr,            # [n_cols] ACC_DTYPE dL/dloss_col, read iff HAS_COL
-    wscale_ptr,           # [1] ACC_DTYPE, max |w| over both weight vectors (> 0)
-    grad_ptr,             # [n_rows, n_dim] a's dtype, contiguous
-    n_rows, n_cols, n_dim, stride_a_row, stride_b_row,
-    offset,               # G has its delta at column i + offset
-    scale,                # 1 / temperature
-    HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
-    PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+def info_nce_chunk_kernel(
+    s_ptr,                # [n_rows, n_cols] fp32 raw products a_i . b_j of a chunk of rows (row stride n_cols)
+    lse_ptr,              # [n_rows] ACC_DTYPE, written iff COMPUTE_LSE, read otherwise
+    loss_ptr,             # [n_rows] ACC_DTYPE lse_i - s_{i, i + offset}, written iff COMPUTE_LSE
+    w_row_ptr,            # [n_rows] ACC_DTYPE row weights / wscale, read iff WRITE_GRAD
+    lse_col_ptr,          # [n_cols] ACC_DTYPE column log-sum-exps, read iff HAS_COL
+    w_col_ptr,            # [n_cols] ACC_DTYPE column weights / wscale, read iff HAS_COL
+    grad_ptr,             # [n_rows, n_cols] G / wscale in the operands' dtype, written iff WRITE_GRAD
+    n_rows, n_cols,
+    row0,                 # global index of the chunk's first row: the positive of row r is column
+    offset,               # row0 + r + offset
+    scale,                # 1 / temperature, applied to s here
+    COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_COL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dL/da for BLOCK_M rows and BLOCK_DO features: scale * sum_j G_ij b_j, tiles of s recomputed."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Log-sum-exp / loss of BLOCK_R rows of a score chunk and/or their gradient tile G."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    target = rows + offset
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_mask = dcols < n_dim
-    wscale = tl.load(wscale_ptr).to(ACC_DTYPE)
-    if HAS_ROW:
-        lse_r = tl.load(lse_row_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
-        w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE) / wscale
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC_DTYPE)
-    for n0 in range(0, n_cols, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_mask = cols < n_cols
-        s = _scores(a_ptr, b_ptr, rows, cols, row_mask, col_mask, n_dim, stride_a_row, stride_b_row,
-                    scale, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, ACC_DTYPE, DOT_FP32)
-        eq = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        g = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-        if HAS_ROW:
-            g += w_r[:, None] * (tl.exp(s - lse_r[:, None]) - eq)
-        if HAS_COL:
-            lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
-            w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE) / wscale
-            g += w_c[None, :] * (tl.exp(s - lse_c[None, :]) - eq)
-        g = tl.where(row_mask[:, None] & col_mask[None, :], g, 0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_b_row + dcols[None, :],
-                    mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(g.to(b.dtype).to(tl.float32), b.to(tl.float32), acc, out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(g.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=ACC_DTYPE)
-    acc = acc * (wscale * scale)
-    tl.store(grad_ptr + rows[:, None] * n_dim + dcols[None, :], acc.to(grad_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & d_mask[None, :])
+    target = row0 + rows + offset
+    if COMPUTE_LSE:
+        m_i = tl.full((BLOCK_R,), float("-inf"), ACC_DTYPE)
+        l_i = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        pos = tl.zeros((BLOCK_R,), ACC_DTYPE)
+        for n0 in range(0, n_cols, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            s = tl.load(s_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask,
+                        other=float("-inf")).to(ACC_DTYPE) * scale
+            pos += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # masked rows: no -inf - -inf
+            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), axis=1)
+            m_i = m_new
+        lse = m_i + tl.log(l_i)
+        tl.store(lse_ptr + rows, lse, mask=row_mask)
+        tl.store(loss_ptr + rows, lse - pos, mask=row_mask)
+    if WRITE_GRAD:
+        if not COMPUTE_LSE:
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        w_r = tl.load(w_row_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        for n0 in range(0, n_cols, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_mask = cols < n_cols
+            mask = row_mask[:, None] & col_mask[None, :]
+            s = tl.load(s_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask,
+                        other=0.0).to(ACC_DTYPE) * scale
+            eq = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+            g = w_r[:, None] * (tl.exp(s - lse[:, None]) - eq)
+            if HAS_COL:
+                lse_c = tl.load(lse_col_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+                w_c = tl.load(w_col_ptr + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+                g += w_c[None, :] * (tl.exp(s - lse_c[None, :]) - eq)
+            tl.store(grad_ptr + rows[:, None] * n_cols + cols[None, :],
+                     g.to(grad_ptr.dtype.element_ty), mask=mask)

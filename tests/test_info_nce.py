@@ -25,7 +25,7 @@ import fastloss
 from fastloss import functional as FL
 from fastloss import reference
 from fastloss.ops import _utils
-from fastloss.ops.info_nce import info_nce_losses
+from fastloss.ops.info_nce import info_nce_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["mean", "sum", "none"]
@@ -102,7 +102,7 @@ SHAPES = [(1, 5), (2, 3), (33, 17), (40, 70)]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_kernels_match_naive_float64(shape, symmetric, reduction, triton_backend):
     q, k = _inputs(*shape, torch.float64)
-    with launched("info_nce_fwd_kernel", "info_nce_bwd_kernel"):
+    with launched("info_nce_chunk_kernel"):
         _check_against_naive(q, k, temperature=0.1, reduction=reduction, symmetric=symmetric)
 
 
@@ -195,14 +195,36 @@ def test_offset_rows_against_all_keys(triton_backend):
     g = torch.Generator().manual_seed(3)
     q = torch.randn(7, 9, generator=g, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(21, 9, generator=g, dtype=torch.float64, requires_grad=True)
-    rows, cols = info_nce_losses(q, keys, 2.0, offset=14)
-    assert cols is None
+    rows = info_nce_loss(q, keys, 2.0, offset=14, reduction="none")
     q2, k2 = _leaf_copies((q, keys))
     want = F.cross_entropy(2.0 * q2 @ k2.T, torch.arange(14, 21), reduction="none")
     assert_close(rows, want)
     for a, b in zip(_grads(rows, (q, keys)), _grads(want, (q2, k2))):
         assert_close(a, b)
     assert_close(reference.info_nce_rows(q2, k2, 2.0, 14), want)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+def test_forward_made_gradients_second_backward_and_no_grad(symmetric, triton_backend):
+    """A reduced loss computes its gradients in the forward (backward scales them by grad_output);
+    a second backward (retain_graph) recomputes them; under no_grad only the tiled forward runs."""
+    q, k = _inputs(21, 10, torch.float64)
+    with launched("info_nce_chunk_kernel"):
+        out = FL.info_nce(q, k, 0.2, symmetric=symmetric)
+    with launched("scale_grad_kernel"):
+        g1 = torch.autograd.grad(2.5 * out, (q, k), retain_graph=True)
+    with launched("info_nce_chunk_kernel"):
+        g2 = torch.autograd.grad(out, (q, k))
+    ref = _leaf_copies((q, k))
+    want = torch.autograd.grad(naive_info_nce(*ref, 0.2, symmetric=symmetric), ref)
+    for a, b, w in zip(g1, g2, want):
+        assert_close(a, 2.5 * w, msg="first backward, grad_output 2.5")
+        assert_close(b, w, msg="second backward")
+    before = collections.Counter(_utils.launch_counts)
+    with torch.no_grad():
+        assert_close(FL.info_nce(q, k, 0.2, symmetric=symmetric), naive_info_nce(q, k, 0.2, symmetric=symmetric))
+    assert _utils.launch_counts["info_nce_fwd_kernel"] > before["info_nce_fwd_kernel"]
+    assert _utils.launch_counts["info_nce_chunk_kernel"] == before["info_nce_chunk_kernel"]
 
 
 def test_bad_inputs(backend):

@@ -1,11 +1,19 @@
-"""Launchers and autograd for InfoNCE (kernels/info_nce.py): per-row losses of rows of ``a`` scored
-against every row of ``b``, never holding the ``(n_rows, n_cols)`` score matrix.
+"""Launchers and autograd for InfoNCE (kernels/info_nce.py): rows of ``a`` scored against every row
+of ``b``, never holding the ``(n_rows, n_cols)`` score matrix.
 
-``info_nce_fwd`` returns the per-row losses and log-sum-exps (fp32; fp64 for fp64 operands) and,
-with ``with_cols`` (the symmetric loss of one process: square, offset 0), the same for the other
-direction, i.e. for the columns of the score matrix. ``info_nce_bwd`` turns per-row (and per-column)
-weights into the gradients of both operands, in two launches of one kernel that recompute the score
-tiles. The reduction is left to the caller (torch ops on n_rows values).
+``info_nce_fwd`` is one torch.library custom op. It returns the loss (reduced, or per row for
+``reduction="none"``), the log-sum-exps and, for reduced losses, the gradients of both operands:
+the row weights of a reduced loss are known in advance (1/n_rows or 1, halves for the symmetric
+loss), so the forward computes them in the same sweep over chunks of rows and backward only scales
+them by grad_output (the pointwise family's scale kernel, a no-op on device when it is 1).
+``reduction="none"`` (per-row weights known only in backward) and a second backward recompute them
+in ``info_nce_bwd``. ``with_cols`` is the symmetric loss of one process (square, offset 0): the
+column direction's log-sum-exps come from the tiled forward kernel with the roles swapped.
+
+The sweep: for a chunk of C rows, one GEMM forms the C x n_cols products (fp32 accumulation, fp32
+out), ``info_nce_chunk_kernel`` turns them into the rows' log-sum-exp, loss and gradient tile G,
+and two GEMMs give dL/da of the chunk and accumulate dL/db (fp32). C x n_cols is capped by
+CHUNK_ELEMENTS, so extra memory is O((n_rows + n_cols) * D + CHUNK_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -16,8 +24,14 @@ import torch
 from torch import Tensor
 
 from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
-__all__ = ["info_nce_losses"]
+__all__ = ["info_nce_loss"]
+
+#: Elements of the fp32 score chunk of the gradient sweep (its G tile has as many in the operands'
+#: dtype): None means 2**27 on CUDA (512 MiB + 256 MiB for bfloat16), 2**8 elsewhere (the
+#: interpreter: several chunks even at test sizes).
+CHUNK_ELEMENTS: int | None = None
 
 
 @functools.cache
@@ -66,16 +80,11 @@ def _config(device: torch.device, n_dim: int, dtype: torch.dtype) -> dict[str, i
 def _default_config(device: torch.device, n_dim: int, dtype: torch.dtype) -> dict[str, int]:
     k = max(16, _next_pow2(n_dim))
     if device.type != "cuda":
-        return {"fwd_m": 16, "fwd_n": 16, "bwd_m": 16, "bwd_n": 16, "block_k": min(32, k),
-                "block_do": min(64, k), "fwd_warps": 4, "bwd_warps": 4, "fwd_stages": 1, "bwd_stages": 1}
+        return {"fwd_m": 16, "fwd_n": 16, "block_k": min(32, k), "fwd_warps": 4, "fwd_stages": 1}
     if dtype in (torch.float32, torch.float64):
-        return {"fwd_m": 64, "fwd_n": 128, "bwd_m": 64, "bwd_n": 64, "block_k": min(32, k),
-                "block_do": min(128, k), "fwd_warps": 4, "bwd_warps": 8, "fwd_stages": 2, "bwd_stages": 2}
-    # H200, B = 16384, D = 512, bf16: a whole 512-wide gradient row block per program (one recompute
-    # of the score tiles) beats 256-wide halves (9.1 vs 13.6 ms fwd+bwd); 128-wide key tiles in the
-    # forward beat 64 (1.08 vs 1.45 ms).
-    return {"fwd_m": 128, "fwd_n": 128, "bwd_m": 64, "bwd_n": 64, "block_k": min(64, k),
-            "block_do": min(512, k), "fwd_warps": 8, "bwd_warps": 8, "fwd_stages": 3, "bwd_stages": 2}
+        return {"fwd_m": 64, "fwd_n": 128, "block_k": min(32, k), "fwd_warps": 4, "fwd_stages": 2}
+    # H200, B = 16384, D = 512, bf16: 128-wide key tiles beat 64 (1.08 vs 1.45 ms)
+    return {"fwd_m": 128, "fwd_n": 128, "block_k": min(64, k), "fwd_warps": 8, "fwd_stages": 3}
 
 
 def _rows_fwd(a: Tensor, b: Tensor, offset: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -105,90 +114,163 @@ def _prescale(a: Tensor, scale: float) -> tuple[Tensor, float]:
     return a, scale
 
 
-def _fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool
-         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss_rows, lse_rows, loss_cols, lse_cols); the column ones empty unless with_cols."""
-    a, b = a.contiguous(), b.contiguous()
-    a, scale = _prescale(a, scale)
-    loss, lse = _rows_fwd(a, b, offset, scale)
-    if with_cols:
-        loss_c, lse_c = _rows_fwd(b, a, -offset, scale)
-    else:
-        loss_c = lse_c = loss.new_empty(0)
-    return loss, lse, loss_c, lse_c
+@functools.cache
+def _mixed_gemm(device_type: str) -> bool:
+    """Whether half-precision GEMMs can write fp32 products (aten::mm.dtype / mm.dtype_out: CUDA,
+    recent torch); otherwise the sweep multiplies fp32 copies of the operands."""
+    overloads = torch.ops.aten.mm.overloads()
+    return device_type == "cuda" and "dtype" in overloads and "dtype_out" in overloads
 
 
-@torch.library.custom_op("fastloss::info_nce_fwd", mutates_args=())
-def info_nce_fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Custom-op form of _fwd, for torch.compile."""
-    return _fwd(a, b, offset, scale, with_cols)
+def _chunk_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
+    cap = CHUNK_ELEMENTS if CHUNK_ELEMENTS is not None else (1 << 27 if device.type == "cuda" else 1 << 8)
+    return max(1, min(n_rows, cap // max(n_cols, 1)))
 
 
-@info_nce_fwd.register_fake
-def _(a, b, offset, scale, with_cols):
-    acc = acc_dtype(a.dtype)
-    rows = a.new_empty(a.shape[:1], dtype=acc)
-    cols = a.new_empty(b.shape[:1] if with_cols else (0,), dtype=acc)
-    return rows, rows.new_empty(rows.shape), cols, cols.new_empty(cols.shape)
-
-
-def _grad_launch(a, b, lse_row, w_row, lse_col, w_col, wscale, offset, scale, has_row, has_col):
-    """dL/da with G built from the row statistics (has_row) and/or the column ones (has_col)."""
+def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: Tensor | None,
+           w_row: Tensor | None, lse_col: Tensor | None, w_col: Tensor | None,
+           factor_a, factor_b, need_a: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+    """One pass over chunks of rows of ``a``: with ``loss`` given, computes lse and loss of every row;
+    with w_row given, the gradients factor_a * sum_j G_ij b_j and factor_b * sum_i G_ij a_i, G built
+    from w_row (and lse_col / w_col when given)."""
     k, tl_dtype = _kernels()
     n_rows, n_dim = a.shape
     n_cols = b.shape[0]
-    grad = empty(a.shape, a.dtype, a.device)
-    cfg = _config(a.device, n_dim, a.dtype)
-    grid = (triton_cdiv(n_rows, cfg["bwd_m"]), triton_cdiv(n_dim, cfg["block_do"]))
-    k.info_nce_bwd_kernel[grid](
-        a, b, lse_row, w_row, lse_col, w_col, wscale, grad,
-        n_rows, n_cols, n_dim, a.stride(0), b.stride(0), offset, scale,
-        HAS_ROW=has_row, HAS_COL=has_col, PRECISION=_precision(a.dtype),
-        ACC_DTYPE=tl_dtype[acc_dtype(a.dtype)], DOT_FP32=_dot_fp32(a),
-        BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], BLOCK_K=cfg["block_k"], BLOCK_DO=cfg["block_do"],
-        num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
-    )
-    count_launch("info_nce_bwd_kernel")
-    return grad
+    acc = acc_dtype(a.dtype)
+    # Operands of the GEMMs: half precision only where its products can be written in fp32.
+    direct = a.dtype in (torch.float32, torch.float64) or _mixed_gemm(a.device.type)
+    a_mm, b_mm = (a, b) if direct else (a.to(acc), b.to(acc))
+    half = a_mm.dtype not in (torch.float32, torch.float64)
+    chunk = _chunk_rows(n_rows, n_cols, a.device)
+    write_grad = w_row is not None and (need_a or need_b)
+    s_buf = empty((chunk, n_cols), acc, a.device)
+    g_buf = empty((chunk, n_cols), a_mm.dtype, a.device) if write_grad else s_buf
+    grad_a = empty(a.shape, a.dtype, a.device) if write_grad and need_a else None
+    grad_b = torch.zeros((n_cols, n_dim), dtype=acc, device=a.device) if write_grad and need_b else None
+    block_r, block_n, warps = (8, 512, 8) if a.is_cuda else (4, 64, 4)
+    dummy = lse[:1]
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        a_c, s_c, g_c = a_mm[r0:r1], s_buf[:r1 - r0], g_buf[:r1 - r0]
+        if half:
+            torch.ops.aten.mm.dtype_out(a_c, b_mm.T, torch.float32, out=s_c)
+        else:
+            torch.mm(a_c, b_mm.T, out=s_c)
+        k.info_nce_chunk_kernel[(triton_cdiv(r1 - r0, block_r),)](
+            s_c, lse[r0:r1], loss[r0:r1] if loss is not None else dummy,
+            w_row[r0:r1] if write_grad else dummy,
+            lse_col if lse_col is not None else dummy, w_col if w_col is not None else dummy,
+            g_c, r1 - r0, n_cols, r0, offset, scale,
+            COMPUTE_LSE=loss is not None, WRITE_GRAD=write_grad, HAS_COL=lse_col is not None,
+            ACC_DTYPE=tl_dtype[acc], BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+        )
+        count_launch("info_nce_chunk_kernel")
+        if grad_a is not None:
+            ga = torch.ops.aten.mm.dtype(g_c, b_mm, torch.float32) if half else torch.mm(g_c, b_mm)
+            grad_a[r0:r1] = ga * factor_a
+        if grad_b is not None:
+            if half:  # a fp32 product added to the fp32 accumulator (no aliased out= GEMM)
+                grad_b += torch.ops.aten.mm.dtype(g_c.T, a_c, torch.float32)
+            else:
+                grad_b.addmm_(g_c.T, a_c)
+    if grad_b is not None:
+        grad_b = (grad_b * factor_b).to(a.dtype)
+    return grad_a, grad_b
 
 
-def _bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_rows: Tensor, grad_cols: Tensor,
-         offset: int, scale: float, with_cols: bool, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
-    """(dL/da, dL/db) for dL/dloss_rows = grad_rows (and dL/dloss_cols = grad_cols with with_cols)."""
+def _row_weight(reduction: str, n_rows: int, with_cols: bool) -> float:
+    """dL/dloss_i of a reduced loss (per direction for the symmetric one)."""
+    return (0.5 if with_cols else 1.0) / (n_rows if reduction == "mean" else 1)
+
+
+def _combine(loss: Tensor, loss_c: Tensor | None, reduction: str) -> Tensor:
+    out = loss if loss_c is None else 0.5 * (loss + loss_c)
+    if reduction == "mean":
+        return out.mean()
+    if reduction == "sum":
+        return out.sum()
+    return out
+
+
+def _fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool, reduction: str,
+         need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse_rows, lse_cols, grad_a, grad_b): the gradients (times 1 as grad_output) for reduced
+    losses when asked, empty tensors otherwise; lse_cols empty unless with_cols."""
     a, b = a.contiguous(), b.contiguous()
-    unscaled = scale
-    a, scale = _prescale(a, scale)
+    a_s, scale_k = _prescale(a, scale)
+    loss_c = lse_c = None
+    if with_cols:
+        loss_c, lse_c = _rows_fwd(b, a_s, -offset, scale_k)
+    if reduction != "none" and (need_a or need_b):
+        acc = acc_dtype(a.dtype)
+        loss = empty((a.shape[0],), acc, a.device)
+        lse = empty((a.shape[0],), acc, a.device)
+        w = _row_weight(reduction, a.shape[0], with_cols)
+        ones_r = torch.ones(a.shape[0], dtype=acc, device=a.device)
+        ones_c = torch.ones(b.shape[0], dtype=acc, device=a.device) if with_cols else None
+        ga, gb = _sweep(a_s, b, offset, scale_k, lse, loss, ones_r, lse_c, ones_c,
+                        w * scale, w * scale_k, need_a, need_b)
+    else:
+        loss, lse = _rows_fwd(a_s, b, offset, scale_k)
+        ga = gb = None
+    empty0 = a.new_empty(0)
+    return (_combine(loss, loss_c, reduction), lse, lse_c if with_cols else lse.new_empty(0),
+            ga if ga is not None else empty0, gb if gb is not None else empty0)
+
+
+@torch.library.custom_op("fastloss::info_nce_fwd", mutates_args=())
+def info_nce_fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool, reduction: str,
+                 need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Custom-op form of _fwd, for torch.compile."""
+    return _fwd(a, b, offset, scale, with_cols, reduction, need_a, need_b)
+
+
+@info_nce_fwd.register_fake
+def _(a, b, offset, scale, with_cols, reduction, need_a, need_b):
+    acc = acc_dtype(a.dtype)
+    loss = a.new_empty(() if reduction != "none" else a.shape[:1], dtype=acc)
+    lse = a.new_empty(a.shape[:1], dtype=acc)
+    lse_c = a.new_empty(b.shape[:1] if with_cols else (0,), dtype=acc)
+    grads = reduction != "none"
+    return (loss, lse, lse_c, a.new_empty(a.shape) if grads and need_a else a.new_empty(0),
+            b.new_empty(b.shape) if grads and need_b else b.new_empty(0))
+
+
+def _bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, offset: int, scale: float,
+         with_cols: bool, reduction: str, need_a: bool, need_b: bool) -> tuple[Tensor, Tensor]:
+    """(dL/da, dL/db) recomputed from the operands and log-sum-exps, for dL/dloss = grad_loss (a
+    scalar for reduced losses, per row for "none")."""
+    a, b = a.contiguous(), b.contiguous()
+    a_s, scale_k = _prescale(a, scale)
     acc = lse.dtype
-    w = grad_rows.to(acc).contiguous()
-    w_c = grad_cols.to(acc).contiguous() if with_cols else w
-    # One scale for both weight vectors, on device (no sync); a floor keeps all-zero weights finite.
-    wscale = w.abs().amax() if w.numel() else w.new_zeros(())
-    if with_cols and w_c.numel():
-        wscale = torch.maximum(wscale, w_c.abs().amax())
-    wscale = wscale.clamp_min(torch.finfo(acc).tiny).reshape(1)
-    ga = gb = a.new_empty(0)
-    if need_a:
-        ga = _grad_launch(a, b, lse, w, lse_c if with_cols else lse, w_c, wscale, offset, scale,
-                          True, with_cols)
-        if scale != unscaled:  # float64: s = (scale * a) . b, so dL/da = scale * dL/d(scale * a)
-            ga = ga * unscaled
-    if need_b:
-        gb = _grad_launch(b, a, lse_c if with_cols else lse, w_c, lse, w, wscale, -offset, scale,
-                          with_cols, True)
+    n_rows = a.shape[0]
+    if reduction == "none":
+        w = grad_loss.to(acc) * (0.5 if with_cols else 1.0)
+    else:
+        w = (grad_loss.to(acc) * _row_weight(reduction, n_rows, with_cols)).expand(n_rows)
+    # One scale for the weights, on device (no sync), so G stays O(1) in half precision.
+    wscale = w.abs().amax().clamp_min(torch.finfo(acc).tiny)
+    w = (w / wscale).contiguous()
+    empty0 = a.new_empty(0)
+    ga, gb = empty0, empty0
+    if need_a or need_b:
+        ga_, gb_ = _sweep(a_s, b, offset, scale_k, lse, None, w, lse_c if with_cols else None,
+                          w if with_cols else None, wscale * scale, wscale * scale_k, need_a, need_b)
+        ga = ga_ if ga_ is not None else empty0
+        gb = gb_ if gb_ is not None else empty0
     return ga, gb
 
 
 @torch.library.custom_op("fastloss::info_nce_bwd", mutates_args=())
-def info_nce_bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_rows: Tensor, grad_cols: Tensor,
-                 offset: int, scale: float, with_cols: bool, need_a: bool, need_b: bool
+def info_nce_bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, offset: int,
+                 scale: float, with_cols: bool, reduction: str, need_a: bool, need_b: bool
                  ) -> tuple[Tensor, Tensor]:
     """Custom-op form of _bwd, for torch.compile."""
-    return _bwd(a, b, lse, lse_c, grad_rows, grad_cols, offset, scale, with_cols, need_a, need_b)
+    return _bwd(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, need_b)
 
 
 @info_nce_bwd.register_fake
-def _(a, b, lse, lse_c, grad_rows, grad_cols, offset, scale, with_cols, need_a, need_b):
+def _(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, need_b):
     return (a.new_empty(a.shape) if need_a else a.new_empty(0),
             b.new_empty(b.shape) if need_b else b.new_empty(0))
 
@@ -198,31 +280,39 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, offset, scale, with_cols = inputs
-    _, lse, _, lse_c = output
+    a, b, offset, scale, with_cols, reduction, need_a, need_b = inputs
+    _, lse, lse_c, ga, gb = output
     ctx.save_for_backward(a, b, lse, lse_c)
-    ctx.args = (offset, scale, with_cols)
+    ctx.args = (offset, scale, with_cols, reduction)
+    # Gradients of a reduced loss come from the forward; they are handed to autograd in backward
+    # (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
+    ctx.grads = (ga if need_a else None, gb if need_b else None) if reduction != "none" else None
 
 
-def _backward(ctx, grad_rows, grad_cols, bwd):
+def _backward(ctx, grad_loss, scale_grad, recompute):
     a, b, lse, lse_c = ctx.saved_tensors
-    offset, scale, with_cols = ctx.args
+    offset, scale, with_cols, reduction = ctx.args
     need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_rows is None:
-        grad_rows = lse.new_zeros(lse.shape)
-    if grad_cols is None or not with_cols:
-        grad_cols = lse_c.new_zeros(lse_c.shape)
-    ga, gb = bwd(a, b, lse, lse_c, grad_rows, grad_cols, offset, scale, with_cols, need_a, need_b)
-    return ga if need_a else None, gb if need_b else None, None, None, None
+    if ctx.grads is not None:
+        grads = ctx.grads
+        ctx.grads = None
+        for g in grads:
+            if g is not None:
+                scale_grad(g, grad_loss)
+    else:
+        # reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
+        # forward-made gradients were already handed out: recompute.
+        grads = recompute(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, need_b)
+    return (grads[0] if need_a else None, grads[1] if need_b else None) + (None,) * 6
 
 
 def _setup_context_op(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
-    ctx.mark_non_differentiable(output[1], output[3])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward_op(ctx, grad_rows, _grad_lse, grad_cols, _grad_lse_c):
-    return _backward(ctx, grad_rows, grad_cols, info_nce_bwd)
+def _backward_op(ctx, grad_loss, *_grad_rest):
+    return _backward(ctx, grad_loss, scale_grad_, info_nce_bwd)
 
 
 info_nce_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
@@ -232,25 +322,25 @@ class _InfoNCE(torch.autograd.Function):
     """Eager twin of the custom ops: the same launchers and backward without the dispatch cost."""
 
     @staticmethod
-    def forward(ctx, a, b, offset, scale, with_cols):
-        output = _fwd(a, b, offset, scale, with_cols)
-        _setup_context(ctx, (a, b, offset, scale, with_cols), output)
-        return output[0], output[2]
+    def forward(ctx, *inputs):
+        output = _fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[0]
 
     @staticmethod
-    def backward(ctx, grad_rows, grad_cols):
-        return _backward(ctx, grad_rows, grad_cols, _bwd)
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, _scale_grad, _bwd)
 
 
-def info_nce_losses(a: Tensor, b: Tensor, scale: float, offset: int = 0, with_cols: bool = False
-                    ) -> tuple[Tensor, Tensor | None]:
-    """Per-row InfoNCE losses of ``a`` (M, D) against ``b`` (N, D), positive of row i = row i + offset
-    of b, and with ``with_cols`` (M == N, offset 0) the per-row losses of the other direction (b
-    against a). Operands validated, 2-D, one floating dtype, M, N >= 1; results in float32 (float64
-    for float64 operands)."""
-    args = (a, b, int(offset), float(scale), bool(with_cols))
+def info_nce_loss(a: Tensor, b: Tensor, scale: float, offset: int = 0, with_cols: bool = False,
+                  reduction: str = "mean") -> Tensor:
+    """InfoNCE of rows of ``a`` (M, D) against all rows of ``b`` (N, D), the positive of row i being
+    row i + offset of b; with ``with_cols`` (M == N, offset 0) averaged row by row with the b -> a
+    direction. Reduced over rows by ``reduction`` (per-row losses for "none"). Operands validated,
+    2-D, one floating dtype, M, N >= 1; the result in float32 (float64 for float64 operands)."""
+    grad = torch.is_grad_enabled()
+    args = (a, b, int(offset), float(scale), bool(with_cols), reduction,
+            grad and a.requires_grad, grad and b.requires_grad)
     if torch.compiler.is_compiling():
-        rows, _, cols, _ = info_nce_fwd(*args)
-    else:
-        rows, cols = _InfoNCE.apply(*args)
-    return rows, cols if with_cols else None
+        return info_nce_fwd(*args)[0]
+    return _InfoNCE.apply(*args)
