@@ -4,8 +4,6 @@ CPU) against those oracles and against the reference in every dtype."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
 
 import torch
@@ -16,6 +14,8 @@ if not torch.cuda.is_available():  # before triton is imported (tests/conftest.p
 import pytest
 import torch.nn.functional as F
 from helpers import assert_close, dtype_id
+from helpers import assert_launched as launched
+from helpers import assert_not_launched as not_launched
 from torch import nn
 
 import fastloss
@@ -34,22 +34,6 @@ def _poison():
     yield
     _utils.POISON_OUTPUTS = old
     fastloss.set_backend("auto")
-
-
-@contextlib.contextmanager
-def launched(*names: str):
-    """The block must launch each named kernel (proof that the Triton path ran)."""
-    before = collections.Counter(_utils.launch_counts)
-    yield
-    for name in names:
-        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
-
-
-@contextlib.contextmanager
-def not_launched():
-    before = collections.Counter(_utils.launch_counts)
-    yield
-    assert _utils.launch_counts == before, f"kernels ran: {_utils.launch_counts - before}"
 
 
 class SeedContrastiveLoss(nn.Module):

@@ -6,7 +6,6 @@ peak memory on CPU."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,8 @@ if not torch.cuda.is_available():  # before triton is imported (tests/conftest.p
 import pytest
 import torch.nn.functional as F
 from helpers import TOLERANCES, assert_close, dtype_id
+from helpers import assert_launched as launched
+from helpers import assert_not_launched as not_launched
 
 import fastloss
 from fastloss import functional as FL
@@ -38,21 +39,6 @@ def _poison():
     yield
     _utils.POISON_OUTPUTS = old
     fastloss.set_backend("auto")
-
-
-@contextlib.contextmanager
-def launched(*names: str):
-    before = collections.Counter(_utils.launch_counts)
-    yield
-    for name in names:
-        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
-
-
-@contextlib.contextmanager
-def not_launched():
-    before = collections.Counter(_utils.launch_counts)
-    yield
-    assert _utils.launch_counts == before, f"kernels ran: {_utils.launch_counts - before}"
 
 
 def naive_info_nce(q, k, temperature=0.07, reduction="mean", symmetric=False, normalize=True):

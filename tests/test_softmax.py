@@ -3,7 +3,6 @@ and with the classic focal composition, on the Triton kernels (interpreter on CP
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 
@@ -14,6 +13,7 @@ if not torch.cuda.is_available():  # before anything imports triton (tests/conft
 
 import pytest
 from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
+from helpers import assert_launched as launched
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,15 +29,6 @@ SCALE = "scale_grad_kernel"
 F64 = torch.float64
 # parameters exactly representable in float32 (the kernels take Python floats as float32)
 EPS, ZL, CAP = 0.125, 2.0**-7, 4.0
-
-
-@contextlib.contextmanager
-def launched(*names: str):
-    """The block launches each named kernel (the Triton path ran)."""
-    before = collections.Counter(_utils.launch_counts)
-    yield
-    for name in names:
-        assert _utils.launch_counts[name] > before[name], f"{name} was not launched"
 
 
 @contextlib.contextmanager
