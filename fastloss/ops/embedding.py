@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["LOSSES", "embedding_loss"]
@@ -232,30 +232,11 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
-def _setup_context_op(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward_op(ctx, grad_loss, *_grad_grads):
-    return _backward(ctx, grad_loss, scale_grad_, embedding_bwd)
-
-
-embedding_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
-
-
-class _EmbeddingLoss(torch.autograd.Function):
-    """Eager twin of the custom ops: the same launchers and backward without the dispatch cost."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, _scale_grad, _bwd)
+_apply = autograd_pair(
+    embedding_fwd, _fwd, _setup_context,
+    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, embedding_bwd),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+)
 
 
 def embedding_loss(
@@ -275,6 +256,4 @@ def embedding_loss(
     grad = torch.is_grad_enabled()
     args = (loss, x, y, z, float(margin), float(p), float(eps), bool(swap), reduction,
             grad and x.requires_grad, grad and y.requires_grad, grad and z.requires_grad)
-    if torch.compiler.is_compiling():
-        return embedding_fwd(*args)[0]
-    return _EmbeddingLoss.apply(*args)
+    return _apply(*args)

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["info_nce_loss"]
@@ -306,30 +306,11 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (grads[0] if need_a else None, grads[1] if need_b else None) + (None,) * 6
 
 
-def _setup_context_op(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward_op(ctx, grad_loss, *_grad_rest):
-    return _backward(ctx, grad_loss, scale_grad_, info_nce_bwd)
-
-
-info_nce_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
-
-
-class _InfoNCE(torch.autograd.Function):
-    """Eager twin of the custom ops: the same launchers and backward without the dispatch cost."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, _scale_grad, _bwd)
+_apply = autograd_pair(
+    info_nce_fwd, _fwd, _setup_context,
+    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, info_nce_bwd),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+)
 
 
 def info_nce_loss(a: Tensor, b: Tensor, scale: float, offset: int = 0, with_cols: bool = False,
@@ -341,6 +322,4 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float, offset: int = 0, with_cols
     grad = torch.is_grad_enabled()
     args = (a, b, int(offset), float(scale), bool(with_cols), reduction,
             grad and a.requires_grad, grad and b.requires_grad)
-    if torch.compiler.is_compiling():
-        return info_nce_fwd(*args)[0]
-    return _InfoNCE.apply(*args)
+    return _apply(*args)

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
 
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
@@ -284,31 +284,11 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (gi if need_gi else None, gt if need_gt else None) + (None,) * 7
 
 
-def _setup_context_op(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward_op(ctx, grad_loss, _grad_gi, _grad_gt):
-    return _backward(ctx, grad_loss, scale_grad_, pointwise_bwd)
-
-
-pointwise_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
-
-
-class _PointwiseLoss(torch.autograd.Function):
-    """Eager twin of the custom ops: same launchers and backward, without the custom-op dispatch
-    cost (tens of microseconds a call), which matters for a loss that runs in ~100 us."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, _scale_grad, _bwd)
+_apply = autograd_pair(
+    pointwise_fwd, _fwd, _setup_context,
+    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, pointwise_bwd),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+)
 
 
 def _run(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
@@ -316,9 +296,7 @@ def _run(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tenso
     grad = torch.is_grad_enabled()
     args = (input, target, weight, pos_weight, losses, params, reduction,
             grad and input.requires_grad, grad and target.requires_grad)
-    if torch.compiler.is_compiling():
-        return pointwise_fwd(*args)[0]
-    return _PointwiseLoss.apply(*args)
+    return _apply(*args)
 
 
 def pointwise_loss(

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["KINDS", "softmax_loss"]
@@ -286,31 +286,11 @@ def _backward(ctx, grad_loss, forward, scale_grad, inplace):
     ) * 14
 
 
-def _setup_context_op(ctx, inputs, output):
-    _setup_context(ctx, inputs, output)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward_op(ctx, grad_loss, _grad_gi, _grad_gt):
-    return _backward(ctx, grad_loss, softmax_loss_fwd, scale_grad_, inplace=False)
-
-
-softmax_loss_fwd.register_autograd(_backward_op, setup_context=_setup_context_op)
-
-
-class _SoftmaxLoss(torch.autograd.Function):
-    """Eager twin of the custom op: same launchers and backward, without the custom-op dispatch
-    cost (tens of microseconds a call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, _fwd, _scale_grad, inplace=True)
+_apply = autograd_pair(
+    softmax_loss_fwd, _fwd, _setup_context,
+    backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, scale_grad_, inplace=False),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _scale_grad, inplace=True),
+)
 
 
 def softmax_loss(
@@ -342,6 +322,4 @@ def softmax_loss(
             float(z_loss), float(softcap or 0.0), 1.0 if alpha_weight is not None else float(alpha),
             float(gamma), reduction, bool(out_float32), bool(inplace_backward),
             grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
-    if torch.compiler.is_compiling():
-        return softmax_loss_fwd(*args)[0]
-    return _SoftmaxLoss.apply(*args)
+    return _apply(*args)
