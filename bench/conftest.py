@@ -4,9 +4,14 @@
 - ``FASTLOSS_BENCH_BUDGET_S``: after this many seconds of the session, the remaining benchmarks
   are skipped (and listed as such in the JSON) rather than cut off by an outside timeout.
 - ``--benchmark-json`` output gains a ``"fastloss"`` entry: device and versions, the copy
-  bandwidth, and every skipped benchmark with its reason (pytest-benchmark itself drops them).
-- Other knobs, read by the bench files: ``FASTLOSS_BENCH_DEVICE``, ``FASTLOSS_BENCH_SIZES``,
-  ``FASTLOSS_BENCH_DTYPES``, ``FASTLOSS_BENCH_LOSSES`` (comma-separated, e.g. ``2**20,2**24``).
+  bandwidth, the byte model of each family, and every skipped benchmark with its reason and
+  parameters (pytest-benchmark itself drops them; a test that set ``request.node.bench_params``
+  before skipping adds those too).
+- Other knobs, read by the bench files (comma-separated, e.g. ``2**20,2**24``):
+  ``FASTLOSS_BENCH_DEVICE``, ``FASTLOSS_BENCH_DTYPES``; pointwise ``FASTLOSS_BENCH_SIZES``,
+  ``FASTLOSS_BENCH_LOSSES``; bench_softmax.py ``FASTLOSS_BENCH_SHAPES`` (``8192x32000``) and
+  ``FASTLOSS_BENCH_LOSSES``; bench_embedding.py ``FASTLOSS_BENCH_EMBED_LOSSES``,
+  ``FASTLOSS_BENCH_INFO_NCE_BATCHES``, ``FASTLOSS_BENCH_PAIR_BATCHES``.
 """
 
 from __future__ import annotations
@@ -57,8 +62,10 @@ def bench_skip(request, bench_state):
     """``bench_skip(reason)``: record this benchmark as skipped (kept in the JSON) and skip it."""
 
     def skip(reason: str) -> None:
+        extra = getattr(request.node, "bench_params", None) or {}
+        extra = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool, type(None)))}
         bench_state["skipped"].append({"name": request.node.name, "nodeid": request.node.nodeid,
-                                       "reason": reason, **_params(request.node)})
+                                       **extra, **_params(request.node), "reason": reason})
         pytest.skip(reason)
 
     return skip
@@ -87,5 +94,5 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "skipped": state["skipped"],
         "budget_s": state["budget_s"],
         "elapsed_s": time.monotonic() - state["t0"],
-        "bytes_model": "3 * N * itemsize (read input, read target, write grad)",
+        "bytes_model": dict(_bench.BYTES_MODELS),
     }

@@ -6,10 +6,14 @@
 #   OUT=/some/dir bash bench/gpu_check.sh   # also copy log + results there (as the GPU tool wants)
 #
 # Needs a CUDA GPU with torch, triton, pytest and pytest-benchmark installed; no network.
-# Uses when present: pytest-xdist (tests with -n 4), torchvision (focal baseline), matplotlib (plot).
-# Expected time on one H100/H200: about 4-6 minutes; every step is time-boxed (seconds, override
-# by environment): GPU_CHECK_TESTS_TIMEOUT=120, GPU_CHECK_BENCH_BUDGET=140 (pytest bench: skip the
-# rest after this), GPU_CHECK_CLI_LIMIT=75 (CLI: skip the rest after this).
+# Uses when present: pytest-xdist (tests with -n 4), torchvision (focal baseline), matplotlib (plot),
+# a Liger-Kernel wheel in .whl/ at the repository root (installed with --no-deps into a temporary
+# --target directory put on PYTHONPATH, for the cross-entropy baseline; its rows are skipped without).
+# Expected time on one H100/H200: about 6-7 minutes; every step is time-boxed (seconds, override
+# by environment): GPU_CHECK_TESTS_TIMEOUT=120; pytest benchmarks, one run per file, each skipping
+# the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=45 (bench_pointwise.py),
+# GPU_CHECK_SOFTMAX_BUDGET=60 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
+# when present); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this).
 # Other knobs: PYTHON (default python3), GPU_CHECK_MAXFAIL=10, GPU_CHECK_SKIP_INSTALL=1,
 # GPU_CHECK_ALLOW_CPU=1 (dry run without a GPU: CPU sizes, nothing CUDA-specific checked).
 # Timeouts send SIGINT first, so pytest still writes its reports. A failing step does not stop the
@@ -22,7 +26,9 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
 TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-120}
-BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-140}
+BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-45}
+SOFTMAX_BUDGET=${GPU_CHECK_SOFTMAX_BUDGET:-60}
+EMBED_BUDGET=${GPU_CHECK_EMBED_BUDGET:-40}
 CLI_LIMIT=${GPU_CHECK_CLI_LIMIT:-75}
 MAXFAIL=${GPU_CHECK_MAXFAIL:-10}
 export PYTHONUNBUFFERED=1
@@ -68,6 +74,20 @@ else
     record install $?
 fi
 
+banner "Liger-Kernel (optional baseline: .whl/liger_kernel-*.whl)"
+LIGER_WHEELS=("$ROOT"/.whl/liger_kernel-*.whl)
+if [ -f "${LIGER_WHEELS[0]}" ]; then
+    if "$PY" -m pip install -q --disable-pip-version-check --no-input --no-index --no-deps --no-compile \
+            --no-cache-dir --upgrade --target "$WORK/site" "${LIGER_WHEELS[@]}"; then
+        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+        echo "installed $(basename "${LIGER_WHEELS[0]}") into $WORK/site (on PYTHONPATH)"
+    else
+        echo "could not install ${LIGER_WHEELS[*]}: liger rows will be skipped"
+    fi
+else
+    echo "no .whl/liger_kernel-*.whl: liger rows will be skipped"
+fi
+
 banner "environment"
 command -v nvidia-smi >/dev/null && nvidia-smi
 "$PY" - <<'EOF'
@@ -76,7 +96,7 @@ print("python", platform.python_version(), "| torch", torch.__version__, "| cuda
 try:
     import triton; print("triton", triton.__version__)
 except Exception as e: print("triton: not importable:", e)
-for mod in ("torchvision", "matplotlib", "xdist", "pytest_benchmark"):
+for mod in ("torchvision", "matplotlib", "xdist", "pytest_benchmark", "liger_kernel"):
     try:
         m = __import__(mod); print(mod, getattr(m, "__version__", "?"))
     except Exception as e: print(mod, "missing:", type(e).__name__)
@@ -96,22 +116,34 @@ timeout -s INT -k 20 "$TESTS_TIMEOUT" "$PY" -m pytest tests -q -p no:cacheprovid
     "${XDIST[@]}" --junitxml="$WORK/tests.xml"
 record tests $?
 
-banner "pytest bench/ --benchmark-only (budget ${BENCH_BUDGET}s)"
-FASTLOSS_BENCH_BUDGET_S=$BENCH_BUDGET timeout -s INT -k 20 $(( BENCH_BUDGET + 120 )) \
-    "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$WORK/bench-pytest.json" --benchmark-columns=min,median,max,rounds
-record bench $?
+# One pytest run per bench file, each with its own budget (FASTLOSS_BENCH_BUDGET_S: the rest of the
+# file is skipped, and listed as such, after it) and a hard timeout 60 s past it.
+PYTEST_JSONS=()
+bench_file() {  # bench_file STEP FILE BUDGET
+    local step=$1 file=$2 budget=$3
+    if [ ! -f "$file" ]; then echo "$file: not in this checkout, skipped"; return; fi
+    banner "pytest $file --benchmark-only (budget ${budget}s)"
+    FASTLOSS_BENCH_BUDGET_S=$budget timeout -s INT -k 20 $(( budget + 60 )) \
+        "$PY" -m pytest "$file" --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$WORK/$step.json" --benchmark-columns=min,median,max,rounds
+    record "$step" $?
+    PYTEST_JSONS+=(--pytest-json "$WORK/$step.json")
+}
+bench_file bench_pointwise bench/bench_pointwise.py "$BENCH_BUDGET"
+bench_file bench_softmax bench/bench_softmax.py "$SOFTMAX_BUDGET"
+bench_file bench_embedding bench/bench_embedding.py "$EMBED_BUDGET"
 
 banner "python -m fastloss bench (time limit ${CLI_LIMIT}s)"
 PLOT=()
 if "$PY" -c "import matplotlib" 2>/dev/null; then PLOT=(--plot "$WORK/$STAMP.png"); fi
-timeout -s INT -k 20 $(( CLI_LIMIT + 120 )) "$PY" -m fastloss bench --time-limit "$CLI_LIMIT" \
-    --losses sigmoid_focal mse bce_with_logits huber smooth_l1 l1 \
+timeout -s INT -k 20 $(( CLI_LIMIT + 90 )) "$PY" -m fastloss bench --time-limit "$CLI_LIMIT" \
+    --losses cross_entropy focal_loss contrastive triplet info_nce \
+             sigmoid_focal mse bce_with_logits huber smooth_l1 l1 \
     --json "$WORK/bench-cli.json" "${PLOT[@]}"
 record cli $?
 
 banner "report"
-"$PY" bench/to_markdown.py --pytest-json "$WORK/bench-pytest.json" --cli-json "$WORK/bench-cli.json" \
+"$PY" bench/to_markdown.py "${PYTEST_JSONS[@]}" --cli-json "$WORK/bench-cli.json" \
     --tests-junit "$WORK/tests.xml" "${STEPS[@]}" --git-rev "$GIT_REV" \
     --out-json "$RESULTS/$STAMP.json" --out-md "$RESULTS/$STAMP.md"
 RC=$?
@@ -121,7 +153,8 @@ if [ "$RC" != 0 ]; then FAILED=1; echo ">>> report FAILED (rc $RC)"; else cat "$
 banner "done: $([ "$FAILED" = 0 ] && echo PASS || echo FAIL); results in $RESULTS/$STAMP.{json,md}"
 if [ -n "${OUT:-}" ]; then
     for f in "$RESULTS/$STAMP.json" "$RESULTS/$STAMP.md" "$RESULTS/$STAMP.png" \
-             "$WORK/bench-pytest.json" "$WORK/bench-cli.json" "$WORK/tests.xml"; do
+             "$WORK/bench_pointwise.json" "$WORK/bench_softmax.json" "$WORK/bench_embedding.json" \
+             "$WORK/bench-cli.json" "$WORK/tests.xml"; do
         [ -s "$f" ] && cp "$f" "$OUT/"
     done
     echo "copied results to $OUT"

@@ -1,18 +1,20 @@
 """Combine a GPU check's outputs into one JSON and render markdown tables.
 
-    # what bench/gpu_check.sh runs: combine and render
-    python bench/to_markdown.py --pytest-json bench-pytest.json --cli-json bench-cli.json \\
-        --tests-junit tests.xml --step tests=0 --step bench=0 \\
+    # what bench/gpu_check.sh runs: combine and render (--pytest-json repeats, one per bench file run)
+    python bench/to_markdown.py --pytest-json bench-pointwise.json --pytest-json bench-softmax.json \\
+        --cli-json bench-cli.json --tests-junit tests.xml --step tests=0 --step bench=0 \\
         --out-json bench/results/2026-01-01-nvidia-h100.json --out-md bench/results/2026-01-01-nvidia-h100.md
 
     # re-render a combined JSON, or render one pytest-benchmark / `fastloss bench --json` file
     python bench/to_markdown.py bench/results/2026-01-01-nvidia-h100.json
     python bench/to_markdown.py --pytest-json .benchmarks/run.json
 
-Markdown goes to --out-md, or stdout. Per (loss, N, dtype) group: median times, speed-ups of fastloss
-over torch eager and torch.compile, peak memory, achieved GB/s and the share of the copy bandwidth
-(3-pass byte model), and the sigmoid-focal target (>= 4x torchvision eager at <= 1/3 its memory).
-Missing or empty inputs are reported, never fatal.
+Markdown goes to --out-md, or stdout. One table per loss family (pointwise; row: cross-entropy and
+softmax focal; embedding: contrastive and triplet; InfoNCE), one row per (loss, shape, dtype):
+median times of each implementation present (fastloss, torch eager, torch.compile, Liger-Kernel),
+speed-ups of fastloss over each, peak memory, achieved GB/s and the share of the copy bandwidth
+under the family's byte model (TFLOP/s for InfoNCE), and the sigmoid-focal target (>= 4x
+torchvision eager at <= 1/3 its memory). Missing or empty inputs are reported, never fatal.
 """
 
 from __future__ import annotations
@@ -30,9 +32,6 @@ try:
 except ImportError:  # not installed: run from the checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from fastloss import _bench
-
-_DTYPE_ORDER = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
-
 
 def load_json(path: str | None, notes: list[str]) -> dict | None:
     if not path:
@@ -83,6 +82,23 @@ def junit_summary(path: str | None, notes: list[str]) -> dict | None:
     return out
 
 
+def merge_pytest(datas: list[dict]) -> dict | None:
+    """Several pytest-benchmark JSON files (one per bench file run) as one: benchmarks and skips
+    concatenated, the first file's machine and device facts."""
+    datas = [d for d in datas if d]
+    if len(datas) <= 1:
+        return datas[0] if datas else None
+    out = dict(datas[0])
+    out["benchmarks"] = [b for d in datas for b in d.get("benchmarks", [])]
+    fl = dict(datas[0].get("fastloss") or {})
+    fl["skipped"] = [s for d in datas for s in (d.get("fastloss") or {}).get("skipped", [])]
+    fl["copy_gbps"] = next((d["fastloss"]["copy_gbps"] for d in datas
+                            if (d.get("fastloss") or {}).get("copy_gbps")), None)
+    fl["elapsed_s"] = sum((d.get("fastloss") or {}).get("elapsed_s") or 0 for d in datas)
+    out["fastloss"] = fl
+    return out
+
+
 def pytest_records(data: dict | None) -> list[dict]:
     """pytest-benchmark JSON -> fastloss._bench records (ok ones with their median, then the skips)."""
     if not data:
@@ -97,24 +113,30 @@ def pytest_records(data: dict | None) -> list[dict]:
                "min_s": stats.get("min"), "max_s": stats.get("max"), "q1_s": stats.get("q1"),
                "q3_s": stats.get("q3"), "repeat": stats.get("rounds"), "name": b.get("name")}
         records.append(rec)
+    # Skips carry the test's parameters only (an embedding skip has B but not D): take the missing
+    # side of the shape from a measured record of the same loss, first side and dtype.
+    known = {}
+    for r in map(_bench.normalize_record, records):
+        if r.get("shape") and len(r["shape"]) == 2:
+            known[(r["loss"], r["shape"][0], r["dtype"])] = r["shape"]
+    device = ((data.get("fastloss") or {}).get("device") or {}).get("type")
     for s in (data.get("fastloss") or {}).get("skipped", []):
-        if "loss" in s:
-            records.append({"loss": s["loss"], "impl": s.get("impl"), "n": s.get("n"),
-                            "dtype": s.get("dtype"), "device": (data.get("fastloss") or {})
-                            .get("device", {}).get("type"), "status": "skipped",
-                            "reason": s.get("reason"), "name": s.get("name")})
+        if "loss" not in s:
+            continue
+        rec = {k: v for k, v in s.items() if k not in ("nodeid",)}
+        rec.update(device=s.get("device", device), status="skipped", reason=s.get("reason"))
+        rec = _bench.normalize_record(rec)
+        shape = rec.get("shape") or []
+        if len(shape) == 2 and shape[1] is None:
+            full = known.get((rec["loss"], shape[0], rec.get("dtype")))
+            if full:
+                rec = _bench.normalize_record({**rec, "shape": full, "dim": full[1]})
+        records.append(rec)
     return sort_records(records)
 
 
 def sort_records(records: list[dict]) -> list[dict]:
-    losses = list(_bench.LOSSES)
-    impls = list(_bench.IMPLS)
-
-    def key(r):
-        return (losses.index(r["loss"]) if r.get("loss") in losses else 99, r.get("n") or 0,
-                _DTYPE_ORDER.get(r.get("dtype"), 9), impls.index(r["impl"]) if r.get("impl") in impls else 9)
-
-    return sorted(records, key=key)
+    return _bench.sort_records(records)
 
 
 def _strip_pytest(data: dict | None) -> dict | None:
@@ -129,7 +151,7 @@ def _strip_pytest(data: dict | None) -> dict | None:
 
 def combine(args: argparse.Namespace) -> dict:
     notes: list[str] = []
-    pytest_data = load_json(args.pytest_json, notes)
+    pytest_data = merge_pytest([load_json(path, notes) for path in args.pytest_json or []])
     cli_data = load_json(args.cli_json, notes)
     tests = junit_summary(args.tests_junit, notes)
     steps = {}
@@ -192,10 +214,11 @@ def render(doc: dict) -> str:
         out.extend(f"  - FAILED {t}" for t in tests.get("failed", [])[:30])
     out.extend(f"- note: {n}" for n in doc.get("notes") or [])
     out.append("")
-    out.append("All numbers: `loss = f(x, y); loss.backward()`, reduction=\"mean\", x and y of N elements. "
-               "GB/s and % copy use the fused 3-pass byte model (read x, read y, write grad = 3 x N x "
-               "itemsize) over the median time. Peak memory: max_memory_allocated during one step minus "
-               "what was allocated before (gradient included).")
+    out.append("All numbers: one fwd+bwd step of the loss, reduction=\"mean\", median time. GB/s and % copy "
+               "use the fewest bytes a fused fwd+bwd moves (each input read once, each gradient written "
+               "once; the model of each family is stated above its table) over the median time, against "
+               "the device-to-device copy. Peak memory: max_memory_allocated during one step minus what "
+               "was allocated before (gradients included).")
     out.append("")
     records = pytest_records(pb)
     if records:
@@ -215,7 +238,8 @@ def render(doc: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("combined", nargs="?", help="a combined JSON written by --out-json, to re-render")
-    p.add_argument("--pytest-json", help="pytest --benchmark-json output")
+    p.add_argument("--pytest-json", action="append", metavar="PATH",
+                   help="pytest --benchmark-json output (repeatable: one per bench file run)")
     p.add_argument("--cli-json", help="python -m fastloss bench --json output")
     p.add_argument("--tests-junit", help="pytest --junitxml output of the test suite")
     p.add_argument("--step", action="append", metavar="NAME=RC", help="exit status of a step (repeatable)")

@@ -1,22 +1,42 @@
 """Benchmark harness: ``python -m fastloss bench`` and the helpers bench/*.py share with it.
 
-What is measured: one training step of a loss, ``loss = f(x, y); loss.backward()`` with ``x``
-requiring grad (its ``.grad`` set to None first, so nothing accumulates), for three
-implementations of the same math:
+What is measured: one training step of a loss with respect to its floating inputs, for three
+implementations of the same math (four for cross-entropy):
 
     fastloss        fastloss.functional (Triton kernels on CUDA, the PyTorch reference elsewhere)
-    torch           torch.nn.functional eager (torchvision.ops.sigmoid_focal_loss for the focal loss)
+    torch           the torch baseline, eager: torch.nn.functional where torch has the loss,
+                    otherwise the usual composition of torch ops (see each family below)
     torch.compile   torch.compile(dynamic=False) of the same torch code
+    liger           Liger-Kernel's cross-entropy (CUDA, when ``liger_kernel`` imports)
+
+Three families, each with its inputs, its step and its byte model (DESIGN.md, performance model):
+
+    pointwise   mse, l1, huber, smooth_l1, bce_with_logits, sigmoid_focal: x, y of N elements;
+                step ``x.grad = None; f(x, y).backward()``; bytes 3 * N * itemsize (read x, read y,
+                write grad).
+    row         cross_entropy, focal_loss (softmax focal): logits (N, V), int64 class targets;
+                step ``torch.autograd.grad(f(x, t), x)`` (the gradient handed back as is, so
+                implementations that write it into the logits' memory are not charged for a copy,
+                as in bench/bench_softmax.py); bytes P * N * V * itemsize + 8 * N, P = 2 when a row
+                fits on chip (V <= fastloss.ops.softmax.MAX_FUSED_COLS: read logits, write grad),
+                3 otherwise (log-sum-exp pass, then read + write).
+    embedding   contrastive (margin 2), triplet (torch defaults), info_nce (temperature 0.07):
+                k operands (B, D) requiring grad; step ``.grad = None; f(...).backward()``; bytes
+                2 * k * B * D * itemsize (read each operand, write its grad); info_nce also
+                FLOPs 6 * B**2 * D (the three B x B x D products any method does), reported as
+                TFLOP/s. An implementation that runs out of memory is recorded as skipped, "OOM".
 
 Timing: on CUDA a do_bench-style median of CUDA-event times, with L2 flushed before every
 repetition; elsewhere the median of ``time.perf_counter`` after warm-up. Peak memory on CUDA is
 ``torch.cuda.max_memory_allocated()`` during one step minus the memory allocated before it.
-Bandwidth uses the fused 3-pass byte model of DESIGN.md (read input + read target + write grad =
-3 * N * itemsize) against a device-to-device copy measured in the same process (bytes read +
-bytes written).
+Bandwidth: bytes of the family's model over the median, against a device-to-device copy measured
+in the same process (bytes read + bytes written).
 
-This module imports only torch, the standard library and fastloss; matplotlib and torchvision are
-optional. Nothing here asserts a timing.
+Adding a loss of the row or embedding family is one entry of ``_SHAPED`` (its fastloss call, its
+torch baseline, its inputs and byte model) and one line of ``_DEFAULT_SHAPES``.
+
+This module imports only torch, the standard library and fastloss; matplotlib, torchvision and
+liger_kernel are optional. Nothing here asserts a timing.
 """
 
 from __future__ import annotations
@@ -43,10 +63,17 @@ import fastloss
 from fastloss import functional as FL
 
 __all__ = [
+    "ALL_IMPLS",
+    "ALL_LOSSES",
+    "BYTES_MODELS",
+    "EMBEDDING_LOSSES",
     "IMPLS",
     "LOSSES",
+    "ROW_LOSSES",
     "FwdBwd",
+    "GradStep",
     "LossCase",
+    "ShapedCase",
     "bytes_moved",
     "configure_compile",
     "copy_bandwidth",
@@ -57,14 +84,20 @@ __all__ = [
     "loss_case",
     "make_inputs",
     "measure",
+    "measure_shaped",
     "peak_memory",
+    "resolve_loss",
     "run_bench",
+    "shaped_case",
     "time_step",
 ]
 
 IMPLS = ("fastloss", "torch", "torch.compile")
+#: Every implementation a record may name, in report order ("fastloss_inplace" is
+#: ``cross_entropy(..., inplace_backward=True)``, measured by bench/bench_softmax.py only).
+ALL_IMPLS = ("fastloss", "fastloss_inplace", "torch", "torch.compile", "liger")
 
-#: Loss names in report order, with their fastloss.functional names.
+#: Pointwise loss names in report order, with their fastloss.functional names.
 LOSSES = {
     "mse": "mse_loss",
     "l1": "l1_loss",
@@ -80,6 +113,20 @@ _LOSS_ALIASES = {
     "focal": "sigmoid_focal",
     "smoothl1": "smooth_l1",
     "smooth-l1": "smooth_l1",
+}
+
+#: Losses of the softmax row family: logits (N, V) and class targets.
+ROW_LOSSES = {"cross_entropy": "cross_entropy", "focal_loss": "focal_loss"}
+#: Losses of the embedding family: (B, D) operands.
+EMBEDDING_LOSSES = {"contrastive": "contrastive_loss", "triplet": "triplet_margin_loss", "info_nce": "info_nce"}
+#: Every loss ``python -m fastloss bench`` knows, in report order, with its family.
+ALL_LOSSES = {**{k: "pointwise" for k in LOSSES}, **{k: "row" for k in ROW_LOSSES},
+              **{k: "embedding" for k in EMBEDDING_LOSSES}}
+
+_SHAPED_ALIASES = {
+    **{v: k for k, v in {**ROW_LOSSES, **EMBEDDING_LOSSES}.items()},
+    "ce": "cross_entropy", "xent": "cross_entropy", "softmax_focal": "focal_loss",
+    "triplet_margin": "triplet", "infonce": "info_nce", "nt_xent": "info_nce",
 }
 
 _DTYPES = {
@@ -266,9 +313,285 @@ def env_list(name: str, default: Iterable[Any], parse: Callable[[str], Any]) -> 
     return list(dict.fromkeys(parse(s) for s in _split_list([raw]))) if raw else list(default)
 
 
+def resolve_loss(name: str) -> str:
+    """The canonical name of a loss of any family ("focal" is the sigmoid focal loss,
+    "focal_loss" / "softmax_focal" the softmax one)."""
+    key = name.strip().lower().replace("-", "_")
+    key = _SHAPED_ALIASES.get(key, key)
+    if key in ALL_LOSSES:
+        return key
+    try:
+        return canonical_loss(key)
+    except ValueError:
+        raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(ALL_LOSSES)}") from None
+
+
+def parse_shape(text: str | Sequence[int]) -> tuple[int, int]:
+    """A 2-D shape: 8192x32000, 2**20x128, 16Kx512 (each side as :func:`parse_size`)."""
+    if not isinstance(text, str):
+        a, b = text
+        return parse_size(a), parse_size(b)
+    parts = text.strip().lower().split("x")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return parse_size(parts[0]), parse_size(parts[1])
+    except ValueError:
+        raise ValueError(f"cannot read shape {text!r}; write e.g. 8192x32000 or 2**20x128") from None
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    """``8192x32000``; sides that are powers of two from 2**20 up as ``2**20``."""
+    return "x".join("?" if d is None else size_label(d) if d >= 2**20 else str(d) for d in shape)
+
+
 def bench_device() -> torch.device:
     """$FASTLOSS_BENCH_DEVICE, else CUDA when available, else CPU."""
     return torch.device(os.environ.get("FASTLOSS_BENCH_DEVICE", "").strip() or default_device())
+
+
+# --------------------------------------------------------------------------------------------
+# The row and embedding families: 2-D shapes, several operands
+# --------------------------------------------------------------------------------------------
+
+CONTRASTIVE_MARGIN, INFO_NCE_TEMPERATURE = 2.0, 0.07
+
+
+def _fl_cross_entropy(x: Tensor, t: Tensor) -> Tensor:
+    return FL.cross_entropy(x, t)
+
+
+def _torch_cross_entropy(x: Tensor, t: Tensor) -> Tensor:
+    return F.cross_entropy(x, t)
+
+
+def _fl_softmax_focal(x: Tensor, t: Tensor) -> Tensor:
+    return FL.focal_loss(x, t, FOCAL_ALPHA, FOCAL_GAMMA)
+
+
+def _classic_softmax_focal(x: Tensor, t: Tensor) -> Tensor:
+    """The classic softmax focal loss composition (alpha 0.25, gamma 2)."""
+    ce = F.cross_entropy(x, t, reduction="none")
+    pt = torch.exp(-ce)
+    return (FOCAL_ALPHA * (1 - pt) ** FOCAL_GAMMA * ce).mean()
+
+
+def _fl_contrastive(x1: Tensor, x2: Tensor, label: Tensor) -> Tensor:
+    return FL.contrastive_loss(x1, x2, label, CONTRASTIVE_MARGIN)
+
+
+def _seed_contrastive(x1: Tensor, x2: Tensor, label: Tensor) -> Tensor:
+    """The seed guide's ContrastiveLoss.forward (margin 2; label 1 = dissimilar pair)."""
+    d = F.pairwise_distance(x1, x2)
+    return torch.mean((1 - label) * torch.pow(d, 2)
+                      + label * torch.pow(torch.clamp(CONTRASTIVE_MARGIN - d, min=0.0), 2))
+
+
+def _fl_triplet(a: Tensor, p: Tensor, n: Tensor) -> Tensor:
+    return FL.triplet_margin_loss(a, p, n)
+
+
+def _torch_triplet(a: Tensor, p: Tensor, n: Tensor) -> Tensor:
+    return F.triplet_margin_loss(a, p, n)
+
+
+def _fl_info_nce(q: Tensor, k: Tensor) -> Tensor:
+    return FL.info_nce(q, k, INFO_NCE_TEMPERATURE)
+
+
+def _naive_info_nce(q: Tensor, k: Tensor) -> Tensor:
+    """Normalise, the full B x B similarity matrix, cross-entropy against the diagonal."""
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    logits = q @ k.T / INFO_NCE_TEMPERATURE
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+@functools.cache
+def liger_cross_entropy() -> tuple[Callable[[Tensor, Tensor], Tensor] | None, str | None]:
+    """(Liger-Kernel's cross-entropy ``fn(logits, target)``, None), or (None, why it cannot run).
+
+    Imported as bench/bench_softmax.py does: the transformers-side module, else the bare
+    autograd.Function. Liger writes the gradient into the logits' memory.
+    """
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+
+        return LigerCrossEntropyLoss(reduction="mean"), None
+    except Exception as exc:  # noqa: BLE001 - not installed, or broken against this torch/triton
+        reason = f"liger_kernel not importable ({error_reason(exc)})"
+    try:
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+    except Exception:  # noqa: BLE001
+        return None, reason
+    return (lambda x, t: LigerCrossEntropyFunction.apply(x, t, None)[0]), None
+
+
+def row_passes(n_cols: int) -> int:
+    """Passes over the logits of the fewest-bytes fused fwd+bwd: 2 when a row of ``n_cols`` classes
+    fits on chip (fastloss.ops.softmax.MAX_FUSED_COLS, whatever the kernel then chooses for the
+    dtype; as bench/bench_softmax.py counts), 3 otherwise."""
+    from fastloss.ops import softmax as ops_softmax
+
+    return 2 if n_cols <= ops_softmax.MAX_FUSED_COLS else 3
+
+
+def row_single_pass(shape: Sequence[int], dtype: torch.dtype) -> bool | None:
+    """Whether fastloss's row kernel reads each row once for this shape and dtype (its launch
+    helper's choice), for the records; None if that helper cannot be asked."""
+    try:
+        from fastloss.ops import softmax as ops_softmax
+
+        return bool(ops_softmax._row_config(shape[0], shape[1], dtype)[2])
+    except Exception:  # noqa: BLE001 - private helper: informational only
+        return None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _row_bytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n, v = shape
+    return row_passes(v) * n * v * _itemsize(dtype) + 8 * n  # + the int64 targets
+
+
+def _embedding_bytes(operands: int) -> Callable[[Sequence[int], torch.dtype], int]:
+    def model(shape: Sequence[int], dtype: torch.dtype) -> int:
+        b, d = shape
+        return 2 * operands * b * d * _itemsize(dtype)
+
+    return model
+
+
+def _info_nce_flops(shape: Sequence[int]) -> int:
+    b, d = shape
+    return 6 * b * b * d
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _row_inputs(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Logits (N, V) standard normal requiring grad, targets (N,) int64 uniform over the classes."""
+    n, v = shape
+    g = _generator(device, seed)
+    x = torch.randn(n, v, generator=g, device=device).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g, device=device)
+    return x, t
+
+
+def _embedding_inputs(operands: int, label: bool = False):
+    def make(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
+        """``operands`` (B, D) standard normal requiring grad (+ a 0/1 label of ``dtype``)."""
+        b, d = shape
+        g = _generator(device, seed)
+        xs = [torch.randn(b, d, generator=g, device=device).to(dtype).requires_grad_()
+              for _ in range(operands)]
+        if label:
+            xs.append(torch.randint(0, 2, (b,), generator=g, device=device).to(dtype))
+        return tuple(xs)
+
+    return make
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapedCase:
+    """A loss of the row or embedding family: its fastloss call, its torch baseline, how its
+    inputs are made from a 2-D shape, and its byte (and FLOP) model."""
+
+    name: str
+    family: str                                   # "row" | "embedding"
+    fastloss: Callable[..., Tensor]
+    torch: Callable[..., Tensor]
+    torch_label: str
+    make_inputs: Callable[..., tuple[Tensor, ...]]  # (shape, dtype, device, seed) -> operands
+    bytes_moved: Callable[[Sequence[int], torch.dtype], int]
+    flops: Callable[[Sequence[int]], int] | None = None
+    liger: bool = False                           # Liger-Kernel has this loss
+    autograd_grad: bool = False                   # step: torch.autograd.grad, not .backward()
+
+    @property
+    def impls(self) -> tuple[str, ...]:
+        return IMPLS + ("liger",) if self.liger else IMPLS
+
+    def impl(self, impl: str, device: torch.device) -> Callable[..., Tensor]:
+        """The callable of one implementation; raises NotImplementedError with the reason when it
+        cannot run here (Liger off CUDA or not installed)."""
+        if impl == "fastloss":
+            return self.fastloss
+        if impl == "torch":
+            return self.torch
+        if impl == "torch.compile":
+            return compiled(self.torch)
+        if impl == "liger" and self.liger:
+            if device.type != "cuda":
+                raise NotImplementedError("Liger-Kernel needs CUDA")
+            fn, reason = liger_cross_entropy()
+            if fn is None:
+                raise NotImplementedError(reason)
+            return fn
+        raise ValueError(f"unknown implementation {impl!r} for {self.name}; expected one of {self.impls}")
+
+
+_SHAPED: dict[str, ShapedCase] = {
+    "cross_entropy": ShapedCase(
+        "cross_entropy", "row", _fl_cross_entropy, _torch_cross_entropy,
+        "torch.nn.functional.cross_entropy", _row_inputs, _row_bytes, liger=True, autograd_grad=True),
+    "focal_loss": ShapedCase(
+        "focal_loss", "row", _fl_softmax_focal, _classic_softmax_focal,
+        "ce = F.cross_entropy(reduction='none'); (0.25 (1 - exp(-ce))**2 ce).mean()",
+        _row_inputs, _row_bytes, autograd_grad=True),
+    "contrastive": ShapedCase(
+        "contrastive", "embedding", _fl_contrastive, _seed_contrastive,
+        "seed ContrastiveLoss (F.pairwise_distance, margin 2)", _embedding_inputs(2, label=True),
+        _embedding_bytes(2)),
+    "triplet": ShapedCase(
+        "triplet", "embedding", _fl_triplet, _torch_triplet, "torch.nn.functional.triplet_margin_loss",
+        _embedding_inputs(3), _embedding_bytes(3)),
+    "info_nce": ShapedCase(
+        "info_nce", "embedding", _fl_info_nce, _naive_info_nce,
+        "F.normalize; q @ k.T / 0.07; F.cross_entropy(arange(B))", _embedding_inputs(2),
+        _embedding_bytes(2), flops=_info_nce_flops),
+}
+
+#: Default shapes per loss: (N, V) for the row family, (B, D) for the embedding family.
+_DEFAULT_SHAPES: dict[str, dict[str, list[tuple[int, int]]]] = {
+    "cuda": {
+        "cross_entropy": [(8192, 32000), (8192, 128256), (4096, 256000)],
+        "focal_loss": [(65536, 1000), (8192, 32000)],
+        "contrastive": [(2**20, 128)],
+        "triplet": [(2**20, 128)],
+        "info_nce": [(4096, 512), (16384, 512)],
+    },
+    "cpu": {
+        "cross_entropy": [(256, 4096)],
+        "focal_loss": [(256, 4096)],
+        "contrastive": [(4096, 64)],
+        "triplet": [(4096, 64)],
+        "info_nce": [(512, 64)],
+    },
+}
+
+
+def shaped_case(name: str) -> ShapedCase:
+    """The ShapedCase of a row- or embedding-family loss name."""
+    key = resolve_loss(name)
+    if key not in _SHAPED:
+        raise ValueError(f"{name!r} is not a row or embedding loss; expected one of {', '.join(_SHAPED)}")
+    return _SHAPED[key]
+
+
+def default_shapes(name: str, device: torch.device) -> list[tuple[int, int]]:
+    """The shapes ``python -m fastloss bench`` runs a row / embedding loss at on this device."""
+    table = _DEFAULT_SHAPES["cuda" if device.type == "cuda" else "cpu"]
+    return list(table[resolve_loss(name)])
+
+
+def torch_label(name: str) -> str:
+    """What the torch baseline of a loss (any family) is, for reports."""
+    key = resolve_loss(name)
+    return _SHAPED[key].torch_label if key in _SHAPED else loss_case(key).torch_label
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,6 +636,33 @@ class FwdBwd:
             torch.cuda.synchronize(self.x.device)
 
 
+class GradStep:
+    """One training step of a loss of several operands: the gradients of ``fn(*inputs)`` with
+    respect to ``wrt`` (the inputs requiring grad), by ``torch.autograd.grad`` (handed back, not
+    accumulated) when ``autograd_grad``, else by ``.backward()`` into ``.grad`` set to None first
+    (plus a synchronize when ``sync``, for wall-clock timers)."""
+
+    def __init__(self, fn: Callable[..., Tensor], inputs: Sequence[Tensor], autograd_grad: bool = False,
+                 sync: bool = False):
+        self.fn, self.inputs = fn, tuple(inputs)
+        self.wrt = tuple(t for t in self.inputs if t.requires_grad)
+        self.autograd_grad = autograd_grad
+        self.sync = sync and self.inputs[0].device.type == "cuda"
+
+    def zero_grad(self) -> None:
+        for t in self.wrt:
+            t.grad = None
+
+    def __call__(self) -> None:
+        if self.autograd_grad:
+            torch.autograd.grad(self.fn(*self.inputs), self.wrt)
+        else:
+            self.zero_grad()
+            self.fn(*self.inputs).backward()
+        if self.sync:
+            torch.cuda.synchronize(self.inputs[0].device)
+
+
 @functools.cache
 def _flush_buffer(device: torch.device) -> Tensor:
     return torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
@@ -353,12 +703,12 @@ def time_step(step: Callable[[], Any], device: torch.device, repeat: int, warmup
     return times
 
 
-def peak_memory(step: FwdBwd | Callable[[], Any], device: torch.device) -> int | None:
+def peak_memory(step: FwdBwd | GradStep | Callable[[], Any], device: torch.device) -> int | None:
     """Bytes allocated at the peak of one call of ``step`` beyond what was allocated before it
-    (the gradient buffer included); None off CUDA."""
+    (the gradient buffers included); None off CUDA."""
     if device.type != "cuda":
         return None
-    if isinstance(step, FwdBwd):
+    if isinstance(step, (FwdBwd, GradStep)):
         step.zero_grad()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -418,10 +768,20 @@ def compiled(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor
     return torch.compile(fn, dynamic=False)
 
 
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is the device running out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def error_reason(exc: BaseException) -> str:
-    """``ExceptionType: first line of the message``, for skip records."""
+    """``ExceptionType: first line of the message`` for skip records; just "OOM" for out of memory."""
+    if is_oom(exc):
+        return "OOM"
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+_reason = error_reason  # the name bench/bench_embedding.py calls
 
 
 def _release(device: torch.device) -> None:
@@ -437,7 +797,8 @@ def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device:
     case = loss_case(case) if isinstance(case, str) else case
     device = torch.device(device)
     rec: dict[str, Any] = {
-        "loss": case.name, "impl": impl, "n": n, "dtype": dtype_name(dtype), "device": device.type,
+        "loss": case.name, "family": "pointwise", "impl": impl, "n": n, "shape": [n],
+        "shape_label": size_label(n), "dtype": dtype_name(dtype), "device": device.type,
         "baseline": case.torch_label if impl != "fastloss" else "fastloss.functional",
         "bytes_moved": bytes_moved(n, dtype), "status": "ok", "reason": None,
     }
@@ -458,6 +819,73 @@ def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device:
         x = y = step = None  # drop the failed step's tensors before returning memory
         _release(device)
         return rec
+    _summarise(rec, times, device)
+    return rec
+
+
+def shaped_record(case: ShapedCase, impl: str, shape: Sequence[int], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, Any]:
+    """The fields of a row / embedding record known before measuring (status "ok" until it fails)."""
+    shape = tuple(int(d) for d in shape)
+    dims = {"n": shape[0], "v": shape[1]} if case.family == "row" else {"b": shape[0], "dim": shape[1]}
+    rec: dict[str, Any] = {
+        "loss": case.name, "family": case.family, "impl": impl, **dims, "shape": list(shape),
+        "shape_label": shape_label(shape), "dtype": dtype_name(dtype), "device": device.type,
+        "baseline": {"fastloss": "fastloss.functional", "liger": "Liger-Kernel LigerCrossEntropyLoss"}
+        .get(impl, case.torch_label),
+        "bytes_moved": case.bytes_moved(shape, dtype), "status": "ok", "reason": None,
+    }
+    if case.family == "row":
+        rec["passes"] = row_passes(shape[1])
+        rec["kernel_single_pass"] = row_single_pass(shape, dtype)
+    if case.flops is not None:
+        rec["flops_model"] = case.flops(shape)
+    return rec
+
+
+def measure_shaped(case: ShapedCase | str, impl: str, shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device, repeat: int, warmup: int = 3,
+                   inputs: tuple[Tensor, ...] | None = None) -> dict[str, Any]:
+    """Time and size one (row / embedding loss, implementation, shape, dtype). Never raises for a
+    failing implementation: the record then has status "skipped" and the reason ("OOM" when the
+    device ran out of memory)."""
+    case = shaped_case(case) if isinstance(case, str) else case
+    device = torch.device(device)
+    rec = shaped_record(case, impl, shape, dtype, device)
+    step = None
+    try:
+        fn = case.impl(impl, device)
+        ops = inputs if inputs is not None else case.make_inputs(tuple(shape), dtype, device)
+        if impl == "liger":  # overwrites the logits with their gradient: keep the shared ones
+            ops = (ops[0].detach().clone().requires_grad_(), *ops[1:])
+        step = GradStep(fn, ops, autograd_grad=case.autograd_grad)
+        t0 = time.perf_counter()
+        step()  # first call: compiles torch.compile graphs and Triton kernels
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rec["first_call_s"] = time.perf_counter() - t0
+        times = time_step(step, device, repeat=repeat, warmup=warmup)
+        rec["peak_mem_bytes"] = peak_memory(step, device)
+        step.zero_grad()
+    except NotImplementedError as exc:  # cannot run here (Liger off CUDA or not installed)
+        rec.update(status="skipped", reason=str(exc) or error_reason(exc))
+    except Exception as exc:  # noqa: BLE001 - OOM, compile or backend failure: record, go on
+        rec.update(status="skipped", reason=error_reason(exc))
+    if rec["status"] != "ok":
+        if step is not None:
+            step.zero_grad()
+        ops = step = None  # drop the failed step's tensors before returning memory
+        _release(device)
+        return rec
+    del ops, step
+    _summarise(rec, times, device)
+    if rec.get("flops_model"):
+        rec["tflops"] = rec["flops_model"] / rec["median_s"] / 1e12
+    return rec
+
+
+def _summarise(rec: dict[str, Any], times: Sequence[float], device: torch.device) -> None:
+    """Median, spread, GB/s and share of the copy bandwidth into ``rec``."""
     med = statistics.median(times)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [med, med, med]
     copy = copy_bandwidth(device)
@@ -466,7 +894,6 @@ def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device:
         gbps=rec["bytes_moved"] / med / 1e9, copy_gbps=copy / 1e9,
         copy_share=rec["bytes_moved"] / med / copy,
     )
-    return rec
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -521,6 +948,12 @@ def _gbps(rec: dict | None) -> str:
     return f"{rec['gbps']:.0f}" if rec and rec.get("status") == "ok" and rec.get("gbps") else "-"
 
 
+def _tflops(rec: dict | None) -> str:
+    if not rec or rec.get("status") != "ok" or not rec.get("median_s") or not rec.get("flops_model"):
+        return "-"
+    return f"{rec['flops_model'] / rec['median_s'] / 1e12:.3g}"
+
+
 def _ratio(num: dict | None, den: dict | None, key: str = "median_s") -> float | None:
     if not num or not den or num.get("status") != "ok" or den.get("status") != "ok":
         return None
@@ -532,51 +965,165 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def group_records(records: Iterable[dict]) -> dict[tuple[str, int, str], dict[str, dict]]:
-    """{(loss, n, dtype): {impl: record}} in first-seen order."""
-    groups: dict[tuple[str, int, str], dict[str, dict]] = {}
+#: Column names of each implementation: (in "<name> ms" and "vs <name>", in "a/b/c" columns).
+_IMPL_NAMES = {"fastloss": ("fastloss", "fl"), "fastloss_inplace": ("inplace", "inplace"),
+               "torch": ("torch", "torch"), "torch.compile": ("compile", "compile"),
+               "liger": ("liger", "liger")}
+_DIM_HEADER = {"pointwise": "N", "row": "N x V", "embedding": "B x D"}
+_FAMILY_ORDER = ("pointwise", "row", "embedding")
+#: What each table measures, under its heading (family, metric).
+_SECTION_NOTES = {
+    ("pointwise", "gbps"): "Pointwise losses, x and y of N elements, step `x.grad = None; loss(x, y).backward()`; "
+                           "GB/s and % copy under 3 x N x itemsize (read x, read y, write grad).",
+    ("row", "gbps"): "Row family, logits N x V and int64 targets, step `torch.autograd.grad(loss(x, t), x)`; "
+                     "GB/s and % copy under P x N x V x itemsize + 8 N, P = 2 when V <= 32768 (a row fits "
+                     "on chip: read logits, write grad), else 3. focal_loss is the softmax focal loss "
+                     "(alpha 0.25, gamma 2) against the classic cross_entropy(reduction='none') composition.",
+    ("embedding", "gbps"): "Embedding pair losses, k operands of B x D (contrastive k = 2 with margin 2 against "
+                           "the seed composition, triplet k = 3 against F.triplet_margin_loss), step "
+                           "`.grad = None; loss.backward()`; GB/s and % copy under 2 x k x B x D x itemsize.",
+    ("embedding", "tflops"): "InfoNCE, query and key B x D, temperature 0.07, against the naive formula "
+                             "(normalize, q @ k.T / t, cross_entropy with arange labels: a B x B matrix); "
+                             "TFLOP/s under 6 x B^2 x D (the three B x B x D products).",
+}
+
+
+def _parse_shape_field(value: Any) -> list[int | None] | None:
+    """A record's shape as a list (None for an unknown side), from a list or a string such as
+    "(8192, 32000)" (a pytest parameter); None when there is none."""
+    if isinstance(value, str):
+        value = [p for p in value.replace("x", ",").strip("()[] ").split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    try:
+        return [None if v is None else int(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def normalize_record(rec: dict) -> dict:
+    """A record from any source (this CLI, bench/bench_*.py ``extra_info`` or their skip lists) with
+    ``family``, ``shape`` (a list), ``shape_label`` and a canonical loss name."""
+    r = dict(rec)
+    shape = _parse_shape_field(r.get("shape"))
+    if shape is None:
+        if "v" in r:
+            shape = [r.get("n"), r["v"]]
+        elif "b" in r:
+            shape = [r["b"], r.get("dim")]
+        elif r.get("n") is not None:
+            shape = [r["n"]]
+    loss = r.get("loss")
+    fam = r.get("family")
+    if fam is None:
+        if "v" in r or (loss in ("cross_entropy", "focal", "focal_loss") and shape and len(shape) == 2):
+            fam = "row"
+        elif "b" in r or loss in EMBEDDING_LOSSES:
+            fam = "embedding"
+        else:
+            fam = "pointwise"
+    if isinstance(loss, str):
+        if fam == "row" and loss == "focal":  # bench/bench_softmax.py's name of the softmax focal loss
+            loss = "focal_loss"
+        else:
+            try:
+                loss = resolve_loss(loss)
+            except ValueError:
+                pass
+    if shape and len(shape) == 2 and None not in shape:
+        r.setdefault("n" if fam == "row" else "b", shape[0])
+        r.setdefault("v" if fam == "row" else "dim", shape[1])
+    r.update(loss=loss, family=fam, shape=shape)
+    if shape and None not in shape:
+        r["shape_label"] = size_label(shape[0]) if len(shape) == 1 else shape_label(shape)
+    return r
+
+
+def _metric(rec: dict) -> str:
+    return "tflops" if rec.get("flops_model") or rec.get("loss") == "info_nce" else "gbps"
+
+
+def _shape_key(rec: dict) -> tuple:
+    return tuple(rec.get("shape") or (rec.get("n"),))
+
+
+def group_records(records: Iterable[dict]) -> dict[tuple[str, tuple, str], dict[str, dict]]:
+    """{(loss, shape, dtype): {impl: record}} in first-seen order (records normalised first)."""
+    groups: dict[tuple[str, tuple, str], dict[str, dict]] = {}
     for r in records:
-        groups.setdefault((r["loss"], r["n"], r["dtype"]), {})[r["impl"]] = r
+        r = normalize_record(r)
+        groups.setdefault((r["loss"], _shape_key(r), r["dtype"]), {})[r["impl"]] = r
     return groups
 
 
-def _table_rows(groups: dict[tuple[str, int, str], dict[str, dict]], cuda: bool,
-                bandwidth: bool = True) -> list[list[str]]:
+def sort_records(records: Iterable[dict]) -> list[dict]:
+    """Normalised records ordered by family, loss (report order), shape, dtype, implementation."""
+    losses, impls = list(ALL_LOSSES), list(ALL_IMPLS)
+    dtypes = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
+
+    def key(r: dict) -> tuple:
+        return (_FAMILY_ORDER.index(r["family"]) if r["family"] in _FAMILY_ORDER else 9,
+                losses.index(r["loss"]) if r.get("loss") in losses else 99,
+                tuple(d or 0 for d in _shape_key(r)), dtypes.get(r.get("dtype"), 9),
+                impls.index(r["impl"]) if r.get("impl") in impls else 9)
+
+    return sorted((normalize_record(r) for r in records), key=key)
+
+
+def _impls_in(groups: dict[tuple[str, tuple, str], dict[str, dict]]) -> list[str]:
+    seen = {i for by in groups.values() for i in by}
+    return [i for i in ALL_IMPLS if i in seen] + sorted(i for i in seen if i not in ALL_IMPLS)
+
+
+def _table(groups: dict[tuple[str, tuple, str], dict[str, dict]], cuda: bool, bandwidth: bool = True,
+           family: str = "pointwise", metric: str = "gbps") -> tuple[list[str], list[list[str]]]:
+    """(header, rows): one row per (loss, shape, dtype) group, one column per implementation present."""
+    impls = _impls_in(groups)
+    others = [i for i in impls if i != "fastloss"]
+    names = [_IMPL_NAMES.get(i, (i, i)) for i in impls]
+    short = "/".join(s for _, s in names)
+    header = [_DIM_HEADER.get(family, "shape"), "dtype"] + [f"{n} ms" for n, _ in names]
+    header += [f"vs {_IMPL_NAMES.get(i, (i, i))[0]}" for i in others] + [f"peak MiB {short}"]
+    if bandwidth:
+        header += (["fastloss TFLOP/s", f"TFLOP/s {short}"] if metric == "tflops"
+                   else ["fastloss GB/s", f"% copy BW {short}"])
     rows = []
-    for (_loss, n, dtype), by in groups.items():
-        fl, tn, tc = by.get("fastloss"), by.get("torch"), by.get("torch.compile")
-        row = [size_label(n), dtype, _ms(fl), _ms(tn), _ms(tc), _x(_ratio(fl, tn)), _x(_ratio(fl, tc))]
-        row.append(" / ".join(_mib(r) for r in (fl, tn, tc)) if cuda else "-")
+    for (_loss, shape, dtype), by in groups.items():
+        fl = by.get("fastloss")
+        recs = [by.get(i) for i in impls]
+        label = size_label(shape[0]) if len(shape) == 1 else shape_label(shape)
+        row = [label, dtype] + [_ms(r) for r in recs] + [_x(_ratio(fl, by.get(i))) for i in others]
+        row.append(" / ".join(_mib(r) for r in recs) if cuda else "-")
         if bandwidth:
-            row.append(_gbps(fl))
-            row.append(" / ".join(_pct(r) for r in (fl, tn, tc)))
+            if metric == "tflops":
+                row += [_tflops(fl), " / ".join(_tflops(r) for r in recs)]
+            else:
+                row += [_gbps(fl), " / ".join(_pct(r) for r in recs)]
         rows.append(row)
-    return rows
+    return header, rows
 
 
-_HEADER = ["N", "dtype", "fastloss ms", "torch ms", "compile ms", "vs torch", "vs compile",
-           "peak MiB fl/torch/compile", "fastloss GB/s", "% copy BW fl/torch/compile"]
-
-
-def _skips(groups: dict[tuple[str, int, str], dict[str, dict]]) -> list[str]:
-    """One line per skip reason, naming the (loss N dtype: implementations) it hit."""
+def _skips(groups: dict[tuple[str, tuple, str], dict[str, dict]]) -> list[str]:
+    """One line per skip reason, naming the (loss shape dtype: implementations) it hit."""
     by_reason: dict[str, dict[str, list[str]]] = {}
-    for (loss, n, dtype), by in groups.items():
+    whole: dict[str, int] = {}
+    for (loss, shape, dtype), by in groups.items():
         for impl, r in by.items():
             if r.get("status") != "ok":
-                key = f"{loss} {size_label(n)} {dtype}"
+                key = f"{loss} {size_label(shape[0]) if len(shape) == 1 else shape_label(shape)} {dtype}"
+                whole[key] = len(by)
                 by_reason.setdefault(str(r.get("reason")), {}).setdefault(key, []).append(impl)
     lines = []
     for reason, hit in by_reason.items():
-        what = "; ".join(k if len(v) == len(IMPLS) else f"{k} ({', '.join(v)})" for k, v in hit.items())
+        what = "; ".join(k if len(v) == whole[k] else f"{k} ({', '.join(v)})" for k, v in hit.items())
         lines.append(f"skipped ({reason}): {what}")
     return lines
 
 
-def _focal_target(groups: dict[tuple[str, int, str], dict[str, dict]]) -> list[str]:
+def _focal_target(groups: dict[tuple[str, tuple, str], dict[str, dict]]) -> list[str]:
     """The issue's target for the sigmoid focal loss: >= 4x faster than torchvision eager, <= 1/3 memory."""
     lines = []
-    for (loss, n, dtype), by in groups.items():
+    for (loss, shape, dtype), by in groups.items():
         fl, tn = by.get("fastloss"), by.get("torch")
         if loss != "sigmoid_focal" or not fl or fl.get("device") != "cuda":
             continue
@@ -588,13 +1135,39 @@ def _focal_target(groups: dict[tuple[str, int, str], dict[str, dict]]) -> list[s
             continue
         ok = speed >= 4 and (mem is None or mem <= 1 / 3)
         mem_txt = "peak memory n/a" if mem is None else f"{mem:.2f}x the peak memory (target <= 0.33x)"
-        lines.append(f"sigmoid_focal {size_label(n)} {dtype}: fastloss {speed:.1f}x faster than "
+        lines.append(f"sigmoid_focal {size_label(shape[0])} {dtype}: fastloss {speed:.1f}x faster than "
                      f"{tn['baseline']} eager (target >= 4x), {mem_txt}: {'MET' if ok else 'NOT MET'}")
     return lines
 
 
+def _baseline_of(loss: str, records: Iterable[dict]) -> str:
+    for r in records:
+        if r.get("impl") in ("torch", "torch.compile") and r.get("baseline"):
+            return r["baseline"]
+    try:
+        return torch_label(loss)
+    except ValueError:
+        return "?"
+
+
+def _sections(records: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Normalised records by (family, metric), in report order."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in sort_records(records):
+        out.setdefault((r["family"], _metric(r)), []).append(r)
+    return out
+
+
+_MODEL_TEXT = {
+    "pointwise": "pointwise 3*N*itemsize",
+    "row": "row P*N*V*itemsize + 8*N (P = 2 if V <= 32768 else 3)",
+    "embedding": "embedding 2*k*B*D*itemsize (k operands); info_nce TFLOP/s of 6*B^2*D",
+}
+
+
 def format_text(records: Sequence[dict], meta: dict | None = None) -> str:
     """Plain-text tables, one per loss, for the terminal."""
+    records = [normalize_record(r) for r in records]
     by_loss: dict[str, list[dict]] = {}
     for r in records:
         by_loss.setdefault(r["loss"], []).append(r)
@@ -606,14 +1179,16 @@ def format_text(records: Sequence[dict], meta: dict | None = None) -> str:
         out.append(f"fastloss bench on {dev.get('name', '?')} ({dev.get('type', '?')}), torch "
                    f"{dev.get('torch')}, triton {dev.get('triton')}, copy bandwidth "
                    f"{copy:.0f} GB/s" if copy else "")
-        out.append("fwd+bwd of loss(x, y).backward(), reduction='mean'; median times; bytes model "
-                   "3*N*itemsize")
+        families = [f for f in _FAMILY_ORDER if any(r["family"] == f for r in records)]
+        out.append("fwd+bwd, reduction='mean'; median times; bytes models: "
+                   + "; ".join(_MODEL_TEXT[f] for f in families))
     for loss, recs in by_loss.items():
         groups = group_records(recs)
+        family, metric = recs[0]["family"], _metric(recs[0])
         out.append("")
-        out.append(f"== {loss} (torch baseline: {loss_case(loss).torch_label}) ==")
-        header = _HEADER if cuda else _HEADER[:-2]
-        rows = [header] + _table_rows(groups, cuda, bandwidth=cuda)
+        out.append(f"== {loss} (torch baseline: {_baseline_of(loss, recs)}) ==")
+        header, rows = _table(groups, cuda, bandwidth=cuda, family=family, metric=metric)
+        rows = [header] + rows
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for row in rows:
             out.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
@@ -623,51 +1198,68 @@ def format_text(records: Sequence[dict], meta: dict | None = None) -> str:
 
 
 def format_markdown(records: Sequence[dict], title: str | None = None) -> str:
-    """Markdown: one table row per (loss, N, dtype) group, skips and the focal-loss target below."""
-    groups = group_records(records)
+    """Markdown: one table per family (InfoNCE apart, in TFLOP/s), one row per (loss, shape, dtype)
+    group, one column per implementation present; skips and the sigmoid-focal target below."""
     cuda = any(r.get("device") == "cuda" for r in records)
     out = [f"### {title}", ""] if title else []
-    header = ["loss"] + _HEADER
-    out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join("---" if i < 3 else "--:" for i in range(len(header))) + "|")
-    for (loss, _n, _d), row in zip(groups, _table_rows(groups, cuda)):
-        out.append("| " + " | ".join([loss] + row) + " |")
-    notes = _skips(groups) + _focal_target(groups)
+    notes: list[str] = []
+    for (family, metric), recs in _sections(records).items():
+        groups = group_records(recs)
+        note = _SECTION_NOTES.get((family, metric))
+        if note:
+            out += [note, ""]
+        header, rows = _table(groups, cuda, family=family, metric=metric)
+        header = ["loss"] + header
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "|".join("---" if i < 3 else "--:" for i in range(len(header))) + "|")
+        for (loss, _shape, _d), row in zip(groups, rows):
+            out.append("| " + " | ".join([loss] + row) + " |")
+        out.append("")
+        notes += _skips(groups) + _focal_target(groups)
     baselines = sorted({r["baseline"] for r in records if r.get("loss") == "sigmoid_focal"
-                        and r.get("impl") != "fastloss"})
+                        and r.get("impl") not in ("fastloss", None) and r.get("baseline")})
     notes += [f"sigmoid_focal torch baseline: {b}" for b in baselines]
     if notes:
-        out.append("")
         out.extend(f"- {s}" for s in notes)
-    return "\n".join(out) + "\n"
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 def plot(records: Sequence[dict], path: str, meta: dict | None = None) -> None:
-    """Bar chart of achieved GB/s (3-pass model) per loss, one panel per (N, dtype), with the copy
-    bandwidth as a dashed line. Needs matplotlib."""
+    """Bar chart per (family, shape, dtype) panel: achieved GB/s under the family's byte model (TFLOP/s
+    for InfoNCE) per loss and implementation, with the copy bandwidth as a dashed line. Needs matplotlib."""
     plt = _pyplot()
-    panels: dict[tuple[int, str], dict[str, dict[str, dict]]] = {}
-    for r in records:
-        panels.setdefault((r["n"], r["dtype"]), {}).setdefault(r["loss"], {})[r["impl"]] = r
+    panels: dict[tuple[str, str, str, str], dict[str, dict[str, dict]]] = {}
+    for r in sort_records(records):
+        key = (r["family"], _metric(r), r.get("shape_label") or "?", r["dtype"])
+        panels.setdefault(key, {}).setdefault(r["loss"], {})[r["impl"]] = r
     k = max(1, len(panels))
-    cols = min(2, k)
+    cols = min(3, k)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 3.8 * rows), squeeze=False)
-    colors = {"fastloss": "#d62728", "torch": "#7f7f7f", "torch.compile": "#1f77b4"}
-    width = 0.26
-    for ax, ((n, dtype), by_loss) in zip(axes.flat, panels.items()):
+    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.8 * rows), squeeze=False)
+    colors = {"fastloss": "#d62728", "fastloss_inplace": "#ff9896", "torch": "#7f7f7f",
+              "torch.compile": "#1f77b4", "liger": "#2ca02c"}
+    for ax, ((family, metric, label, dtype), by_loss) in zip(axes.flat, panels.items()):
         losses = list(by_loss)
-        for j, impl in enumerate(IMPLS):
-            vals = [by_loss[lo].get(impl, {}).get("gbps") or 0.0 for lo in losses]
-            xs = [i + (j - 1) * width for i in range(len(losses))]
-            ax.bar(xs, vals, width, label=impl, color=colors[impl])
+        impls = [i for i in ALL_IMPLS if any(i in by for by in by_loss.values())]
+        width = 0.8 / max(1, len(impls))
+        for j, impl in enumerate(impls):
+            vals = []
+            for lo in losses:
+                r = by_loss[lo].get(impl) or {}
+                ok = r.get("status") == "ok"
+                if metric == "tflops":
+                    vals.append(r["flops_model"] / r["median_s"] / 1e12 if ok and r.get("flops_model") else 0.0)
+                else:
+                    vals.append((r.get("gbps") or 0.0) if ok else 0.0)
+            xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(losses))]
+            ax.bar(xs, vals, width, label=impl, color=colors.get(impl))
         copy = next((r.get("copy_gbps") for lo in losses for r in by_loss[lo].values()
                      if r.get("copy_gbps")), None)
-        if copy:
+        if copy and metric == "gbps":
             ax.axhline(copy, ls="--", color="k", lw=1, label=f"copy {copy:.0f} GB/s")
         ax.set_xticks(range(len(losses)), losses, rotation=20, fontsize=8)
-        ax.set_ylabel("GB/s (3 x N x itemsize / median)")
-        ax.set_title(f"N = {size_label(n)}, {dtype}", fontsize=10)
+        ax.set_ylabel("TFLOP/s (6 B^2 D / median)" if metric == "tflops" else "GB/s (bytes model / median)")
+        ax.set_title(f"{family}: {_DIM_HEADER.get(family, 'shape')} = {label}, {dtype}", fontsize=10)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
@@ -729,49 +1321,95 @@ class Progress:
 
 
 def run_bench(losses: Sequence[str], sizes: Sequence[int], dtypes: Sequence[torch.dtype],
-              device: torch.device, repeat: int, warmup: int, impls: Sequence[str] = IMPLS,
-              time_limit: float | None = None, progress: Progress | None = None) -> list[dict]:
-    """Measure every (loss, N, dtype, implementation); records in that order. After
-    ``time_limit`` seconds the remaining ones are recorded as skipped."""
+              device: torch.device, repeat: int, warmup: int, impls: Sequence[str] | None = None,
+              time_limit: float | None = None, progress: Progress | None = None,
+              shapes: dict[str, Sequence[tuple[int, int]]] | None = None) -> list[dict]:
+    """Measure every (loss, N or shape, dtype, implementation); records in that order.
+
+    Pointwise losses run at ``sizes``; row and embedding losses at ``shapes[loss]`` (their
+    :func:`default_shapes` when absent). ``impls`` (default: every implementation of each loss)
+    is intersected with what each loss has, so "liger" only runs for cross-entropy. After
+    ``time_limit`` seconds the remaining measurements are recorded as skipped.
+    """
     t0 = time.perf_counter()
     records = []
-    for loss in losses:
-        case = loss_case(loss)
-        for n in sizes:
-            for dtype in dtypes:
-                inputs = None
-                for impl in impls:
-                    label = f"{loss} N={size_label(n)} {dtype_name(dtype)} {impl}"
-                    if time_limit is not None and time.perf_counter() - t0 > time_limit:
-                        rec = {"loss": case.name, "impl": impl, "n": n, "dtype": dtype_name(dtype),
-                               "device": device.type, "status": "skipped",
-                               "baseline": case.torch_label if impl != "fastloss" else "fastloss.functional",
-                               "reason": f"time limit of {time_limit:g} s reached",
-                               "bytes_moved": bytes_moved(n, dtype)}
-                    else:
-                        if inputs is None:
-                            try:
-                                inputs = make_inputs(case, n, dtype, device)
-                            except Exception:  # noqa: BLE001 - OOM: measure() records it per implementation
-                                inputs = None
-                        rec = measure(case, impl, n, dtype, device, repeat, warmup, inputs=inputs)
-                    records.append(rec)
-                    if progress:
-                        progress.update(label)
-                del inputs
-                _release(device)
+    for loss, where, dtype, names in bench_plan(losses, sizes, dtypes, device, impls, shapes):
+        pointwise = ALL_LOSSES[loss] == "pointwise"
+        case: LossCase | ShapedCase = loss_case(loss) if pointwise else shaped_case(loss)
+        inputs = None
+        for impl in names:
+            shown = size_label(where) if pointwise else shape_label(where)
+            label = f"{loss} {'N=' if pointwise else ''}{shown} {dtype_name(dtype)} {impl}"
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                reason = f"time limit of {time_limit:g} s reached"
+                if pointwise:
+                    rec = {"loss": case.name, "family": "pointwise", "impl": impl, "n": where,
+                           "shape": [where], "shape_label": size_label(where), "dtype": dtype_name(dtype),
+                           "device": device.type, "status": "skipped",
+                           "baseline": case.torch_label if impl != "fastloss" else "fastloss.functional",
+                           "reason": reason, "bytes_moved": bytes_moved(where, dtype)}
+                else:
+                    rec = {**shaped_record(case, impl, where, dtype, device), "status": "skipped",
+                           "reason": reason}
+            else:
+                if inputs is None:
+                    try:
+                        inputs = (make_inputs(case, where, dtype, device) if pointwise
+                                  else case.make_inputs(where, dtype, device))
+                    except Exception:  # noqa: BLE001 - OOM: measure() records it per implementation
+                        inputs = None
+                if pointwise:
+                    rec = measure(case, impl, where, dtype, device, repeat, warmup, inputs=inputs)
+                else:
+                    rec = measure_shaped(case, impl, where, dtype, device, repeat, warmup, inputs=inputs)
+            records.append(rec)
+            if progress:
+                progress.update(label)
+        del inputs
+        _release(device)
     return records
 
 
+def bench_plan(losses: Sequence[str], sizes: Sequence[int], dtypes: Sequence[torch.dtype],
+               device: torch.device, impls: Sequence[str] | None = None,
+               shapes: dict[str, Sequence[tuple[int, int]]] | None = None,
+               ) -> list[tuple[str, Any, torch.dtype, list[str]]]:
+    """[(loss, N or (a, b), dtype, implementations)] in measuring order (see :func:`run_bench`)."""
+    plan = []
+    for loss in losses:
+        loss = resolve_loss(loss)
+        if ALL_LOSSES[loss] == "pointwise":
+            have, where_list = IMPLS, list(sizes)
+        else:
+            have = shaped_case(loss).impls
+            where_list = list((shapes or {}).get(loss) or default_shapes(loss, device))
+        names = [i for i in (impls or have) if i in have]
+        if not names:
+            continue
+        plan += [(loss, where, dtype, names) for where in where_list for dtype in dtypes]
+    return plan
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    families = "; ".join(f"{fam}: {' '.join(k for k, f in ALL_LOSSES.items() if f == fam)}"
+                         for fam in _FAMILY_ORDER)
     p.add_argument("--losses", nargs="+", metavar="LOSS",
-                   help=f"losses to run (default: all): {', '.join(LOSSES)}; comma or space separated")
+                   help=f"losses to run, comma or space separated (default: all). {families}")
     p.add_argument("--sizes", nargs="+", metavar="N",
-                   help="element counts, e.g. 2**24 16M 67108864 (default: CUDA 2**24 2**26, CPU 2**18)")
+                   help="pointwise losses: element counts, e.g. 2**24 16M 67108864 "
+                        "(default: CUDA 2**24 2**26, CPU 2**18)")
+    p.add_argument("--shapes", nargs="+", metavar="NxV",
+                   help="row losses (cross_entropy, focal_loss): logits shapes, e.g. 8192x32000 4096x256000 "
+                        "(default, CUDA: cross_entropy 8192x32000 8192x128256 4096x256000, focal_loss "
+                        "65536x1000 8192x32000; CPU: 256x4096)")
+    p.add_argument("--embed-shapes", nargs="+", metavar="BxD",
+                   help="embedding losses (contrastive, triplet, info_nce): batch x dim, e.g. 2**20x128 "
+                        "(default, CUDA: contrastive/triplet 2**20x128, info_nce 4096x512 16384x512; CPU: "
+                        "4096x64 and 512x64)")
     p.add_argument("--dtypes", nargs="+", metavar="DTYPE",
                    help="float32, bfloat16, float16 (default: CUDA float32 bfloat16, CPU float32)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
-                   help=f"implementations (default: all): {', '.join(IMPLS)}")
+                   help=f"implementations (default: all): {', '.join(IMPLS)}, liger (cross_entropy only)")
     p.add_argument("--repeat", type=int, help="timed repetitions per measurement (default: CUDA 30, CPU 15)")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default: CUDA 5, CPU 3)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -782,6 +1420,16 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+#: The byte model of each family, for JSON metadata.
+BYTES_MODELS = {
+    "pointwise": "3 * N * itemsize (read input, read target, write grad)",
+    "row": "P * N * V * itemsize + 8 * N (int64 targets); P = 2 when V <= 32768 (a row fits on chip: "
+           "read logits, write grad), else 3 (log-sum-exp pass, then read + write)",
+    "embedding": "2 * k * B * D * itemsize (read k operands, write their grads); info_nce also "
+                 "flops_model = 6 * B**2 * D",
+}
+
+
 def bench_main(args: argparse.Namespace) -> int:
     """``python -m fastloss bench``: tables on stdout, progress on stderr."""
     device = torch.device(args.device) if args.device else default_device()
@@ -789,16 +1437,23 @@ def bench_main(args: argparse.Namespace) -> int:
         raise SystemExit("fastloss bench: CUDA was requested but torch.cuda.is_available() is False")
     sizes, dtypes, repeat, warmup = default_plan(device)
     try:
-        losses = [canonical_loss(s) for s in _split_list(args.losses)] or list(LOSSES)
+        losses = [resolve_loss(s) for s in _split_list(args.losses)] or list(ALL_LOSSES)
         sizes = [parse_size(s) for s in _split_list(args.sizes)] or sizes
+        row_shapes = [parse_shape(s) for s in _split_list(getattr(args, "shapes", None))]
+        embed_shapes = [parse_shape(s) for s in _split_list(getattr(args, "embed_shapes", None))]
         dtypes = [parse_dtype(s) for s in _split_list(args.dtypes)] or dtypes
-        impls = _split_list(args.impls) or list(IMPLS)
-        losses, sizes, dtypes, impls = (list(dict.fromkeys(v)) for v in (losses, sizes, dtypes, impls))
-        bad = [i for i in impls if i not in IMPLS]
+        impls = _split_list(args.impls) or None
+        losses, sizes, dtypes, row_shapes, embed_shapes = (
+            list(dict.fromkeys(v)) for v in (losses, sizes, dtypes, row_shapes, embed_shapes))
+        known = IMPLS + ("liger",)
+        bad = [i for i in impls or () if i not in known]
         if bad:
-            raise ValueError(f"unknown implementation(s) {bad}; expected {', '.join(IMPLS)}")
+            raise ValueError(f"unknown implementation(s) {bad}; expected {', '.join(known)}")
+        impls = list(dict.fromkeys(impls)) if impls else None
     except ValueError as exc:
         raise SystemExit(f"fastloss bench: {exc}") from None
+    shapes = {loss: (row_shapes if ALL_LOSSES[loss] == "row" else embed_shapes) or default_shapes(loss, device)
+              for loss in losses if ALL_LOSSES[loss] != "pointwise"}
     repeat = args.repeat if args.repeat is not None else repeat
     warmup = args.warmup if args.warmup is not None else warmup
     if repeat < 1 or warmup < 0:
@@ -806,26 +1461,30 @@ def bench_main(args: argparse.Namespace) -> int:
     if args.plot:
         _pyplot()  # fail before measuring, not after
 
-    total = len(losses) * len(sizes) * len(dtypes) * len(impls) + 1
+    plan = bench_plan(losses, sizes, dtypes, device, impls, shapes)
+    total = sum(len(names) for *_, names in plan) + 1
     progress = None if args.quiet else Progress(total)
     started = time.perf_counter()
     copy = copy_bandwidth(device)
     if progress:
         progress.update(f"copy bandwidth {copy / 1e9:.0f} GB/s")
     records = run_bench(losses, sizes, dtypes, device, repeat, warmup, impls,
-                        time_limit=args.time_limit, progress=progress)
+                        time_limit=args.time_limit, progress=progress, shapes=shapes)
     if progress:
         progress.close()
+    families = [f for f in _FAMILY_ORDER if any(ALL_LOSSES[lo] == f for lo in losses)]
     meta = {
-        "schema": "fastloss-bench/1",
+        "schema": "fastloss-bench/2",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
         "copy_gbps": copy / 1e9,
-        "baselines": {name: loss_case(name).torch_label for name in losses},
+        "baselines": {name: torch_label(name) for name in losses},
         "focal_baseline_note": FOCAL_BASELINE_NOTE,
-        "config": {"losses": losses, "sizes": sizes, "dtypes": [dtype_name(d) for d in dtypes],
-                   "impls": impls, "repeat": repeat, "warmup": warmup, "reduction": "mean",
-                   "bytes_model": "3 * N * itemsize (read input, read target, write grad)",
+        "config": {"losses": losses, "sizes": sizes,
+                   "shapes": {lo: [list(s) for s in v] for lo, v in shapes.items()},
+                   "dtypes": [dtype_name(d) for d in dtypes],
+                   "impls": impls or "all", "repeat": repeat, "warmup": warmup, "reduction": "mean",
+                   "bytes_model": {f: BYTES_MODELS[f] for f in families},
                    "timer": "cuda events, L2 flushed, median" if device.type == "cuda"
                    else "time.perf_counter, median",
                    "time_limit_s": args.time_limit},
