@@ -177,7 +177,7 @@ def test_embedding(benchmark, bench_state, bench_skip, request, loss, b, dtype, 
         step = None  # free its inputs' gradients before the next benchmark
         if CUDA:
             torch.cuda.empty_cache()
-        bench_skip("OOM" if oom else f"{impl} failed: {_bench._reason(exc)}")
+        bench_skip("OOM" if oom else f"{impl} failed: {_bench.error_reason(exc)}")
 
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_TIME_S / max(statistics.median(probe), 1e-9))))
 
@@ -193,7 +193,7 @@ def test_embedding(benchmark, bench_state, bench_skip, request, loss, b, dtype, 
         step.zero_grad()
         if CUDA:
             torch.cuda.empty_cache()
-        bench_skip(f"{impl} failed while timed: {_bench._reason(exc)}")
+        bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
     step.zero_grad()
     if CUDA:
         torch.cuda.empty_cache()

@@ -11,8 +11,6 @@ On CUDA tensors the Triton kernels run; elsewhere the pure-PyTorch reference doe
 from fastloss import functional, reference
 from fastloss._backend import get_backend, set_backend, use_backend
 from fastloss.combine import CombinedLoss, RegularizedLoss
-from fastloss.monitor import LossMonitor
-from fastloss.selector import select_loss
 from fastloss.modules import (
     BCEWithLogitsLoss,
     ContrastiveLoss,
@@ -26,28 +24,30 @@ from fastloss.modules import (
     SmoothL1Loss,
     TripletMarginLoss,
 )
+from fastloss.monitor import LossMonitor
+from fastloss.selector import select_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "functional",
-    "reference",
-    "get_backend",
-    "set_backend",
-    "use_backend",
-    "MSELoss",
-    "L1Loss",
-    "HuberLoss",
-    "SmoothL1Loss",
     "BCEWithLogitsLoss",
-    "SigmoidFocalLoss",
+    "CombinedLoss",
+    "ContrastiveLoss",
     "CrossEntropyLoss",
     "FocalLoss",
-    "ContrastiveLoss",
-    "TripletMarginLoss",
+    "HuberLoss",
     "InfoNCELoss",
-    "CombinedLoss",
-    "RegularizedLoss",
+    "L1Loss",
     "LossMonitor",
+    "MSELoss",
+    "RegularizedLoss",
+    "SigmoidFocalLoss",
+    "SmoothL1Loss",
+    "TripletMarginLoss",
+    "functional",
+    "get_backend",
+    "reference",
     "select_loss",
+    "set_backend",
+    "use_backend",
 ]

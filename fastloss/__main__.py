@@ -1,6 +1,7 @@
 """``python -m fastloss bench | check | demo``.
 
-    bench   time fwd+bwd of every loss: fastloss vs torch.nn eager vs torch.compile (see --help)
+    bench   time fwd+bwd of every loss family (pointwise, cross-entropy / focal, contrastive /
+            triplet / InfoNCE): fastloss vs torch.nn eager vs torch.compile (see --help)
     check   run each loss once on this device against torch.nn and print OK / FAIL
     demo    train small models on synthetic data with fastloss and torch.nn losses (see --help)
 """
@@ -18,8 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{bench,check,demo}")
     bench = sub.add_parser(
         "bench", help="benchmark fastloss against torch.nn eager and torch.compile",
-        description="Median time, speed-up, peak memory and share of copy bandwidth of "
-                    "loss(x, y).backward() for fastloss, torch.nn eager and torch.compile.",
+        description="Median time, speed-up, peak memory and share of copy bandwidth of the forward "
+                    "and backward of every loss family (pointwise, cross-entropy and focal, contrastive, "
+                    "triplet and InfoNCE) for fastloss, torch.nn eager and torch.compile (and Liger-Kernel's "
+                    "cross-entropy when installed).",
     )
     _bench.add_bench_arguments(bench)
     check = sub.add_parser("check", help="run each loss once against torch.nn; print OK / FAIL")

@@ -67,7 +67,7 @@ def triton_available() -> bool:
             _triton_ok = importlib.util.find_spec("triton") is not None and bool(
                 importlib.import_module("triton")
             )
-        except Exception:
+        except Exception:  # noqa: BLE001 - a broken triton install (driver, ABI) means "not available"
             _triton_ok = False
     return _triton_ok
 

@@ -781,7 +781,6 @@ def error_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
 
 
-_reason = error_reason  # the name bench/bench_embedding.py calls
 
 
 def _release(device: torch.device) -> None:

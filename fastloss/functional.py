@@ -17,17 +17,17 @@ from fastloss.ops.pointwise import pointwise_loss
 from fastloss.ops.softmax import softmax_loss
 
 __all__ = [
-    "mse_loss",
-    "l1_loss",
-    "huber_loss",
-    "smooth_l1_loss",
     "binary_cross_entropy_with_logits",
-    "sigmoid_focal_loss",
+    "contrastive_loss",
     "cross_entropy",
     "focal_loss",
-    "contrastive_loss",
-    "triplet_margin_loss",
+    "huber_loss",
     "info_nce",
+    "l1_loss",
+    "mse_loss",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "triplet_margin_loss",
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")

@@ -7,8 +7,19 @@ from torch import Tensor, nn
 
 from fastloss import functional as F
 
-__all__ = ["MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCEWithLogitsLoss", "SigmoidFocalLoss",
-           "CrossEntropyLoss", "FocalLoss", "ContrastiveLoss", "TripletMarginLoss", "InfoNCELoss"]
+__all__ = [
+    "BCEWithLogitsLoss",
+    "ContrastiveLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "HuberLoss",
+    "InfoNCELoss",
+    "L1Loss",
+    "MSELoss",
+    "SigmoidFocalLoss",
+    "SmoothL1Loss",
+    "TripletMarginLoss",
+]
 
 
 class MSELoss(nn.MSELoss):

@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "mse_loss",
-    "l1_loss",
-    "huber_loss",
-    "smooth_l1_loss",
     "binary_cross_entropy_with_logits",
-    "sigmoid_focal_loss",
+    "contrastive_loss",
     "cross_entropy",
     "focal_loss",
-    "contrastive_loss",
-    "triplet_margin_loss",
-    "info_nce_rows",
+    "huber_loss",
     "info_nce",
+    "info_nce_rows",
+    "l1_loss",
+    "mse_loss",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "triplet_margin_loss",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
