@@ -9,7 +9,9 @@ for "sum" the ranks' losses and gradients add up to the single-process ones.
 
 from __future__ import annotations
 
+import datetime
 import os
+import time
 
 import torch
 
@@ -28,6 +30,10 @@ WORLD = 2
 ROWS = 9          # rows per rank (odd); the global batch of 18 spans two 16-row interpreter tiles
 IN, DIM = 6, 7    # encoder input and embedding sizes (odd)
 TOL = {"rtol": 1e-9, "atol": 1e-12}
+#: A rank left waiting in a collective (its peer failed or deadlocked) gives up after this long...
+COLLECTIVE_TIMEOUT_S = 60
+#: ...and the test fails (killing both ranks) if they have not both finished after this long.
+SPAWN_TIMEOUT_S = 180
 
 
 def _close(actual, expected, what):
@@ -73,7 +79,8 @@ def _case(rank: int, symmetric: bool, reduction: str) -> None:
 
 
 def _worker(rank: int, init_file: str, backend: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
         fastloss.set_backend(backend)
         for symmetric in (False, True):
@@ -88,10 +95,37 @@ def _worker(rank: int, init_file: str, backend: str) -> None:
 def test_gathered_info_nce_equals_single_process(backend, tmp_path):
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("gloo runs on CPU tensors: the kernels need Triton's interpreter there")
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), backend), nprocs=WORLD, join=True)
+    _spawn_with_deadline(_worker, (str(tmp_path / "rendezvous"), backend), SPAWN_TIMEOUT_S)
+
+
+def _spawn_with_deadline(fn, args, timeout_s: float) -> None:
+    """mp.spawn(fn, args, WORLD), failing (and killing the ranks) after timeout_s instead of hanging
+    CI; a rank's exception is re-raised here as mp.spawn does."""
+    context = mp.spawn(fn, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
 
 
 def test_gather_without_process_group_raises():
     q = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="torch.distributed"):
         FL.info_nce(q, q, gather=True)
+
+
+def _hang(rank: int) -> None:
+    time.sleep(3600)
+
+
+def test_hung_ranks_fail_the_test_instead_of_hanging():
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="did not finish"):
+        _spawn_with_deadline(_hang, (), timeout_s=2)
+    assert time.monotonic() - start < 60

@@ -271,38 +271,46 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     def peak():  # resident bytes at the peak of the process so far
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    B, D = 16384, 256
+    def naive(q, k):
+        qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        return F.cross_entropy(qn @ kn.T / 0.07, torch.arange(q.shape[0]))
+
+    loss = {"reference": lambda q, k: reference.info_nce(q, k, 0.07), "naive": naive}[sys.argv[1]]
+    B, D = int(sys.argv[2]), 256
     torch.manual_seed(0)
     q, k = torch.randn(64, D, requires_grad=True), torch.randn(64, D, requires_grad=True)
-    reference.info_nce(q, k).backward()  # warm-up: libraries and kernels loaded before measuring
-    F.cross_entropy(q @ k.T, torch.arange(64)).backward()
+    loss(q, k).backward()  # warm-up: libraries and kernels loaded before measuring
     q, k = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
     base = rss()
-    reference.info_nce(q, k, 0.07).backward()
-    chunked = peak() - base
-    q.grad = k.grad = None
-    base = rss()
-    qn, kn = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    F.cross_entropy(qn @ kn.T / 0.07, torch.arange(B)).backward()
-    naive = peak() - base
-    print(chunked, naive)
+    loss(q, k).backward()
+    print(peak() - base)
 """)
+
+MEMORY_BATCH = 8192
+
+
+def _peak_rss_of(which: str, batch: int) -> int:
+    """Peak resident bytes of one fwd+bwd of ``which`` at (batch, 256) float32, above what was
+    resident before it, measured in a fresh process: torch's CPU allocations are invisible to
+    tracemalloc, and ru_maxrss is a high-water mark over the process's whole life.
+
+    glibc raises its mmap threshold after the first large free, after which freed 16 MiB chunks stay
+    resident (RSS then grows with every chunk even under no_grad); a fixed threshold keeps every
+    tensor over 1 MiB mmap'd and returned on free, so RSS follows live memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, which, str(batch)],
+                            capture_output=True, text=True, env=env, timeout=300, check=True)
+    return int(result.stdout)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_reference_memory_is_chunked():
-    """Peak resident memory of reference.info_nce fwd+bwd at B=16384, D=256 on CPU, measured in a
-    fresh process (torch's CPU allocations are invisible to tracemalloc): at most a quarter of the
-    naive formula's, whose float32 logits alone are 1 GiB. The naive run goes second, so its peak
-    is measured from a resident set that already includes whatever the reference left behind.
-
-    glibc raises its mmap threshold after the first large free, after which freed 16 MiB chunks stay
-    resident (RSS then grows with every chunk even under no_grad); a fixed threshold keeps every
-    tensor over 1 MiB mmap'd and returned on free, so RSS follows live memory in both runs."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
-    result = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True,
-                            env=env, timeout=600, check=True)
-    chunked, naive = map(int, result.stdout.split())
-    assert naive >= 2**30, f"the naive formula's peak ({naive / 2**20:.0f} MiB) was not measured"
+    """Peak resident memory of reference.info_nce fwd+bwd at B=8192, D=256 on CPU: at most a quarter
+    of the naive formula's, which must hold the float32 B x B logits and their gradient (512 MiB).
+    Each is measured in its own process, so neither peak includes the other's."""
+    b = MEMORY_BATCH
+    naive = _peak_rss_of("naive", b)
+    chunked = _peak_rss_of("reference", b)
+    assert naive >= 2 * b * b * 4, f"the naive formula's peak ({naive / 2**20:.0f} MiB) was not measured"
     assert chunked <= naive / 4, f"reference peak {chunked / 2**20:.0f} MiB vs naive {naive / 2**20:.0f} MiB"
