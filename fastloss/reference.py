@@ -116,7 +116,8 @@ def sigmoid_focal_loss(
     m = p * (1.0 - y) + torch.sigmoid(-x) * y
     # m ** gamma as exp(gamma log m): its gradient gamma m^gamma / m stays finite for tiny m, where
     # autograd's gamma m^(gamma-1) overflows (gamma < 1); masked at m = 0, where dm/dx = ce = 0.
-    pos = m > 0
+    # (a NaN m is kept, so that its NaN reaches the gradients, as torchvision's)
+    pos = ~(m <= 0)
     m_gamma = torch.exp(gamma * torch.log(torch.where(pos, m, 1.0)))
     loss = ce * torch.where(pos, m_gamma, 0.0 if gamma > 0 else 1.0)
     if alpha >= 0:

@@ -93,7 +93,8 @@ def huber_terms(x, y, pos_weight, delta, param2):
     a = tl.abs(d)
     small = a < delta
     loss = tl.where(small, 0.5 * d * d, delta * (a - 0.5 * delta))
-    grad = tl.where(small, d, delta * _sign(d))
+    # clamp(d, -delta, delta) written as torch's backward does, so a NaN d gives a NaN gradient
+    grad = tl.where(d < -delta, -delta, tl.where(d > delta, delta, d))
     return loss, grad, -grad
 
 
@@ -104,7 +105,7 @@ def smooth_l1_terms(x, y, pos_weight, beta, param2):
     a = tl.abs(d)
     small = a < beta
     loss = tl.where(small, 0.5 * d * d / beta, a - 0.5 * beta)
-    grad = tl.where(small, d / beta, _sign(d))
+    grad = tl.where(d < -beta, -1.0, tl.where(d > beta, 1.0, d / beta))  # NaN d: NaN, as torch
     return loss, grad, -grad
 
 
