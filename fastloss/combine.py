@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from fastloss import modules
 from fastloss._backend import use_triton
@@ -34,9 +35,15 @@ def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
         return ("smooth_l1", float(module.beta), 0.0) if module.beta > 0 else ("l1", 0.0, 0.0)
     if kind is modules.BCEWithLogitsLoss and module.weight is None and module.pos_weight is None:
         return ("bce_with_logits", 0.0, 0.0)
-    if kind is modules.SigmoidFocalLoss:
+    if kind is modules.SigmoidFocalLoss and module.gamma >= 0:
         return ("sigmoid_focal", float(module.alpha), float(module.gamma))
     return None
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling the module runs hooks (its own or global ones) that the fused pass would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 class CombinedLoss(nn.Module):
@@ -49,8 +56,8 @@ class CombinedLoss(nn.Module):
     ``(total, [loss_k, ...])`` (unweighted member values, for logging).
 
     When every member is a fastloss pointwise loss (MSELoss, L1Loss, HuberLoss, SmoothL1Loss,
-    BCEWithLogitsLoss without weights, SigmoidFocalLoss) with one reduction, and input and target
-    have one shape, the sum runs on the Triton kernels as one fused pass per three members: input
+    BCEWithLogitsLoss without weights, SigmoidFocalLoss) with one reduction and no forward hooks,
+    and input and target have one shape and one floating dtype, the sum runs on the Triton kernels as one fused pass per three members: input
     and target are read once and one gradient is written, instead of a pass per member. Otherwise
     (and for ``return_components=True``) the members run one by one.
     """
@@ -75,6 +82,8 @@ class CombinedLoss(nn.Module):
         if (
             any(m is None for m in members)
             or len(reductions) != 1
+            or not reductions <= {"none", "mean", "sum"}  # a bad one must raise in the module
+            or any(_has_forward_hooks(m) for m in self.losses)
             or not isinstance(input, Tensor)
             or not isinstance(target, Tensor)
             or input.shape != target.shape

@@ -142,3 +142,38 @@ def test_combined_falls_back_when_not_fusable(device) -> None:
             total_c, parts = crit(x, y, return_components=True)
             assert_close(total, total_c)
             assert_close(total, sum(w * p for w, p in zip(crit.weights, parts)))
+
+
+def _focal_with_negative_gamma() -> nn.Module:
+    module = fastloss.SigmoidFocalLoss()
+    module.gamma = -1.0  # set after construction: the module's own forward raises
+    return module
+
+
+def _mse_with_bad_reduction() -> nn.Module:
+    module = fastloss.MSELoss()
+    module.reduction = "bogus"
+    return module
+
+
+@pytest.mark.parametrize("make", [_focal_with_negative_gamma, _mse_with_bad_reduction],
+                         ids=["negative_gamma", "bad_reduction"])
+def test_combined_never_fuses_what_a_member_rejects(make, device) -> None:
+    """A member whose own forward raises must make the combination raise, not fuse silently."""
+    x, y = torch.randn(4, 6, device=device), torch.rand(4, 6, device=device)
+    crit = CombinedLoss([(make(), 1.0), (make(), 0.5)])
+    with fastloss.use_backend("triton"), pytest.raises(ValueError):
+        crit(x, y)
+
+
+def test_combined_runs_member_hooks(device) -> None:
+    """Forward hooks of a member run (the fused pass, which would skip them, is not taken)."""
+    x, y = torch.randn(4, 6, device=device), torch.rand(4, 6, device=device)
+    mse, calls = fastloss.MSELoss(), []
+    mse.register_forward_hook(lambda module, args, out: calls.append(out.detach()))
+    crit = CombinedLoss([(mse, 0.5), (fastloss.L1Loss(), 1.0)])
+    with fastloss.use_backend("triton"):
+        total = crit(x, y)
+        expected = 0.5 * fastloss.functional.mse_loss(x, y) + fastloss.functional.l1_loss(x, y)
+    assert len(calls) == 1
+    assert_close(total, expected)
