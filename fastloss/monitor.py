@@ -117,12 +117,20 @@ class LossMonitor:
         self._pending.append(loss)
 
     def flush(self) -> list[float]:
-        """Read the pending step losses from the device (one copy) and return them as floats."""
+        """Read the pending step losses from the device (one copy per device) and return them as
+        floats."""
         if not self._pending:
             return []
-        tensors = [v for v in self._pending if isinstance(v, torch.Tensor)]
-        read = iter(torch.stack([t.float().cpu() for t in tensors]).tolist() if tensors else [])
-        values = [next(read) if isinstance(v, torch.Tensor) else float(v) for v in self._pending]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(self._pending):
+            if isinstance(v, torch.Tensor):
+                by_device.setdefault(v.device, []).append(i)
+        values = [v if isinstance(v, torch.Tensor) else float(v) for v in self._pending]
+        for indices in by_device.values():
+            # stacked on the device, then one device->host copy for all of them
+            read = torch.stack([self._pending[i].float() for i in indices]).tolist()
+            for i, v in zip(indices, read):
+                values[i] = v
         self._pending.clear()
         first = len(self.step_losses)
         self.step_losses.extend(values)
@@ -143,7 +151,8 @@ class LossMonitor:
 
         Args:
             val_loss: the epoch's validation loss, if any.
-            train_loss: the epoch's training loss; default: the mean of the steps of this epoch.
+            train_loss: the epoch's training loss; default: the mean of the finite step losses of
+                this epoch (NaN when there are none).
         """
         self.flush()
         steps = self.step_losses[self._epoch_start:]

@@ -129,3 +129,22 @@ def test_tensorboard_events_read_back(tmp_path) -> None:
     assert [e.value for e in acc.Scalars("loss/train")] == pytest.approx([1.0, 0.5])
     assert [e.value for e in acc.Scalars("loss/val")] == pytest.approx([1.2, 0.7])
     assert not math.isnan(acc.Scalars("loss/train")[0].wall_time)
+
+
+def test_flush_reads_all_pending_steps_in_one_copy(monkeypatch) -> None:
+    """The step losses recorded since the last read come to the host in one copy, not one each."""
+    m = LossMonitor()
+    for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+        m.step(torch.tensor(v) * 1.0)
+    m.step(6.0)  # a plain float needs no read
+    reads = []
+    for name in ("cpu", "tolist", "item", "__float__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    assert m.flush() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert len(reads) == 1, reads
