@@ -242,8 +242,13 @@ def sigmoid_focal_loss(
 
 _TYPE_NAMES = {
     torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
-    torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.bool: "Bool",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool",
 }
+
+
+def _type_name(dtype: torch.dtype) -> str:
+    return _TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tensor | None,
@@ -263,14 +268,19 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
             f"weight tensor should be defined either for all {n_classes} classes or no classes but got "
             f"weight tensor of shape: {list(weight.shape)}"
         )
-    if target.is_floating_point() and target.shape == input.shape:
+    if target.shape == input.shape and (allow_probabilities or target.is_floating_point()):
         if not allow_probabilities:
             raise ValueError(f"{name}(): expected class-index targets (int64), got floating-point "
                              f"targets of the input's shape (class probabilities are not supported)")
+        if not target.is_floating_point():
+            raise RuntimeError(f"Expected floating point type for target with class probabilities, "
+                               f"got {_type_name(target.dtype)}")
         return True
     if input.dim() == 1:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        if target.dim() == 1 and target.numel() != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.numel()}")
     elif input.dim() == 2 and target.dim() > 1:
         raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
     else:
@@ -281,8 +291,7 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
         if list(target.shape) != expected:
             raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
-        name_ = _TYPE_NAMES.get(target.dtype, str(target.dtype).removeprefix("torch."))
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {name_}")
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
     return False
 
 
@@ -336,6 +345,9 @@ def cross_entropy(
     prob = _check_class_operands("cross_entropy", input, target, weight, allow_probabilities=True)
     if prob and ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
+    if prob and target.dtype != input.dtype:  # torch computes in the promoted dtype
+        dtype = torch.promote_types(input.dtype, target.dtype)
+        input, target = input.to(dtype), target.to(dtype)
     to_float32 = _autocast_to_float32(input)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if n_classes > 0 and not _grad_wanted(weight) and use_triton(input, target, weight):

@@ -164,6 +164,8 @@ def cross_entropy(
         w = w.to(x.dtype)
     if target.is_floating_point():
         target = target.to(x.dtype)
+    elif x.dim() == 1:
+        target = target.reshape(())  # a (1,) target, which torch's backward rejects
     if z_loss == 0.0:
         out = torch.nn.functional.cross_entropy(
             x, target, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
@@ -199,6 +201,8 @@ def focal_loss(
     weight), as cross_entropy does, so alpha=1, gamma=0 is exactly cross_entropy."""
     x, w, a = _upcast(input, weight, alpha if isinstance(alpha, Tensor) else None)
     dim = _class_dim(x)
+    if dim == 0:
+        target = target.reshape(())  # torch allows a (1,) target for a (C,) input
     valid = target != ignore_index
     safe = torch.where(valid, target, 0).long()
     logp_t = torch.log_softmax(x, dim).gather(dim, safe.unsqueeze(dim)).squeeze(dim)

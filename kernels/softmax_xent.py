@@ -35,7 +35,7 @@ Softmax focal loss, class-index target t, ``l = lse - z_t = -log p_t``, ``q = 1 
 alpha ``a_t`` (a float or a per-class value):
     loss    = a_t w_t q^g l
     dq/dz_j = p_t (p_j - [j == t]),  dl/dz_j = p_j - [j == t]
-    dl/dz_j = a_t w_t (q^g + g p_t q^g l / q) (p_j - [j == t])
+    dloss/dz_j = a_t w_t (q^g + g p_t q^g l / q) (p_j - [j == t])
     ``l / q`` -> 1 as q -> 0 (it is taken as 1 at q = 0), so the gradient stays finite when
     p_t -> 1 for every g >= 0, 0 < g < 1 included.
 
@@ -118,7 +118,8 @@ def cross_entropy_fwd_kernel(
     HAS_ALPHA: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SCALE_BY_DENOM: tl.constexpr, MEAN_OVER_ROWS: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    COLS_I64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """Loss of BLOCK_ROWS rows and, when asked, their gradients (see the module docstring)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -159,6 +160,8 @@ def cross_entropy_fwd_kernel(
         scale = one
 
     cols = tl.arange(0, BLOCK_SIZE)
+    if COLS_I64:  # some (n_cols - 1) * stride_*_col does not fit in int32
+        cols = cols.to(tl.int64)
     # pass 1: m, d and (for smoothing / probability targets) W = sum c_j, A = sum c_j (m - z_j)
     if SINGLE_PASS:
         mask = row_mask[:, None] & (cols < n_cols)[None, :]
@@ -246,7 +249,7 @@ def cross_entropy_fwd_kernel(
         coef_r = tl.where(bad, float("nan"), tl.where(valid, coef_r * scale, 0.0))
         inv_d = 1.0 / d
         grad_row = n * stride_grad_n + dd * stride_grad_d
-        gt_row = n * (n_cols * n_inner) + dd                       # contiguous [N, C, D]
+        gt_row = n * n_cols * n_inner + dd                         # contiguous [N, C, D]
         if SINGLE_PASS:
             _grad_block(
                 z, dz, e * inv_d[:, None], mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # before anything imports triton (tests/conft
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
+from helpers import TOLERANCES, assert_close, assert_no_less_accurate, assert_not_launched, dtype_id
 from helpers import assert_launched as launched
 from torch import nn
 from torch.nn import functional as F
@@ -40,6 +40,11 @@ def looped_rows():
         yield
     finally:
         ops_softmax.MAX_FUSED_COLS, ops_softmax.LOOP_BLOCK = old
+
+
+def ran(backend):
+    """The block must run the kernel (backend "triton") or no kernel at all (backend "torch")."""
+    return launched(FWD) if backend == "triton" else assert_not_launched()
 
 
 def logits(shape, dtype=F64, device="cpu", scale=3.0, seed=0) -> torch.Tensor:
@@ -174,8 +179,9 @@ def test_all_targets_ignored(device, backend):
     t = torch.full((4,), -100, device=device)
     w = torch.rand(6, dtype=F64, device=device)
     for kw in ({}, {"weight": w}, {"label_smoothing": EPS}, {"reduction": "sum"}, {"reduction": "none"}):
-        check(loss_and_grads(FF.cross_entropy, x, t, **kw), loss_and_grads(F.cross_entropy, x, t, **kw),
-              F64, f"all ignored {kw}")
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, f"all ignored {kw}")
 
 
 def test_empty_batch(device, backend):
@@ -186,6 +192,34 @@ def test_empty_batch(device, backend):
         assert_close(actual, F.cross_entropy(x, t, reduction=reduction), F64, reduction)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_1d_input_with_0d_or_1_element_target(reduction, device, backend):
+    """torch allows a (1,) target for a (C,) input; the "none" loss is 0-d either way (the oracle
+    takes the 0-d target: torch's own backward rejects the (1,) one)."""
+    x = logits((6,), device=device)
+    expected = loss_and_grads(F.cross_entropy, x, torch.tensor(4, device=device), reduction=reduction)
+    for t in (torch.tensor(4, device=device), torch.tensor([4], device=device)):
+        assert F.cross_entropy(x, t, reduction=reduction).shape == ()
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t, reduction=reduction)
+        check(actual, expected, F64, f"{tuple(t.shape)}")
+        with ran(backend):
+            focal = loss_and_grads(FF.focal_loss, x, t, gamma=0.0, reduction=reduction)
+        check(focal, actual, F64, f"focal {tuple(t.shape)}")
+
+
+@pytest.mark.parametrize(("x_dtype", "y_dtype"), [(torch.float32, F64), (torch.float16, torch.float32)], ids=str)
+def test_probability_targets_of_another_dtype_promote_like_torch(x_dtype, y_dtype, device, backend):
+    x, y = logits((4, 7), x_dtype, device), prob_targets((4, 7), device, y_dtype)
+    with ran(backend):
+        loss, grads = loss_and_grads(FF.cross_entropy, x, y)
+    loss_t, grads_t = loss_and_grads(F.cross_entropy, x, y)
+    assert [g.dtype for g in grads] == [g.dtype for g in grads_t] == [x_dtype, y_dtype]
+    # torch rounds log_softmax to the logits' dtype first: compare with the exact value
+    exact = F.cross_entropy(x.double(), y.double()).to(loss_t.dtype)
+    assert_close(loss, exact, y_dtype, "promoted loss")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
 def test_extreme_logits_stay_finite(dtype, device, triton_backend):
     x = (logits((4, 9), device=device) * 1e4).clamp(-3e4, 3e4)
@@ -193,7 +227,8 @@ def test_extreme_logits_stay_finite(dtype, device, triton_backend):
     x[:, 1] = -3e4
     t = torch.tensor([0, 1, 2, -100], device=device)
     x = x.to(dtype)
-    loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, label_smoothing=EPS)
+    with launched(FWD):
+        loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, label_smoothing=EPS)
     exact, (grad_exact,) = loss_and_grads(F.cross_entropy, x.double(), t, label_smoothing=EPS)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert_close(loss.double(), exact, dtype, "loss")
@@ -227,7 +262,8 @@ def test_half_precision_no_less_accurate_than_torch(dtype, reduction, device, tr
     t = class_targets((16,), 300, device, ignore=False)
     for kw in ({}, {"label_smoothing": EPS}):
         kw = dict(kw, reduction=reduction)
-        loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        with launched(FWD):
+            loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, **kw)
         loss_t, (grad_t,) = loss_and_grads(F.cross_entropy, x, t, **kw)
         exact, (grad_e,) = loss_and_grads(F.cross_entropy, x.double(), t, **kw)
         assert_no_less_accurate(loss, loss_t, exact, f"{dtype} {kw} loss")
@@ -328,9 +364,29 @@ def test_inplace_backward_writes_grad_into_logits(device, triton_backend):
         loss.backward()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_logits_never_overwritten_unless_asked(reduction, device, backend):
+    """Only inplace_backward=True on the kernels may write into the caller's logits (the PyTorch
+    path ignores it)."""
+    x0, t = logits((6, 40), device=device), class_targets((6,), 40, device)
+    calls = {
+        "cross_entropy": lambda x: FF.cross_entropy(x, t, reduction=reduction, label_smoothing=EPS),
+        "focal": lambda x: FF.focal_loss(x, t, 0.25, 2.0, reduction),
+    }
+    if backend == "torch":
+        calls["inplace_backward on torch"] = lambda x: FF.cross_entropy(x, t, reduction=reduction,
+                                                                        inplace_backward=True)
+    for what, call in calls.items():
+        x = x0.clone().requires_grad_()
+        with ran(backend):
+            call(x).sum().backward()
+        assert torch.equal(x.detach(), x0), f"{what}: the logits were written"
+
+
 def test_second_backward_recomputes(device, triton_backend):
     x, t = logits((5, 7), device=device).requires_grad_(), class_targets((5,), 7, device)
-    loss = FF.cross_entropy(x, t, z_loss=ZL)
+    with launched(FWD):
+        loss = FF.cross_entropy(x, t, z_loss=ZL)
     (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
     (g2,) = torch.autograd.grad(loss * 2, x)
     assert_close(g2, 2 * g1, F64, "second backward")
@@ -359,7 +415,8 @@ def test_focal_matches_classic_composition(shape, gamma, alpha, device, backend)
     t = class_targets(target_shape(shape), n_classes, device, ignore=False)
     if alpha == "tensor":
         alpha = torch.rand(n_classes, dtype=F64, device=device)
-    actual = loss_and_grads(FF.focal_loss, x, t, alpha=alpha, gamma=gamma)
+    with ran(backend):
+        actual = loss_and_grads(FF.focal_loss, x, t, alpha=alpha, gamma=gamma)
     expected = loss_and_grads(classic_focal, x, t, alpha=alpha, gamma=gamma)
     check(actual, expected, F64, f"focal {shape} gamma={gamma}")
     # and the module form
@@ -388,8 +445,9 @@ def test_focal_gamma0_is_cross_entropy(reduction, device, backend):
     t = class_targets((2, 3), 6, device)
     w = torch.rand(6, dtype=F64, device=device) + 0.5
     kw = {"weight": w, "ignore_index": -100, "reduction": reduction}
-    check(loss_and_grads(FF.focal_loss, x, t, alpha=1.0, gamma=0.0, **kw),
-          loss_and_grads(F.cross_entropy, x, t, **kw), F64, "gamma=0")
+    with ran(backend):
+        actual = loss_and_grads(FF.focal_loss, x, t, alpha=1.0, gamma=0.0, **kw)
+    check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, "gamma=0")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
@@ -398,9 +456,11 @@ def test_focal_gradient_finite_when_confident(gamma, dtype, device, backend):
     x = logits((4, 5), device=device, scale=0.1)
     t = torch.tensor([0, 1, 2, 3], device=device)
     x[torch.arange(4), t] = torch.tensor([60.0, 30.0, 16.0, 5.0], dtype=F64, device=device)
-    loss, (grad,) = loss_and_grads(FF.focal_loss, x.to(dtype), t, gamma=gamma)
+    x = x.to(dtype)
+    with ran(backend):
+        loss, (grad,) = loss_and_grads(FF.focal_loss, x, t, gamma=gamma)
     assert torch.isfinite(loss) and torch.isfinite(grad).all(), grad
-    _, (grad_e,) = loss_and_grads(reference.focal_loss, x, t, gamma=gamma)
+    _, (grad_e,) = loss_and_grads(reference.focal_loss, x.double(), t, gamma=gamma)
     assert_close(grad.double(), grad_e, dtype, "confident focal grad")
 
 
@@ -408,7 +468,8 @@ def test_focal_ignore_index_and_weight(device, backend):
     x = logits((8, 5), device=device)
     t = class_targets((8,), 5, device)
     w = torch.rand(5, dtype=F64, device=device) + 0.5
-    loss, (grad,) = loss_and_grads(FF.focal_loss, x, t, gamma=2.0, weight=w)
+    with ran(backend):
+        loss, (grad,) = loss_and_grads(FF.focal_loss, x, t, gamma=2.0, weight=w)
     # explicit: weighted focal terms over non-ignored rows / sum of their weights
     valid = t != -100
     logp_t = x.log_softmax(1)[valid].gather(1, t[valid, None]).squeeze(1)
@@ -479,6 +540,11 @@ def _check_bad_inputs():
         (lambda m: m.cross_entropy(logits((2, 5, 4)), torch.zeros(2, 3, dtype=torch.long)), RuntimeError,
          "Expected target size"),
         (lambda m: m.cross_entropy(x, prob_targets((3, 5)), ignore_index=1), RuntimeError, "ignore_index"),
+        (lambda m: m.cross_entropy(logits((5,)), torch.tensor([1, 2])), ValueError, "1D target must have size 1"),
+        (lambda m: m.cross_entropy(x, torch.zeros(3, 5, dtype=torch.long)), RuntimeError,
+         "Expected floating point type for target with class probabilities, got Long"),
+        (lambda m: m.cross_entropy(logits((5,)), torch.zeros(5, dtype=torch.long)), RuntimeError,
+         "Expected floating point type"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):
@@ -500,12 +566,53 @@ def _check_bad_inputs():
         FF.focal_loss(x, torch.tensor([1, 2]))
 
 
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records the arguments of each launch."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((args, kw))
+
+
+@pytest.mark.parametrize("case", ["grad_input", "prob_target", "grad_target"])
+def test_column_offsets_past_int32_use_int64(case, monkeypatch):
+    """(N, C, D) operands whose (C - 1) * stride_col overflows int32 (meta tensors, no memory):
+    the kernel is told to compute column offsets in int64, for every operand it addresses."""
+    fwd = _RecordingKernel()
+    fake = type("K", (), {"cross_entropy_fwd_kernel": fwd, "cross_entropy_denom_kernel": _RecordingKernel()})
+    monkeypatch.setattr(ops_softmax, "_kernels", lambda: (fake, {torch.float32: None}))
+    d = 2**30  # (3 - 1) * d = 2**31
+    x = torch.empty(1, 3, d, device="meta", dtype=torch.float32)
+    prob = case != "grad_input"
+    y = torch.empty(1, 3, d, device="meta") if prob else torch.empty(1, d, device="meta", dtype=torch.long)
+    if prob:  # the logits themselves with class stride 1: only the target (and its gradient) overflow
+        x = torch.empty(1, d, 3, device="meta").transpose(1, 2)
+    ops_softmax._fwd(x, y, None, None, "cross_entropy", -100, 0.0, 0.0, 0.0, 1.0, 0.0, "sum", False, False,
+                     case == "grad_input", case == "grad_target")
+    ((args, kw),) = fwd.launches
+    wide = [a for a in args if isinstance(a, torch.Tensor) and a.dim() == 3 and 2 * a.stride(1) >= 2**31]
+    assert wide and kw["COLS_I64"], "int32 column offsets would overflow"
+
+
+def test_int64_column_offsets_give_the_same_results(monkeypatch, device, triton_backend):
+    monkeypatch.setattr(ops_softmax, "INT32_OFFSET_LIMIT", 1)
+    x, y = logits((2, 5, 3), device=device), prob_targets((2, 5, 3), device)
+    t = class_targets((2, 3), 5, device)
+    for target, kw in ((t, {"label_smoothing": EPS}), (y, {"reduction": "none"})):
+        with launched(FWD):
+            actual = loss_and_grads(FF.cross_entropy, x, target, **kw)
+        check(actual, loss_and_grads(F.cross_entropy, x, target, **kw), F64, f"int64 columns {kw}")
+
+
 def test_out_of_range_target_in_kernel_gives_nan(monkeypatch, device, triton_backend):
     """The CUDA path never reads out of bounds: such a row's loss and gradient are NaN."""
     monkeypatch.setattr(ops_softmax, "_check_targets_cpu", lambda *args: None)
     x = logits((3, 5), device=device).requires_grad_()
     t = torch.tensor([1, 7, -4], device=device)
-    loss = FF.cross_entropy(x, t, reduction="none")
+    with launched(FWD):
+        loss = FF.cross_entropy(x, t, reduction="none")
     loss.sum().backward()
     assert torch.isnan(loss[1:]).all() and torch.isfinite(loss[0])
     assert torch.isfinite(x.grad[0]).all() and torch.isnan(x.grad[1:]).all()

@@ -36,6 +36,8 @@ LOOP_BLOCK = 8192
 LOOP_BLOCK_16BIT_LONG = 4096
 #: Elements of one program's tile when several short rows share a program.
 ROW_TILE = 2048
+#: Column offsets at or past this need int64 arithmetic in the kernel.
+INT32_OFFSET_LIMIT = 2**31
 
 
 @functools.cache
@@ -78,10 +80,15 @@ def _rows_view(t: Tensor, n_cols: int) -> Tensor:
     return t.reshape(t.shape[0], n_cols, math.prod(t.shape[2:]))
 
 
-def _loss_shape(input: Tensor, target: Tensor, prob: bool) -> tuple[int, ...]:
-    if not prob:
-        return tuple(target.shape)
+def _loss_shape(input: Tensor) -> tuple[int, ...]:
+    """Shape of a reduction="none" loss, as torch's: () for a (C,) input (even with a (1,) target)."""
     return () if input.dim() == 1 else (input.shape[0], *input.shape[2:])
+
+
+def _cols_need_int64(n_cols: int, *col_strides: int) -> bool:
+    """Whether a column offset ``(n_cols - 1) * stride`` of some operand overflows int32 (the
+    kernel then computes column offsets in int64; row offsets always are)."""
+    return (n_cols - 1) * max(abs(s) for s in col_strides) >= INT32_OFFSET_LIMIT
 
 
 def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
@@ -131,15 +138,13 @@ def _fwd(
     if not prob and input.device.type == "cpu":
         _check_targets_cpu(target, n_cols, ignore_index)
     x = _rows_view(input, n_cols)
-    if n_cols > 1 and (n_cols - 1) * abs(x.stride(1)) >= 2**31:
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     n_rows = x.shape[0] * x.shape[2]
     acc = acc_dtype(input.dtype)
     out_dtype = torch.float32 if out_float32 else input.dtype
     reduce = reduction != "none"
 
-    if grad_input and inplace and x.data_ptr() == input.data_ptr() and input.is_contiguous():
-        gi, g3 = input, x
+    if grad_input and inplace and input.is_contiguous():
+        gi, g3 = input, x  # x is a view of input
     elif grad_input:
         gi = empty(input.shape, input.dtype, input.device)
         g3 = _rows_view(gi, n_cols)
@@ -177,6 +182,8 @@ def _fwd(
                 HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0, SCALE_BY_DENOM=scale_by_denom,
                 MEAN_OVER_ROWS=reduction == "mean" and prob,
                 GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SINGLE_PASS=single,
+                COLS_I64=_cols_need_int64(n_cols, x.stride(1), g3.stride(1) if grad_input else 0,
+                                          y_strides[1], x.shape[2] if grad_target else 0),
                 ACC_DTYPE=tl_dtype[acc], BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps,
             )
             count_launch("cross_entropy_fwd_kernel")
@@ -186,7 +193,7 @@ def _fwd(
         else:
             out = loss.sum().to(out_dtype)
     else:
-        out = loss.reshape(_loss_shape(input, target, prob))
+        out = loss.reshape(_loss_shape(input))
     return out, gi, gt
 
 
@@ -223,7 +230,7 @@ def _(input, target, weight, alpha_weight, kind, ignore_index, label_smoothing, 
       alpha, gamma, reduction, out_float32, inplace, grad_input, grad_target):
     dtype = torch.float32 if out_float32 else input.dtype
     if reduction == "none":
-        out = input.new_empty(_loss_shape(input, target, target.is_floating_point()), dtype=dtype)
+        out = input.new_empty(_loss_shape(input), dtype=dtype)
     else:
         out = input.new_empty((), dtype=dtype)
     gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
