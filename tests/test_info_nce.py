@@ -21,11 +21,14 @@ import torch.nn.functional as F
 from helpers import TOLERANCES, assert_close, dtype_id
 from helpers import assert_launched as launched
 from helpers import assert_not_launched as not_launched
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import fastloss
 from fastloss import functional as FL
 from fastloss import reference
 from fastloss.ops import _utils
+from fastloss.ops import info_nce as info_nce_ops
 from fastloss.ops.info_nce import info_nce_loss
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,6 +281,42 @@ def test_inputs_are_not_modified(triton_backend):
     with launched("info_nce_chunk_kernel", "scale_grad_kernel"):
         FL.info_nce(q, k, symmetric=True).backward()
     assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1])
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an aten op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def _largest_tensor_of_fwd_bwd(b, symmetric, reduction):
+    q, k = _inputs(b, 4, torch.float32)
+    with _LargestTensor() as rec:
+        FL.info_nce(q, k, symmetric=symmetric, reduction=reduction).sum().backward()
+    return rec.numel
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["q2k", "symmetric"])
+def test_kernel_path_never_holds_the_b_by_b_scores(symmetric, reduction, triton_backend, monkeypatch):
+    """Forward and backward on the kernels allocate nothing of B x B elements: the largest tensor is
+    O(B * D) or the capped chunk of scores (CHUNK_ELEMENTS). With an uncapped chunk the same
+    recorder does see a B x B block, so it watches the buffers that matter."""
+    b = 64
+    monkeypatch.setattr(info_nce_ops, "CHUNK_ELEMENTS", 256)
+    with launched("info_nce_chunk_kernel"):
+        assert _largest_tensor_of_fwd_bwd(b, symmetric, reduction) < b * b // 2
+    monkeypatch.setattr(info_nce_ops, "CHUNK_ELEMENTS", b * b)
+    assert _largest_tensor_of_fwd_bwd(b, symmetric, reduction) >= b * b
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
