@@ -149,21 +149,6 @@ def make_inputs(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0):
     return x, t
 
 
-class GradStep:
-    """One fwd+bwd: ``torch.autograd.grad(fn(x, t), x)`` (plus a synchronize when ``sync``)."""
-
-    def __init__(self, fn, x, t, sync: bool = False):
-        self.fn, self.x, self.t, self.sync = fn, x, t, sync and CUDA
-
-    def zero_grad(self) -> None:
-        self.x.grad = None
-
-    def __call__(self) -> None:
-        torch.autograd.grad(self.fn(self.x, self.t), self.x)
-        if self.sync:
-            torch.cuda.synchronize(DEVICE)
-
-
 def prepare(loss: str, impl: str, shape, dtype, inputs=None):
     """(step, first_call_s, peak_bytes); raises when the implementation fails (OOM, compile)."""
     fn, reason = implementation(loss, impl)
@@ -172,7 +157,7 @@ def prepare(loss: str, impl: str, shape, dtype, inputs=None):
     x, t = inputs if inputs is not None else make_inputs(shape, dtype)
     if impl in ("fastloss_inplace", "liger"):
         x = x.detach().clone().requires_grad_()  # they overwrite the logits; keep the shared ones
-    step = GradStep(fn, x, t, sync=True)
+    step = _bench.GradStep(fn, (x, t), autograd_grad=True, sync=True)  # autograd.grad(fn(x, t), x)
     t0 = time.perf_counter()
     step()  # compiles (torch.compile graphs, Triton kernels)
     first_call_s = time.perf_counter() - t0
