@@ -199,12 +199,17 @@ def binary_cross_entropy_with_logits(
         raise RuntimeError(
             f"binary_cross_entropy_with_logits(): expected a floating-point target, got {target.dtype}"
         )
+    # torch.nn's result has the target's dtype, also when the input's is wider; fastloss computes
+    # in the promoted dtype and rounds once to it
+    out_dtype = target.dtype
     input, target = _floating_operands("binary_cross_entropy_with_logits", input, target)
     _check_broadcastable("weight", weight, input)
     _check_broadcastable("pos_weight", pos_weight, input)
     if use_triton(input, target, weight, pos_weight):
-        return pointwise_loss("bce_with_logits", input, target, weight, pos_weight, reduction=reduction)
-    return reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+        loss = pointwise_loss("bce_with_logits", input, target, weight, pos_weight, reduction=reduction)
+    else:
+        loss = reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
+    return loss.to(out_dtype)
 
 
 def sigmoid_focal_loss(
@@ -233,6 +238,8 @@ def sigmoid_focal_loss(
         raise NotImplementedError(
             f"sigmoid_focal_loss(): expected floating-point inputs (logits), got {inputs.dtype}"
         )
+    if not targets.is_floating_point():  # as does an integer target there
+        raise RuntimeError(f"sigmoid_focal_loss(): expected floating-point targets, got {targets.dtype}")
     inputs, targets = _floating_operands("sigmoid_focal_loss", inputs, targets)
     if use_triton(inputs, targets):
         return pointwise_loss("sigmoid_focal", inputs, targets, param1=alpha, param2=gamma,

@@ -835,12 +835,32 @@ def test_integer_input_with_float_target_promotes_like_torch(case, backend, devi
         assert _compare_with_torch(case, x, y, reduction).dtype == torch.float32
 
 
-def test_bce_integer_target_raises_runtime_error(backend, device):
+@pytest.mark.parametrize("torch_fn, fast_fn", ALL_FUNCTIONS[4:])
+def test_bce_and_focal_integer_target_raise_runtime_error(torch_fn, fast_fn, backend, device):
+    """(torchvision's focal loss fails in binary_cross_entropy_with_logits.)"""
     x, y = torch.randn(3, 4, device=device), torch.randint(0, 2, (3, 4), device=device)
     with pytest.raises(RuntimeError):
-        F.binary_cross_entropy_with_logits(x, y)
+        torch_fn(x, y)
     with pytest.raises(RuntimeError):
-        FF.binary_cross_entropy_with_logits(x, y)
+        fast_fn(x, y)
+
+
+MIXED_DTYPES = [(a, b) for a in DTYPES for b in DTYPES if a != b]
+
+
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES, ids=lambda d: f"{dtype_id(d[0])}-{dtype_id(d[1])}")
+def test_bce_mixed_dtypes_give_torchs_dtypes(dtypes, backend, device):
+    """torch.nn's BCE-with-logits returns the target's dtype, even below the input's."""
+    x, y, _ = make_operands(BCE, (4, 9), dtypes[0], device, requires_grad=False)
+    x, y = x.requires_grad_(), y.to(dtypes[1]).requires_grad_()
+    for reduction in REDUCTIONS:
+        expected = F.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+        actual = FF.binary_cross_entropy_with_logits(x, y, reduction=reduction)
+        assert actual.dtype == expected.dtype == dtypes[1]
+        grads = torch.autograd.grad(actual, (x, y), torch.ones_like(actual))
+        assert [g.dtype for g in grads] == list(dtypes)
+        exact = F.binary_cross_entropy_with_logits(x.detach().double(), y.detach().double(), reduction=reduction)
+        assert_no_less_accurate(actual.detach(), expected.detach(), exact, f"bce {dtypes} {reduction}")
 
 
 @pytest.mark.parametrize("torch_fn, fast_fn", ALL_FUNCTIONS)
