@@ -383,6 +383,21 @@ def test_logits_never_overwritten_unless_asked(reduction, device, backend):
         assert torch.equal(x.detach(), x0), f"{what}: the logits were written"
 
 
+def test_inplace_backward_on_noncontiguous_logits_keeps_them(device, triton_backend):
+    """Where the gradient cannot go into the logits' memory, the logits stay intact and a second
+    backward recomputes from them."""
+    x0, t = logits((40, 6), device=device).t(), class_targets((6,), 40, device)
+    expected = loss_and_grads(FF.cross_entropy, x0, t)
+    x = x0.clone().requires_grad_()
+    with launched(FWD):
+        loss = FF.cross_entropy(x, t, inplace_backward=True)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(x.detach(), x0)
+    assert_close(g1, expected[1][0], F64, "first backward")
+    assert_close(g2, expected[1][0], F64, "second backward")
+
+
 def test_second_backward_recomputes(device, triton_backend):
     x, t = logits((5, 7), device=device).requires_grad_(), class_targets((5,), 7, device)
     with launched(FWD):

@@ -251,11 +251,13 @@ def _scale_rows(grad: Tensor, grad_output: Tensor, n_cols: int, inplace: bool) -
 def _setup_context(ctx, inputs, output):
     input, target, weight, alpha_weight = inputs[:4]
     ctx.args = inputs[4:]
-    inplace, grad_input, grad_target = inputs[13:16]
+    grad_input, grad_target = inputs[14:16]
     ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     ctx.reduction = inputs[11]
-    # the logits are kept for a second backward (retain_graph) unless they were overwritten
-    ctx.save_for_backward(None if inplace else input, target, weight, alpha_weight)
+    # the logits are kept for a second backward (retain_graph) unless they were overwritten: with
+    # inplace_backward on a contiguous input in eager mode (never by the custom op)
+    overwritten = grad_input and output[1] is input
+    ctx.save_for_backward(None if overwritten else input, target, weight, alpha_weight)
     # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
     # .grad can take the buffer without a copy
     ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
