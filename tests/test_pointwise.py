@@ -995,3 +995,15 @@ def test_custom_ops_pass_opcheck(device):
     torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal",
                                                [1.0, 0.25, 2.0], 1.0, True, True))
     torch.library.opcheck(ops.scale_grad_, (torch.randn(5, 7, device=device), torch.tensor(2.0, device=device)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_double_backward_raises_instead_of_detaching(reduction, device):
+    """The kernels' gradients are not differentiable: create_graph=True must fail loudly, never give
+    a gradient that silently drops its own dependence on the input."""
+    x, y, _ = make_operands(MSE, (7,), torch.float32, device)
+    with fastloss.use_backend("triton"):
+        loss = FF.mse_loss(x, y, reduction=reduction)
+    (gx,) = torch.autograd.grad(loss, x, torch.ones_like(loss), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        gx.square().sum().backward()

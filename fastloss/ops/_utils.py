@@ -33,6 +33,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _not_differentiable(grads: tuple) -> tuple:
+    """The launchers' gradients have no graph of their own: under create_graph=True give them one
+    that raises when differentiated (as ``once_differentiable`` does, also when grad_output does not
+    require grad), instead of gradients that silently drop their dependence on the inputs."""
+    err = torch._C._functions.DelayedError(
+        b"fastloss's kernels are differentiable once: a double backward (create_graph=True) needs "
+        b"the PyTorch path, fastloss.use_backend('torch')", len(grads))
+    aliases = [None if g is None else g.detach().requires_grad_() for g in grads]
+    out = err(*aliases)
+    out = out if isinstance(out, tuple) else (out,)
+    return tuple(None if g is None else o for g, o in zip(grads, out))
+
+
 def autograd_pair(
     op: Callable[..., tuple[torch.Tensor, ...]],
     launcher: Callable[..., tuple[torch.Tensor, ...]],
@@ -66,7 +79,11 @@ def autograd_pair(
 
         @staticmethod
         def backward(ctx, grad_loss):
-            return backward_eager(ctx, grad_loss)
+            with torch.no_grad():
+                grads = backward_eager(ctx, grad_loss)
+            if torch.is_grad_enabled():  # create_graph=True: see _not_differentiable
+                grads = _not_differentiable(grads)
+            return grads
 
     Eager.__name__ = Eager.__qualname__ = f"{getattr(op, '_name', 'fastloss')}_eager".replace("::", "_")
 
