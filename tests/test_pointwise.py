@@ -1007,3 +1007,26 @@ def test_double_backward_raises_instead_of_detaching(reduction, device):
     (gx,) = torch.autograd.grad(loss, x, torch.ones_like(loss), create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         gx.square().sum().backward()
+
+
+def test_broadcast_grad_output_is_not_copied(device, monkeypatch):
+    """``loss.sum().backward()`` on reduction="none" gives a stride-0 grad_output: the backward
+    kernel reads its one element instead of a loss-sized contiguous copy."""
+    x, y, _ = make_operands(L1, (3, 1030), torch.float32, device)
+    copied = []
+    original = Tensor.contiguous
+
+    def contiguous(self, *args, **kwargs):
+        if not self.is_contiguous():
+            copied.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    expected = loss_and_grads(lambda: R.huber_loss(x, y, "none", 0.5), (x, y))
+    with fastloss.use_backend("triton"):
+        loss = FF.huber_loss(x, y, reduction="none", delta=0.5)
+        monkeypatch.setattr(Tensor, "contiguous", contiguous)
+        with assert_launched("pointwise_bwd_kernel"):
+            loss.sum().backward()
+        monkeypatch.undo()
+    assert copied == []
+    check_same((loss.detach(), (x.grad, y.grad)), expected, torch.float32, "huber none .sum()")

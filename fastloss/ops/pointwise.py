@@ -24,9 +24,6 @@ LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal")
 #: Most member losses one kernel pass evaluates (TERMS, TERMS_B, TERMS_C in the kernels).
 MAX_MEMBERS = 3
 
-_TORCH_TO_TRITON: dict[torch.dtype, str] = {torch.float32: "float32", torch.float64: "float64"}
-
-
 @functools.cache
 def _kernels():
     import triton.language as tl
@@ -186,7 +183,9 @@ def _bwd(
     acc = acc_dtype(x.dtype)
     gi = empty(x.shape, x.dtype, x.device) if grad_input else x.new_empty(0)
     gt = empty(x.shape, x.dtype, x.device) if grad_target else x.new_empty(0)
-    if grad_output.dim() == 0:
+    if all(s == 0 for s in grad_output.stride()):
+        # a scalar, or one broadcast to the loss's shape (``loss.sum().backward()`` gives that):
+        # every program reads its one element, no loss-sized copy
         go, stride = grad_output, 0
     else:
         go, stride = grad_output.expand(x.shape).contiguous(), 1
