@@ -24,6 +24,16 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
     return out
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for non-negative ints: the number of programs that cover a elements in blocks of b."""
+    return (a + b - 1) // b
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes must be powers of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def count_launch(name: str) -> None:
     launch_counts[name] += 1
 

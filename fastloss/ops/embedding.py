@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["LOSSES", "embedding_loss"]
@@ -36,13 +36,10 @@ def _kernels():
 
 def _block_config(n_cols: int) -> tuple[int, int, bool, int]:
     """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements."""
-    block_cols = min(triton_next_pow2(max(n_cols, 1)), 1024)
+    block_cols = min(next_pow2(max(n_cols, 1)), 1024)
     block_rows = max(1, 2048 // block_cols)
     return block_rows, block_cols, n_cols <= block_cols, 4 if block_rows * block_cols <= 1024 else 8
 
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def _p_mode(p: float) -> int:
@@ -76,7 +73,7 @@ def _fwd(
     want = (reduce and grad_x, reduce and grad_y, reduce and grad_z)
     gx, gy, gz = _grad_buffers(x, y, z, want)
     block_rows, block_cols, single, warps = _block_config(n_cols)
-    n_programs = triton_cdiv(n_rows, block_rows)
+    n_programs = cdiv(n_rows, block_rows)
     out = empty((n_programs,), acc, x.device) if reduce else empty((n_rows,), x.dtype, x.device)
     count = n_rows if reduction == "mean" and n_rows else 1
     common = {"REDUCE": reduce, "ACC_DTYPE": tl_dtype[acc], "BLOCK_ROWS": block_rows,
@@ -157,7 +154,7 @@ def _bwd(
     block_rows, block_cols, single, warps = _block_config(n_cols)
     common = {"ACC_DTYPE": tl_dtype[acc_dtype(x.dtype)], "BLOCK_ROWS": block_rows,
               "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "num_warps": warps}
-    grid = (triton_cdiv(n_rows, block_rows),)
+    grid = (cdiv(n_rows, block_rows),)
     if n_rows > 0 and (grad_x or grad_y or grad_z):
         if loss == "contrastive":
             k.contrastive_bwd_kernel[grid](
@@ -199,9 +196,6 @@ def _(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, g
     return tuple(t.new_empty(t.shape) if w else t.new_empty(0)
                  for t, w in zip((x, y, z), (grad_x, grad_y, grad_z)))
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _setup_context(ctx, inputs, output):

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["info_nce_loss"]
@@ -42,9 +42,6 @@ def _kernels():
 
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -78,7 +75,7 @@ def _config(device: torch.device, n_dim: int, dtype: torch.dtype) -> dict[str, i
 
 
 def _default_config(device: torch.device, n_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    k = max(16, _next_pow2(n_dim))
+    k = max(16, next_pow2(n_dim))
     if device.type != "cuda":
         return {"fwd_m": 16, "fwd_n": 16, "block_k": min(32, k), "fwd_warps": 4, "fwd_stages": 1}
     if dtype in (torch.float32, torch.float64):
@@ -95,7 +92,7 @@ def _rows_fwd(a: Tensor, b: Tensor, offset: int, scale: float) -> tuple[Tensor, 
     loss = empty((n_rows,), acc, a.device)
     lse = empty((n_rows,), acc, a.device)
     cfg = _config(a.device, n_dim, a.dtype)
-    grid = (triton_cdiv(n_rows, cfg["fwd_m"]),)
+    grid = (cdiv(n_rows, cfg["fwd_m"]),)
     k.info_nce_fwd_kernel[grid](
         a, b, loss, lse, n_rows, n_cols, n_dim, a.stride(0), b.stride(0), offset, scale,
         PRECISION=_precision(a.dtype), ACC_DTYPE=tl_dtype[acc], DOT_FP32=_dot_fp32(a),
@@ -156,7 +153,7 @@ def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: T
             torch.ops.aten.mm.dtype_out(a_c, b_mm.T, torch.float32, out=s_c)
         else:
             torch.mm(a_c, b_mm.T, out=s_c)
-        k.info_nce_chunk_kernel[(triton_cdiv(r1 - r0, block_r),)](
+        k.info_nce_chunk_kernel[(cdiv(r1 - r0, block_r),)](
             s_c, lse[r0:r1], loss[r0:r1] if loss is not None else dummy,
             w_row[r0:r1] if write_grad else dummy,
             lse_col if lse_col is not None else dummy, w_col if w_col is not None else dummy,
@@ -274,9 +271,6 @@ def _(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, 
     return (a.new_empty(a.shape) if need_a else a.new_empty(0),
             b.new_empty(b.shape) if need_b else b.new_empty(0))
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _setup_context(ctx, inputs, output):

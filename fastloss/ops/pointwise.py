@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty
 
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
@@ -118,7 +118,7 @@ def _fwd(
     gi = empty(x.shape, x.dtype, x.device) if want_gi else x.new_empty(0)
     gt = empty(x.shape, x.dtype, x.device) if want_gt else x.new_empty(0)
     block, warps = _block_config(n)
-    n_programs = triton_cdiv(n, block)
+    n_programs = cdiv(n, block)
     out = empty((n_programs,), acc, x.device) if reduce else empty(x.shape, x.dtype, x.device)
     w, pw, layout = _launch_args(x, weight, pos_weight)
     if n > 0:
@@ -192,7 +192,7 @@ def _bwd(
     w, pw, layout = _launch_args(x, weight, pos_weight)
     block, warps = _block_config(n)
     if n > 0 and (grad_input or grad_target):
-        k.pointwise_bwd_kernel[(triton_cdiv(n, block),)](
+        k.pointwise_bwd_kernel[(cdiv(n, block),)](
             x, y, w, pw, go, gi, gt, n, stride, *layout, **_member_args(losses, params, scale),
             HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
             GRAD_INPUT=grad_input, GRAD_TARGET=grad_target,
@@ -233,7 +233,7 @@ def _scale_grad(grad: Tensor, grad_output: Tensor) -> None:
     if n == 0:
         return
     block, warps = _block_config(n)
-    grid = min(triton_cdiv(n, block), _max_programs(grad.device))
+    grid = min(cdiv(n, block), _max_programs(grad.device))
     k.scale_grad_kernel[(grid,)](
         grad, grad_output, n, ACC_DTYPE=tl_dtype[acc_dtype(grad.dtype)], BLOCK_SIZE=block,
         num_warps=warps,
@@ -251,9 +251,6 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
 def _(grad, grad_output):
     return None
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _setup_context(ctx, inputs, output):

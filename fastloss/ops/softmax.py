@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, count_launch, empty
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["KINDS", "softmax_loss"]
@@ -49,9 +49,6 @@ def _kernels():
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
 
 def _warps(tile: int) -> int:
     return 4 if tile <= 1024 else 8 if tile <= 8192 else 16 if tile <= 16384 else 32
@@ -64,12 +61,12 @@ def _row_config(n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int,
     if size == 2:
         limit = min(limit, MAX_FUSED_COLS_16BIT)
     if n_cols <= limit:
-        block = _next_pow2(n_cols)
-        rows = max(1, min(ROW_TILE // block, _next_pow2(n_rows), 64))
+        block = next_pow2(n_cols)
+        rows = max(1, min(ROW_TILE // block, next_pow2(n_rows), 64))
         return rows, block, True, _warps(rows * block)
     if size == 2 and n_cols > 65536:
         return 1, min(LOOP_BLOCK, LOOP_BLOCK_16BIT_LONG), False, 4
-    block = min(LOOP_BLOCK, _next_pow2(n_cols))
+    block = min(LOOP_BLOCK, next_pow2(n_cols))
     return 1, block, False, 16 if block >= 8192 else _warps(block)
 
 
@@ -172,7 +169,7 @@ def _fwd(
                 )
                 count_launch("cross_entropy_denom_kernel")
             rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
-            k.cross_entropy_fwd_kernel[(triton_cdiv(n_rows, rows),)](
+            k.cross_entropy_fwd_kernel[(cdiv(n_rows, rows),)](
                 x, y, w, a, loss, g3, gt, denom,
                 n_rows, n_cols, x.shape[2],
                 *x.stride(), *(g3.stride() if grad_input else (0, 0, 0)), *y_strides,
@@ -196,9 +193,6 @@ def _fwd(
         out = loss.reshape(_loss_shape(input))
     return out, gi, gt
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 @torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
