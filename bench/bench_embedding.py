@@ -25,9 +25,6 @@ Timings are recorded, never asserted.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,9 +47,8 @@ INFO_NCE_DIM = 512 if CUDA else 128
 PAIR_DIM = 128
 TEMPERATURE, MARGIN = 0.07, 2.0
 
-WARMUP = 2
-ROUND_TIME_S = 0.5  # timed rounds per benchmark: about this long in total
-MIN_ROUNDS, MAX_ROUNDS = 3, 20
+# bench/conftest.py run_timed: untimed calls, probe calls, then timed rounds of about round_time_s in all.
+TIMING = {"warmup": 2, "probes": 2, "round_time_s": 0.5, "min_rounds": 3, "max_rounds": 20}
 
 
 # --- the implementations -------------------------------------------------------------------------
@@ -147,64 +143,15 @@ IDS = [f"{loss}-B{_bench.size_label(b)}-{_bench.dtype_name(dt)}" for loss, b, dt
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize(("loss", "b", "dtype"), CASES, ids=IDS)
-def test_embedding(benchmark, bench_state, bench_skip, request, loss, b, dtype, impl):
-    benchmark.group = f"{loss} B={_bench.size_label(b)} {_bench.dtype_name(dtype)}"
+def test_embedding(run_timed, benchmark, request, loss, b, dtype, impl):
     info = {"loss": loss, "impl": impl, "b": b, "dim": INFO_NCE_DIM if loss == "info_nce" else PAIR_DIM,
             "dtype": _bench.dtype_name(dtype), "device": DEVICE.type,
             "baseline": "fastloss.functional" if impl == "fastloss" else _TABLE[loss][2],
             **_model(loss, b, dtype)}
-    request.node.bench_params = info
-    benchmark.extra_info.update(info)
+    request.node.bench_params = info  # a skip record carries them too
 
-    step = None
-    try:
-        if bench_state["copy_gbps"] is None:
-            bench_state["copy_gbps"] = _bench.copy_bandwidth(DEVICE) / 1e9
-        step = _Step(_impl(loss, impl), _inputs(loss, b, dtype))
-        t0 = time.perf_counter()
-        step()  # compiles (torch.compile graphs, Triton kernels)
-        first_call_s = time.perf_counter() - t0
-        for _ in range(WARMUP):
-            step()
-        probe = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            step()
-            probe.append(time.perf_counter() - t0)
-        peak = _bench.peak_memory(step, DEVICE)
-    except Exception as exc:  # noqa: BLE001 - OOM, compile failure: recorded as skipped, go on
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        step = None  # free its inputs' gradients before the next benchmark
-        if CUDA:
-            torch.cuda.empty_cache()
-        bench_skip("OOM" if oom else f"{impl} failed: {_bench.error_reason(exc)}")
-
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_TIME_S / max(statistics.median(probe), 1e-9))))
-
-    def setup():
-        step.zero_grad()
-        _bench.flush_l2(DEVICE)
-        if CUDA:
-            torch.cuda.synchronize(DEVICE)
-
-    try:
-        benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
-    except Exception as exc:  # noqa: BLE001 - as above, while timed
-        step.zero_grad()
-        if CUDA:
-            torch.cuda.empty_cache()
-        bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
-    step.zero_grad()
-    if CUDA:
-        torch.cuda.empty_cache()
-
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    median = stats.stats.median if stats is not None else None
-    extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s}
+    median = run_timed(lambda: _Step(_impl(loss, impl), _inputs(loss, b, dtype)),
+                       f"{loss} B={_bench.size_label(b)} {_bench.dtype_name(dtype)}", info,
+                       oom_reason="OOM", **TIMING)
     if median and "flops_model" in info:
-        extra["tflops"] = info["flops_model"] / median / 1e12
-    if median and "bytes_moved" in info:
-        gbps = info["bytes_moved"] / median / 1e9
-        copy = bench_state["copy_gbps"]
-        extra.update(gbps=gbps, copy_gbps=copy, copy_share=gbps / copy if copy else None)
-    benchmark.extra_info.update(extra)
+        benchmark.extra_info["tflops"] = info["flops_model"] / median / 1e12

@@ -15,9 +15,6 @@ Timings are recorded, never asserted.
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
@@ -37,72 +34,22 @@ DTYPES = _bench.env_list("FASTLOSS_BENCH_DTYPES", [torch.float32, torch.bfloat16
 CASES = [(loss, n, dtype) for loss in LOSSES for n in SIZES for dtype in DTYPES]
 IDS = [f"{loss}-{_bench.size_label(n)}-{_bench.dtype_name(dtype)}" for loss, n, dtype in CASES]
 
-WARMUP = 3
-ROUND_TIME_S = 0.25 if CUDA else 0.3   # timed rounds per benchmark: about this long in total
-MIN_ROUNDS, MAX_ROUNDS = 5, 30
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize(DEVICE)
+# bench/conftest.py run_timed: untimed calls, probe calls, then timed rounds of about round_time_s in all.
+TIMING = {"warmup": 3, "probes": 3, "round_time_s": 0.25 if CUDA else 0.3, "min_rounds": 5, "max_rounds": 30}
 
 
 @pytest.mark.parametrize("impl", _bench.IMPLS)
 @pytest.mark.parametrize(("loss", "n", "dtype"), CASES, ids=IDS)
-def test_pointwise(benchmark, bench_state, bench_skip, loss, n, dtype, impl):
+def test_pointwise(run_timed, loss, n, dtype, impl):
     case = _bench.loss_case(loss)
-    benchmark.group = f"{loss} N={_bench.size_label(n)} {_bench.dtype_name(dtype)}"
     info = {
         "loss": loss, "impl": impl, "n": n, "dtype": _bench.dtype_name(dtype), "device": DEVICE.type,
         "baseline": "fastloss.functional" if impl == "fastloss" else case.torch_label,
         "bytes_moved": _bench.bytes_moved(n, dtype),
     }
-    benchmark.extra_info.update(info)
 
-    try:
-        if bench_state["copy_gbps"] is None:
-            bench_state["copy_gbps"] = _bench.copy_bandwidth(DEVICE) / 1e9
+    def make_step():
         x, y = _bench.make_inputs(case, n, dtype, DEVICE)
-        step = _bench.FwdBwd(case.impl(impl), x, y, sync=True)
-        t0 = time.perf_counter()
-        step()  # compiles (torch.compile graphs, Triton kernels)
-        first_call_s = time.perf_counter() - t0
-        for _ in range(WARMUP):
-            step()
-        probe = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            step()
-            probe.append(time.perf_counter() - t0)
-        peak = _bench.peak_memory(step, DEVICE)
-    except Exception as exc:  # noqa: BLE001 - OOM, compile failure: recorded as skipped, go on
-        if CUDA:
-            torch.cuda.empty_cache()
-        bench_skip(f"{impl} failed: {_bench.error_reason(exc)}")
+        return _bench.FwdBwd(case.impl(impl), x, y, sync=True)
 
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_TIME_S / max(statistics.median(probe), 1e-9))))
-
-    def setup():
-        step.zero_grad()
-        _bench.flush_l2(DEVICE)
-        _sync()
-
-    try:
-        benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
-    except Exception as exc:  # noqa: BLE001 - as above, while timed
-        if CUDA:
-            torch.cuda.empty_cache()
-        bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
-    step.zero_grad()
-
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    median = stats.stats.median if stats is not None else None
-    copy_gbps = bench_state["copy_gbps"]
-    gbps = info["bytes_moved"] / median / 1e9 if median else None
-    benchmark.extra_info.update(
-        peak_mem_bytes=peak,
-        first_call_s=first_call_s,
-        gbps=gbps,
-        copy_gbps=copy_gbps,
-        copy_share=gbps / copy_gbps if gbps and copy_gbps else None,
-    )
+    run_timed(make_step, f"{loss} N={_bench.size_label(n)} {_bench.dtype_name(dtype)}", info, **TIMING)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import statistics
 import sys
-import time
 
 import pytest
 import torch
@@ -66,9 +65,8 @@ CASES = [
     for dtype in DTYPES
 ]
 
-WARMUP = 3
-ROUND_TIME_S = 0.3 if CUDA else 0.5
-MIN_ROUNDS, MAX_ROUNDS = 5, 30
+# bench/conftest.py run_timed: untimed calls, probe calls, then timed rounds of about round_time_s in all.
+TIMING = {"warmup": 3, "probes": 3, "round_time_s": 0.3 if CUDA else 0.5, "min_rounds": 5, "max_rounds": 30}
 
 
 def _label(shape: tuple[int, int]) -> str:
@@ -149,19 +147,16 @@ def make_inputs(shape: tuple[int, int], dtype: torch.dtype, seed: int = 0):
     return x, t
 
 
-def prepare(loss: str, impl: str, shape, dtype, inputs=None):
-    """(step, first_call_s, peak_bytes); raises when the implementation fails (OOM, compile)."""
+def make_step(loss: str, impl: str, shape, dtype, inputs=None) -> _bench.GradStep:
+    """The step ``autograd.grad(fn(x, t), x)``; raises NotImplementedError when the implementation
+    cannot run here (Liger off CUDA or not importable)."""
     fn, reason = implementation(loss, impl)
     if fn is None:
         raise NotImplementedError(reason)
     x, t = inputs if inputs is not None else make_inputs(shape, dtype)
     if impl in ("fastloss_inplace", "liger"):
         x = x.detach().clone().requires_grad_()  # they overwrite the logits; keep the shared ones
-    step = _bench.GradStep(fn, (x, t), autograd_grad=True, sync=True)  # autograd.grad(fn(x, t), x)
-    t0 = time.perf_counter()
-    step()  # compiles (torch.compile graphs, Triton kernels)
-    first_call_s = time.perf_counter() - t0
-    return step, first_call_s, _bench.peak_memory(step, DEVICE)
+    return _bench.GradStep(fn, (x, t), autograd_grad=True, sync=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,45 +169,11 @@ IDS = [f"{loss}-{_label(shape)}-{_bench.dtype_name(dtype)}-{impl}" for loss, sha
 
 
 @pytest.mark.parametrize(("loss", "shape", "dtype", "impl"), PARAMS, ids=IDS)
-def test_softmax(benchmark, bench_state, bench_skip, loss, shape, dtype, impl):
-    benchmark.group = f"{loss} {_label(shape)} {_bench.dtype_name(dtype)}"
+def test_softmax(run_timed, loss, shape, dtype, impl):
     info = {"loss": loss, "impl": impl, "n": shape[0], "v": shape[1], "dtype": _bench.dtype_name(dtype),
             "device": DEVICE.type, "bytes_moved": bytes_moved(shape, dtype)}
-    benchmark.extra_info.update(info)
-    try:
-        if bench_state["copy_gbps"] is None:
-            bench_state["copy_gbps"] = _bench.copy_bandwidth(DEVICE) / 1e9
-        step, first_call_s, peak = prepare(loss, impl, shape, dtype)
-        for _ in range(WARMUP):
-            step()
-        probe = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            step()
-            probe.append(time.perf_counter() - t0)
-    except Exception as exc:  # noqa: BLE001 - missing baseline, OOM, compile failure: skipped, go on
-        if CUDA:
-            torch.cuda.empty_cache()
-        bench_skip(f"{impl} failed: {_bench.error_reason(exc)}")
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_TIME_S / max(statistics.median(probe), 1e-9))))
-
-    def setup():
-        _bench.flush_l2(DEVICE)
-        if CUDA:
-            torch.cuda.synchronize(DEVICE)
-
-    benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
-    stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-    median = stats.stats.median if stats is not None else None
-    copy_gbps = bench_state["copy_gbps"]
-    gbps = info["bytes_moved"] / median / 1e9 if median else None
-    benchmark.extra_info.update(
-        peak_mem_bytes=peak, first_call_s=first_call_s, gbps=gbps, copy_gbps=copy_gbps,
-        copy_share=gbps / copy_gbps if gbps and copy_gbps else None,
-    )
-    del step
-    if CUDA:
-        torch.cuda.empty_cache()
+    run_timed(functools.partial(make_step, loss, impl, shape, dtype),
+              f"{loss} {_label(shape)} {_bench.dtype_name(dtype)}", info, **TIMING)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,8 +194,11 @@ def main() -> int:
         base = None
         for impl in impls:
             try:
-                step, first, peak = prepare(loss, impl, shape, dtype, inputs)
-                med = statistics.median(_bench.time_step(step, DEVICE, repeat=repeat, warmup=WARMUP))
+                step = make_step(loss, impl, shape, dtype, inputs)
+                first = _bench.first_call_s(step, DEVICE)  # compiles (torch.compile graphs, Triton kernels)
+                peak = _bench.peak_memory(step, DEVICE)
+                med = statistics.median(_bench.time_step(step, DEVICE, repeat=repeat,
+                                                         warmup=TIMING["warmup"]))
             except Exception as exc:  # noqa: BLE001 - recorded, go on
                 print(f"| {loss} | {_label(shape)} | {_bench.dtype_name(dtype)} | {impl} | skipped: "
                       f"{_bench.error_reason(exc)[:80]} | | | | | |")

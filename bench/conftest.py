@@ -7,6 +7,9 @@
   bandwidth, the byte model of each family, and every skipped benchmark with its reason and
   parameters (pytest-benchmark itself drops them; a test that set ``request.node.bench_params``
   before skipping adds those too).
+- ``run_timed``: the timing procedure every bench file shares (first call, warm-up, rounds chosen
+  from a probe, peak memory, ``benchmark.pedantic`` with grads cleared and L2 flushed in the setup,
+  failures recorded as skipped, GB/s and share of the copy bandwidth in ``extra_info``).
 - Other knobs, read by the bench files (comma-separated, e.g. ``2**20,2**24``):
   ``FASTLOSS_BENCH_DEVICE``, ``FASTLOSS_BENCH_DTYPES``; pointwise ``FASTLOSS_BENCH_SIZES``,
   ``FASTLOSS_BENCH_LOSSES``; bench_softmax.py ``FASTLOSS_BENCH_SHAPES`` (``8192x32000``) and
@@ -17,9 +20,12 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
+from collections.abc import Callable
 
 import pytest
+import torch
 
 from fastloss import _bench
 
@@ -69,6 +75,88 @@ def bench_skip(request, bench_state):
         pytest.skip(reason)
 
     return skip
+
+
+@pytest.fixture
+def run_timed(benchmark, bench_state, bench_skip):
+    """``run_timed(make_step, group, info, *, warmup, probes, round_time_s, min_rounds, max_rounds,
+    oom_reason=None)``: time one benchmark the way every bench file does; returns the median in
+    seconds (None under ``--benchmark-disable``).
+
+    ``make_step()`` builds the step (a ``_bench.FwdBwd`` / ``_bench.GradStep`` or anything with
+    ``__call__`` and ``zero_grad``, synchronising inside the call on CUDA). Sets ``benchmark.group``
+    and ``extra_info`` to ``info``, then: measures the copy bandwidth once per session, times the
+    first call (compiles), ``warmup`` untimed calls, ``probes`` timed calls whose median picks
+    ``round_time_s / median`` rounds (clamped to [min_rounds, max_rounds]), peak memory of one step
+    (CUDA), then ``benchmark.pedantic`` with ``zero_grad``, an L2 flush and a synchronize in the
+    untimed setup. A failure (OOM, compile error, missing baseline) before or while timed is
+    recorded with ``bench_skip``: ``"<impl> failed: <reason>"`` (``oom_reason`` instead, when given
+    and the device ran out of memory) or ``"<impl> failed while timed: <reason>"``.
+    ``extra_info`` gains ``peak_mem_bytes`` and ``first_call_s``, and when ``info`` has
+    ``bytes_moved``: ``gbps`` (bytes over the median), ``copy_gbps`` and ``copy_share``.
+    """
+    device = _bench.bench_device()
+
+    def release() -> None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def run(make_step: Callable[[], Callable[[], None]], group: str, info: dict, *, warmup: int,
+            probes: int, round_time_s: float, min_rounds: int, max_rounds: int,
+            oom_reason: str | None = None) -> float | None:
+        benchmark.group = group
+        benchmark.extra_info.update(info)
+        impl = info["impl"]
+        step = None
+        try:
+            if bench_state["copy_gbps"] is None:
+                bench_state["copy_gbps"] = _bench.copy_bandwidth(device) / 1e9
+            step = make_step()
+            first_call_s = _bench.first_call_s(step, device)  # compiles (torch.compile, Triton)
+            for _ in range(warmup):
+                step()
+            probe = []
+            for _ in range(probes):
+                t0 = time.perf_counter()
+                step()
+                probe.append(time.perf_counter() - t0)
+            peak = _bench.peak_memory(step, device)
+        except Exception as exc:  # noqa: BLE001 - OOM, compile failure, missing baseline: skipped, go on
+            step = None  # free its inputs and gradients before the next benchmark
+            release()
+            oom = oom_reason is not None and _bench.is_oom(exc)
+            bench_skip(oom_reason if oom else f"{impl} failed: {_bench.error_reason(exc)}")
+        rounds = int(min(max_rounds, max(min_rounds, round_time_s / max(statistics.median(probe), 1e-9))))
+
+        def setup():
+            step.zero_grad()
+            _bench.flush_l2(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        try:
+            benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+        except Exception as exc:  # noqa: BLE001 - as above, while timed
+            step.zero_grad()
+            step = None
+            release()
+            bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
+        step.zero_grad()
+        step = None
+        release()
+
+        stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+        median = stats.stats.median if stats is not None else None
+        extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s}
+        if "bytes_moved" in info:
+            gbps = info["bytes_moved"] / median / 1e9 if median else None
+            copy_gbps = bench_state["copy_gbps"]
+            extra.update(gbps=gbps, copy_gbps=copy_gbps,
+                         copy_share=gbps / copy_gbps if gbps and copy_gbps else None)
+        benchmark.extra_info.update(extra)
+        return median
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,7 @@ __all__ = [
     "copy_bandwidth",
     "device_info",
     "error_reason",
+    "first_call_s",
     "flush_l2",
     "format_markdown",
     "loss_case",
@@ -674,6 +675,16 @@ def flush_l2(device: torch.device) -> None:
         _flush_buffer(device).zero_()
 
 
+def first_call_s(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``step``, synchronized: on a fresh step, the call that compiles
+    (torch.compile graphs, Triton kernels)."""
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def time_step(step: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 3,
               flush: bool = True) -> list[float]:
     """Seconds per call of ``step``, ``repeat`` samples after ``warmup`` calls.
@@ -804,11 +815,7 @@ def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device:
     try:
         x, y = inputs if inputs is not None else make_inputs(case, n, dtype, device)
         step = FwdBwd(case.impl(impl), x, y)
-        t0 = time.perf_counter()
-        step()  # first call: compiles torch.compile graphs and Triton kernels
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rec["first_call_s"] = time.perf_counter() - t0
+        rec["first_call_s"] = first_call_s(step, device)
         times = time_step(step, device, repeat=repeat, warmup=warmup)
         rec["peak_mem_bytes"] = peak_memory(step, device)
         step.zero_grad()
@@ -858,11 +865,7 @@ def measure_shaped(case: ShapedCase | str, impl: str, shape: Sequence[int], dtyp
         if impl == "liger":  # overwrites the logits with their gradient: keep the shared ones
             ops = (ops[0].detach().clone().requires_grad_(), *ops[1:])
         step = GradStep(fn, ops, autograd_grad=case.autograd_grad)
-        t0 = time.perf_counter()
-        step()  # first call: compiles torch.compile graphs and Triton kernels
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        rec["first_call_s"] = time.perf_counter() - t0
+        rec["first_call_s"] = first_call_s(step, device)
         times = time_step(step, device, repeat=repeat, warmup=warmup)
         rec["peak_mem_bytes"] = peak_memory(step, device)
         step.zero_grad()
