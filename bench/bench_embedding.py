@@ -113,21 +113,6 @@ def _inputs(loss: str, b: int, dtype: torch.dtype):
     return xs
 
 
-class _Step:
-    def __init__(self, fn, inputs):
-        self.fn, self.inputs = fn, inputs
-
-    def zero_grad(self):
-        for t in self.inputs:
-            t.grad = None
-
-    def __call__(self):
-        self.zero_grad()
-        self.fn(*self.inputs).backward()
-        if CUDA:
-            torch.cuda.synchronize(DEVICE)
-
-
 def _model(loss: str, b: int, dtype: torch.dtype) -> dict:
     item = torch.empty((), dtype=dtype).element_size()
     if loss == "info_nce":
@@ -150,7 +135,7 @@ def test_embedding(run_timed, benchmark, request, loss, b, dtype, impl):
             **_model(loss, b, dtype)}
     request.node.bench_params = info  # a skip record carries them too
 
-    median = run_timed(lambda: _Step(_impl(loss, impl), _inputs(loss, b, dtype)),
+    median = run_timed(lambda: _bench.GradStep(_impl(loss, impl), _inputs(loss, b, dtype), sync=True),
                        f"{loss} B={_bench.size_label(b)} {_bench.dtype_name(dtype)}", info,
                        oom_reason="OOM", **TIMING)
     if median and "flops_model" in info:
