@@ -14,7 +14,7 @@ from fastloss._backend import use_triton
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
 from fastloss.ops.pointwise import pointwise_loss
-from fastloss.ops.softmax import softmax_loss
+from fastloss.ops.softmax import _check_targets_cpu, softmax_loss
 
 __all__ = [
     "binary_cross_entropy_with_logits",
@@ -405,6 +405,8 @@ def focal_loss(
             and use_triton(input, target, weight, alpha_t)):
         return softmax_loss("focal", input, target, weight, alpha=alpha, gamma=gamma,
                             ignore_index=ignore_index, reduction=reduction, out_float32=to_float32)
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_targets_cpu(target, n_classes, ignore_index)  # torch's IndexError, as the kernel path
     if to_float32:
         input = input.float()
     return reference.focal_loss(input, target, alpha, gamma, reduction, weight, ignore_index)

@@ -705,3 +705,15 @@ def test_int64_offsets_large_logits():
     ge = torch.softmax(x.detach()[rows].float(), 1)
     ge[torch.arange(3), t[rows]] -= 1
     torch.testing.assert_close(g, ge, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [5, -1], ids=["too_large", "negative"])
+def test_focal_out_of_range_target_is_index_error_on_both_backends(backend, bad):
+    """torch's IndexError for an out-of-range class index, whichever path runs on CPU."""
+    x = logits((3, 5))
+    t = torch.tensor([0, bad, 2])
+    with fastloss.use_backend(backend), pytest.raises(IndexError, match=f"Target {bad} is out of bounds"):
+        fastloss.functional.focal_loss(x, t)
+    with fastloss.use_backend(backend):  # ignore_index is not out of range
+        fastloss.functional.focal_loss(x, torch.tensor([0, -100, 2]))
