@@ -13,12 +13,8 @@ import datetime
 import os
 import time
 
-import torch
-
-if not torch.cuda.is_available():  # before triton is imported (tests/conftest.py does the same)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn

@@ -4,14 +4,9 @@ and with the classic focal composition, on the Triton kernels (interpreter on CP
 from __future__ import annotations
 
 import contextlib
-import os
-
-import torch
-
-if not torch.cuda.is_available():  # before anything imports triton (tests/conftest.py does it too)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+import torch
 from helpers import TOLERANCES, assert_close, assert_no_less_accurate, assert_not_launched, dtype_id
 from helpers import assert_launched as launched
 from torch import nn
