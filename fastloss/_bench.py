@@ -147,48 +147,8 @@ _L2_FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench: larger than any cur
 # The losses and their baselines
 # --------------------------------------------------------------------------------------------
 
-def _fl_mse(x: Tensor, y: Tensor) -> Tensor:
-    return FL.mse_loss(x, y)
-
-
-def _fl_l1(x: Tensor, y: Tensor) -> Tensor:
-    return FL.l1_loss(x, y)
-
-
-def _fl_huber(x: Tensor, y: Tensor) -> Tensor:
-    return FL.huber_loss(x, y, delta=1.0)
-
-
-def _fl_smooth_l1(x: Tensor, y: Tensor) -> Tensor:
-    return FL.smooth_l1_loss(x, y, beta=1.0)
-
-
-def _fl_bce(x: Tensor, y: Tensor) -> Tensor:
-    return FL.binary_cross_entropy_with_logits(x, y)
-
-
 def _fl_focal(x: Tensor, y: Tensor) -> Tensor:
     return FL.sigmoid_focal_loss(x, y, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="mean")
-
-
-def _torch_mse(x: Tensor, y: Tensor) -> Tensor:
-    return F.mse_loss(x, y)
-
-
-def _torch_l1(x: Tensor, y: Tensor) -> Tensor:
-    return F.l1_loss(x, y)
-
-
-def _torch_huber(x: Tensor, y: Tensor) -> Tensor:
-    return F.huber_loss(x, y, delta=1.0)
-
-
-def _torch_smooth_l1(x: Tensor, y: Tensor) -> Tensor:
-    return F.smooth_l1_loss(x, y, beta=1.0)
-
-
-def _torch_bce(x: Tensor, y: Tensor) -> Tensor:
-    return F.binary_cross_entropy_with_logits(x, y)
 
 
 def _inline_focal(x: Tensor, y: Tensor) -> Tensor:
@@ -252,13 +212,14 @@ def loss_case(name: str) -> LossCase:
         base, label = _focal_baseline()
         return LossCase(name, _fl_focal, base, label, True)
     table = {
-        "mse": (_fl_mse, _torch_mse, "torch.nn.functional.mse_loss", False),
-        "l1": (_fl_l1, _torch_l1, "torch.nn.functional.l1_loss", False),
-        "huber": (_fl_huber, _torch_huber, "torch.nn.functional.huber_loss(delta=1.0)", False),
-        "smooth_l1": (_fl_smooth_l1, _torch_smooth_l1, "torch.nn.functional.smooth_l1_loss(beta=1.0)",
-                      False),
-        "bce_with_logits": (_fl_bce, _torch_bce, "torch.nn.functional.binary_cross_entropy_with_logits",
-                            True),
+        "mse": (FL.mse_loss, F.mse_loss, "torch.nn.functional.mse_loss", False),
+        "l1": (FL.l1_loss, F.l1_loss, "torch.nn.functional.l1_loss", False),
+        "huber": (functools.partial(FL.huber_loss, delta=1.0), functools.partial(F.huber_loss, delta=1.0),
+                  "torch.nn.functional.huber_loss(delta=1.0)", False),
+        "smooth_l1": (functools.partial(FL.smooth_l1_loss, beta=1.0), functools.partial(F.smooth_l1_loss, beta=1.0),
+                      "torch.nn.functional.smooth_l1_loss(beta=1.0)", False),
+        "bce_with_logits": (FL.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
+                            "torch.nn.functional.binary_cross_entropy_with_logits", True),
     }
     fl, tf, label, binary = table[name]
     return LossCase(name, fl, tf, label, binary)
