@@ -118,10 +118,16 @@ def cross_entropy_fwd_kernel(
     HAS_ALPHA: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SCALE_BY_DENOM: tl.constexpr, MEAN_OVER_ROWS: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    COLS_I64: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    COLS_I64: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Loss of BLOCK_ROWS rows and, when asked, their gradients (see the module docstring)."""
+    """Loss of BLOCK_ROWS rows and, when asked, their gradients (see the module docstring).
+
+    ROW_ALIGN is a power of two (at most 16) dividing every row's first element offset in logits,
+    gradient and probability targets; the launcher derives it from the strides. Triton proves
+    alignment only for strides divisible by 16, so without the hint rows of e.g. 1000 classes are
+    read and written one element at a time instead of 16 bytes at a time.
+    """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < n_rows
@@ -129,6 +135,17 @@ def cross_entropy_fwd_kernel(
     dd = rows - n * n_inner
     logit_row = n * stride_logits_n + dd * stride_logits_d          # [BLOCK_ROWS] int64
     target_row = n * stride_target_n + dd * stride_target_d
+    grad_row = n * stride_grad_n + dd * stride_grad_d
+    gt_row = n * n_cols * n_inner + dd                              # contiguous [N, C, D]
+    if ROW_ALIGN > 1:
+        # exact (ROW_ALIGN divides them all); written so that Triton sees the divisibility, which
+        # tl.multiple_of loses when its operation is folded away. n_cols too, so that the column
+        # mask is uniform over each vector.
+        n_cols = (n_cols // ROW_ALIGN) * ROW_ALIGN
+        logit_row = (logit_row // ROW_ALIGN) * ROW_ALIGN
+        target_row = (target_row // ROW_ALIGN) * ROW_ALIGN
+        grad_row = (grad_row // ROW_ALIGN) * ROW_ALIGN
+        gt_row = (gt_row // ROW_ALIGN) * ROW_ALIGN
     one = tl.full((), 1.0, ACC_DTYPE)
     inv_n_cols = one / n_cols
     eps = label_smoothing
@@ -248,8 +265,6 @@ def cross_entropy_fwd_kernel(
         coef_q = tl.where(bad, float("nan"), tl.where(valid, coef_q * scale, 0.0))
         coef_r = tl.where(bad, float("nan"), tl.where(valid, coef_r * scale, 0.0))
         inv_d = 1.0 / d
-        grad_row = n * stride_grad_n + dd * stride_grad_d
-        gt_row = n * n_cols * n_inner + dd                         # contiguous [N, C, D]
         if SINGLE_PASS:
             _grad_block(
                 z, dz, e * inv_d[:, None], mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,

@@ -74,7 +74,7 @@ def _ran(backend, *kernels):
 
 
 # The margin makes about half of the dissimilar pairs active; D > 1024 takes the two-pass kernels.
-CONTRASTIVE_SHAPES = [(1, 1), (7, 3), (33, 130), (5, 1500)]
+CONTRASTIVE_SHAPES = [(1, 1), (7, 3), (9, 24), (33, 130), (5, 1500)]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -161,7 +161,7 @@ TRIPLET_CONFIGS = [
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("config", TRIPLET_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
                          or "defaults")
-@pytest.mark.parametrize("shape", [(1, 1), (33, 17), (6, 1100)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (9, 24), (33, 17), (6, 1100)], ids=str)
 def test_triplet_matches_torch(shape, config, reduction, backend):
     # D scaled so that the margin is active for about half of the triplets
     a, p, n = _triplets(shape, torch.float64)

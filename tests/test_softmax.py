@@ -4,6 +4,7 @@ and with the classic focal composition, on the Triton kernels (interpreter on CP
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -614,6 +615,70 @@ def test_int64_column_offsets_give_the_same_results(monkeypatch, device, triton_
         with launched(FWD):
             actual = loss_and_grads(FF.cross_entropy, x, target, **kw)
         check(actual, loss_and_grads(F.cross_entropy, x, target, **kw), F64, f"int64 columns {kw}")
+
+
+def _row_offsets(t: torch.Tensor, n_cols: int) -> list[int]:
+    """First element offset of every loss row of an (N, C, d...) or (C,) operand."""
+    if t.dim() == 1:
+        return [0]
+    n, d = t.shape[0], math.prod(t.shape[2:])
+    view = t.reshape(n, n_cols, d)
+    return [i * view.stride(0) + j * view.stride(2) for i in range(n) for j in range(d)]
+
+
+ALIGN_LAYOUTS = {
+    "1000 classes": lambda: torch.empty(3, 1000),
+    "24 classes": lambda: torch.empty(5, 24),
+    "odd classes": lambda: torch.empty(4, 7),
+    "sliced, row stride 40": lambda: torch.empty(3, 40)[:, :24],
+    "sliced at offset 4": lambda: torch.empty(3, 40)[:, 4:28],
+    "transposed": lambda: torch.empty(6, 8).t(),
+    "segmentation": lambda: torch.empty(2, 8, 4, 4),
+    "one row": lambda: torch.empty(24),
+    "broadcast rows": lambda: torch.empty(1, 24).expand(5, 24),
+}
+
+
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("layout", list(ALIGN_LAYOUTS))
+def test_row_align_divides_every_row_offset(layout, prob, monkeypatch):
+    """The ROW_ALIGN hint lets the compiler issue 16-byte accesses; a wrong one would misread on a
+    GPU (the interpreter does not care), so check it against every row's offset, brute force."""
+    fwd = _RecordingKernel()
+    fake = type("K", (), {"cross_entropy_fwd_kernel": fwd, "cross_entropy_denom_kernel": _RecordingKernel()})
+    monkeypatch.setattr(ops_softmax, "_kernels", lambda: (fake, {torch.float32: None}))
+    x = ALIGN_LAYOUTS[layout]()
+    n_cols = x.shape[0] if x.dim() == 1 else x.shape[1]
+    if prob:  # probabilities broadcast over the rows (row stride 0)
+        y = torch.empty(x.shape[1:]).expand(x.shape) if x.dim() > 1 else torch.empty(x.shape)
+    else:
+        y = torch.zeros(target_shape(tuple(x.shape)), dtype=torch.long)
+    ops_softmax._fwd(x, y, None, None, "cross_entropy", -100, 0.0, 0.0, 0.0, 1.0, 0.0, "sum", False, False,
+                     True, prob)
+    ((args, kw),) = fwd.launches
+    align = kw["ROW_ALIGN"]
+    operands = [x, torch.empty(x.shape)] + ([y, torch.empty(y.shape)] if prob else [])  # + gradients
+    offsets = [o for t in operands for o in _row_offsets(t, n_cols)]
+    assert all(o % align == 0 for o in offsets), f"ROW_ALIGN {align} does not divide {offsets}"
+    assert n_cols % align == 0, "the class count enters the column mask: it must be a multiple too"
+    g = math.gcd(n_cols, *offsets)
+    assert align == min(g & -g, 16), f"ROW_ALIGN {align} is not the largest for offsets {offsets}"
+
+
+@pytest.mark.parametrize("shape", [(5, 24), (3, 1000), (2, 12)], ids=str)
+def test_aligned_rows_match_torch(shape, device, triton_backend):
+    """Row offsets and class counts divisible by 4 or 8 (ROW_ALIGN > 1), contiguous and sliced."""
+    n, c = shape
+    wide = logits((n, c + 8), device=device)
+    t = class_targets((n,), c, device, ignore=False)  # the classic focal composition has no ignore_index
+    for x in (wide[:, :c].contiguous(), wide[:, :c], wide[:, 8:]):
+        for kw in ({}, {"label_smoothing": EPS, "reduction": "none"}):
+            with launched(FWD):
+                actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+            check(actual, loss_and_grads(F.cross_entropy, x, t, **kw), F64, f"{shape} {kw}")
+        with launched(FWD):
+            actual = loss_and_grads(FF.focal_loss, x, t, alpha=0.25, gamma=2.0)
+        check(actual, loss_and_grads(classic_focal, x, t, alpha=0.25, gamma=2.0), F64, f"{shape} focal")
 
 
 def test_out_of_range_target_in_kernel_gives_nan(monkeypatch, device, triton_backend):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,13 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton block sizes must be powers of two."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+def pow2_align(*values: int) -> int:
+    """The largest power of two, at most 16, dividing every value (16 when all are 0): the alignment
+    hint a kernel may assert of row offsets built from these values, to get 16-byte accesses."""
+    g = math.gcd(*values)
+    return min(g & -g, 16) if g else 16
 
 
 def count_launch(name: str) -> None:

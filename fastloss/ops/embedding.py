@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["LOSSES", "embedding_loss"]
@@ -77,7 +77,8 @@ def _fwd(
     out = empty((n_programs,), acc, x.device) if reduce else empty((n_rows,), x.dtype, x.device)
     count = n_rows if reduction == "mean" and n_rows else 1
     common = {"REDUCE": reduce, "ACC_DTYPE": tl_dtype[acc], "BLOCK_ROWS": block_rows,
-              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "num_warps": warps}
+              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "COL_ALIGN": pow2_align(n_cols),
+              "num_warps": warps}
     if n_rows > 0:
         if loss == "contrastive":
             k.contrastive_fwd_kernel[(n_programs,)](
@@ -153,7 +154,8 @@ def _bwd(
         go, stride = grad_output.contiguous(), 1
     block_rows, block_cols, single, warps = _block_config(n_cols)
     common = {"ACC_DTYPE": tl_dtype[acc_dtype(x.dtype)], "BLOCK_ROWS": block_rows,
-              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "num_warps": warps}
+              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "COL_ALIGN": pow2_align(n_cols),
+              "num_warps": warps}
     grid = (cdiv(n_rows, block_rows),)
     if n_rows > 0 and (grad_x or grad_y or grad_z):
         if loss == "contrastive":

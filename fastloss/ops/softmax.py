@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["KINDS", "softmax_loss"]
@@ -86,6 +86,15 @@ def _cols_need_int64(n_cols: int, *col_strides: int) -> bool:
     """Whether a column offset ``(n_cols - 1) * stride`` of some operand overflows int32 (the
     kernel then computes column offsets in int64; row offsets always are)."""
     return (n_cols - 1) * max(abs(s) for s in col_strides) >= INT32_OFFSET_LIMIT
+
+
+def _row_align(n_inner: int, n_cols: int, *strides: tuple[int, int, int]) -> int:
+    """ROW_ALIGN of the row kernel: the largest power of two, at most 16, dividing the class count
+    and the first element offset ``n * stride_n + d * stride_d`` of every row of every (N, C, D)
+    operand (the probability-target gradient's rows start at ``n * C * D + d``)."""
+    if n_inner > 1:
+        return pow2_align(1)
+    return pow2_align(n_cols, *(stride_n for stride_n, _, _ in strides))
 
 
 def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
@@ -181,6 +190,9 @@ def _fwd(
                 GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SINGLE_PASS=single,
                 COLS_I64=_cols_need_int64(n_cols, x.stride(1), g3.stride(1) if grad_input else 0,
                                           y_strides[1], x.shape[2] if grad_target else 0),
+                ROW_ALIGN=_row_align(x.shape[2], n_cols, x.stride(),
+                                     *([g3.stride()] if grad_input else []),
+                                     *([y_strides] if prob else [])),
                 ACC_DTYPE=tl_dtype[acc], BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps,
             )
             count_launch("cross_entropy_fwd_kernel")
