@@ -69,9 +69,17 @@ def info_nce_fwd_kernel(
     offset,               # the positive of row i is column i + offset
     scale,                # 1 / temperature
     PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Per-row InfoNCE loss and log-sum-exp of BLOCK_M rows, by an online log-sum-exp over key tiles."""
+    """Per-row InfoNCE loss and log-sum-exp of BLOCK_M rows, by an online log-sum-exp over key tiles.
+
+    ALIGN (a power of two <= 16) divides n_dim and both row strides: rewritten through it, Triton
+    sees 16-byte aligned rows for D = 300 or 1000 too, not only for multiples of 16.
+    """
+    if ALIGN > 1:
+        n_dim = (n_dim // ALIGN) * ALIGN
+        stride_a_row = (stride_a_row // ALIGN) * ALIGN
+        stride_b_row = (stride_b_row // ALIGN) * ALIGN
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
@@ -108,9 +116,12 @@ def info_nce_chunk_kernel(
     offset,               # row0 + r + offset
     scale,                # 1 / temperature, applied to s here
     COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_COL: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Log-sum-exp / loss of BLOCK_R rows of a score chunk and/or their gradient tile G."""
+    """Log-sum-exp / loss of BLOCK_R rows of a score chunk and/or their gradient tile G (ALIGN: a
+    power of two <= 16 dividing n_cols, as in info_nce_fwd_kernel)."""
+    if ALIGN > 1:
+        n_cols = (n_cols // ALIGN) * ALIGN
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows

@@ -23,7 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2
+from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
 __all__ = ["info_nce_loss"]
@@ -97,6 +97,7 @@ def _rows_fwd(a: Tensor, b: Tensor, offset: int, scale: float) -> tuple[Tensor, 
         a, b, loss, lse, n_rows, n_cols, n_dim, a.stride(0), b.stride(0), offset, scale,
         PRECISION=_precision(a.dtype), ACC_DTYPE=tl_dtype[acc], DOT_FP32=_dot_fp32(a),
         BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], BLOCK_K=cfg["block_k"],
+        ALIGN=pow2_align(n_dim, a.stride(0), b.stride(0)),
         num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
     )
     count_launch("info_nce_fwd_kernel")
@@ -159,7 +160,8 @@ def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: T
             lse_col if lse_col is not None else dummy, w_col if w_col is not None else dummy,
             g_c, r1 - r0, n_cols, r0, offset, scale,
             COMPUTE_LSE=loss is not None, WRITE_GRAD=write_grad, HAS_COL=lse_col is not None,
-            ACC_DTYPE=tl_dtype[acc], BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps,
+            ACC_DTYPE=tl_dtype[acc], BLOCK_R=block_r, BLOCK_N=block_n, ALIGN=pow2_align(n_cols),
+            num_warps=warps,
         )
         count_launch("info_nce_chunk_kernel")
         if grad_a is not None:

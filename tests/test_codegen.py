@@ -1,0 +1,46 @@
+"""What the kernels compile to on a GPU, checked without one: the launchers' arguments for some
+bandwidth-bound shapes are compiled for sm_90 (tests/codegen_probe.py, in a process without the
+interpreter) and the PTX must move the rows 8 or 16 bytes at a time. Triton vectorises only what
+it can prove aligned; rows of 1000 classes or 300 features are aligned only through the launchers'
+alignment hints, which these tests guard (without them every element is its own load and store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codegen_probe import CASES, DTYPES
+
+#: The main kernels whose rows are checked; small kernels (the cross-entropy denominator) are not.
+ROW_KERNELS = {"cross_entropy_fwd_kernel", "contrastive_fwd_kernel", "triplet_fwd_kernel"}
+#: Scalar accesses a row kernel may keep: per-row target, target logit, label, denominator; the
+#: loss store.
+MAX_SCALAR_LOADS, MAX_SCALAR_STORES = 4, 1
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = Path(__file__).with_name("codegen_probe.py")
+    run = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"compiling for sm_90 failed:\n{run.stderr[-4000:]}"
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_are_moved_in_vectors(case, dtype, compiled):
+    kernels = [k for k in compiled[f"{case} {dtype}"] if k["kernel"] in ROW_KERNELS]
+    assert len(kernels) == 1, f"expected one row kernel launch, got {[k['kernel'] for k in kernels]}"
+    (k,) = kernels
+    scalar_loads = [op for op in k["loads"] if ".v" not in op]
+    scalar_stores = [op for op in k["stores"] if ".v" not in op]
+    assert any(".v" in op for op in k["loads"]), f"no vector load: {k['loads']}"
+    assert any(".v" in op for op in k["stores"]), f"no vector store: {k['stores']}"
+    assert len(scalar_loads) <= MAX_SCALAR_LOADS, f"element-wise loads: {k['loads']}"
+    assert len(scalar_stores) <= MAX_SCALAR_STORES, f"element-wise stores: {k['stores']}"
