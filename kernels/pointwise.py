@@ -179,6 +179,20 @@ def _terms(
 
 
 @triton.jit
+def _block(start, n_elements, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr):
+    """Offsets of the block at start and their mask. Triton proves a mask ``offs < n`` uniform over
+    a vector (and so uses 16-byte accesses) only when n is divisible by 16; the kernels therefore
+    run the blocks that lie inside [0, n_elements) (FULL, decided at run time) with a constant mask,
+    which compiles away, and only a partial last block with the real one."""
+    offs = start + tl.arange(0, BLOCK_SIZE)
+    if FULL:
+        mask = tl.full((BLOCK_SIZE,), 1, tl.int1)
+    else:
+        mask = offs < n_elements
+    return offs, mask
+
+
+@triton.jit
 def _load_operands(
     input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -226,8 +240,36 @@ def pointwise_fwd_kernel(
 ):
     """Per-element loss (or per-program partial sums) and, for reduced losses, the gradients."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
+    if (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
+        _fwd_block(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_input_ptr,
+            grad_target_ptr, pid, n_elements, weight_inner, weight_period, pos_weight_inner,
+            pos_weight_period, coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c,
+            param2_c, TERMS, TERMS_B, TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, REDUCE, GRAD_INPUT,
+            GRAD_TARGET, ACC_DTYPE, BLOCK_SIZE, FULL=True,
+        )
+    else:
+        _fwd_block(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_input_ptr,
+            grad_target_ptr, pid, n_elements, weight_inner, weight_period, pos_weight_inner,
+            pos_weight_period, coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c,
+            param2_c, TERMS, TERMS_B, TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, REDUCE, GRAD_INPUT,
+            GRAD_TARGET, ACC_DTYPE, BLOCK_SIZE, FULL=False,
+        )
+
+
+@triton.jit
+def _fwd_block(
+    input_ptr, target_ptr, weight_ptr, pos_weight_ptr, loss_ptr, grad_input_ptr, grad_target_ptr,
+    pid, n_elements, weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c, param2_c,
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    REDUCE: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """Block pid of pointwise_fwd_kernel (FULL: it lies inside [0, n_elements), see _block)."""
+    offs, mask = _block(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -274,8 +316,37 @@ def pointwise_bwd_kernel(
 ):
     """Gradients recomputed from input and target, times grad_output (reduction="none")."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
+    if (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
+        _bwd_block(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_output_ptr, grad_input_ptr,
+            grad_target_ptr, pid, n_elements, stride_grad_output, weight_inner, weight_period,
+            pos_weight_inner, pos_weight_period, coef, param1, param2, coef_b, param1_b, param2_b,
+            coef_c, param1_c, param2_c, TERMS, TERMS_B, TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT,
+            GRAD_INPUT, GRAD_TARGET, ACC_DTYPE, BLOCK_SIZE, FULL=True,
+        )
+    else:
+        _bwd_block(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_output_ptr, grad_input_ptr,
+            grad_target_ptr, pid, n_elements, stride_grad_output, weight_inner, weight_period,
+            pos_weight_inner, pos_weight_period, coef, param1, param2, coef_b, param1_b, param2_b,
+            coef_c, param1_c, param2_c, TERMS, TERMS_B, TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT,
+            GRAD_INPUT, GRAD_TARGET, ACC_DTYPE, BLOCK_SIZE, FULL=False,
+        )
+
+
+@triton.jit
+def _bwd_block(
+    input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_output_ptr, grad_input_ptr,
+    grad_target_ptr, pid, n_elements, stride_grad_output,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c, param2_c,
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """Block pid of pointwise_bwd_kernel (FULL as in _fwd_block)."""
+    offs, mask = _block(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -306,7 +377,15 @@ def scale_grad_kernel(
         pid = tl.program_id(0).to(tl.int64)
         step = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
         for start in range(pid * BLOCK_SIZE, n_elements, step):
-            offs = start + tl.arange(0, BLOCK_SIZE)
-            mask = offs < n_elements
-            g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            tl.store(grad_ptr + offs, (g * go).to(grad_ptr.dtype.element_ty), mask=mask)
+            if start + BLOCK_SIZE <= n_elements:
+                _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE, BLOCK_SIZE, FULL=True)
+            else:
+                _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE, BLOCK_SIZE, FULL=False)
+
+
+@triton.jit
+def _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 FULL: tl.constexpr):
+    offs, mask = _block(start, n_elements, BLOCK_SIZE, FULL)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(grad_ptr + offs, (g * go).to(grad_ptr.dtype.element_ty), mask=mask)

@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastloss.ops import embedding as ops_embedding
+from fastloss.ops import pointwise as ops_pointwise
 from fastloss.ops import softmax as ops_softmax
 
 PTR_TYPES = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16",
@@ -99,7 +100,21 @@ def embedding_case(n_rows: int, n_cols: int, dtype: torch.dtype, loss: str) -> l
     return results
 
 
+def pointwise_case(n: int, dtype: torch.dtype, loss: str) -> list[dict]:
+    from fastloss.kernels import pointwise
+
+    results: list[dict] = []
+    _, terms, _ = ops_pointwise._kernels()
+    ops_pointwise._kernels = lambda: (_fake(pointwise, results), terms, TL_DTYPES)
+    x, y = (torch.empty(n, dtype=dtype, device="meta") for _ in range(2))
+    ops_pointwise._fwd(x, y, None, None, loss, [1.0, 0.25, 2.0], "mean", True, False)
+    return results
+
+
 CASES = {
+    "mse 2**20": lambda dt: pointwise_case(2**20, dt, "mse"),
+    "sigmoid_focal 2**20": lambda dt: pointwise_case(2**20, dt, "sigmoid_focal"),
+    "mse 2**20+1": lambda dt: pointwise_case(2**20 + 1, dt, "mse"),
     "focal 4096x1000": lambda dt: softmax_case(4096, 1000, dt, "focal"),
     "cross_entropy 4096x1000": lambda dt: softmax_case(4096, 1000, dt, "cross_entropy"),
     "cross_entropy 64x32000": lambda dt: softmax_case(64, 32000, dt, "cross_entropy"),
