@@ -81,7 +81,8 @@ def bench_skip(request, bench_state):
 def run_timed(benchmark, bench_state, bench_skip):
     """``run_timed(make_step, group, info, *, warmup, probes, round_time_s, min_rounds, max_rounds,
     oom_reason=None)``: time one benchmark the way every bench file does; returns the median in
-    seconds (None under ``--benchmark-disable``).
+    seconds (None under ``--benchmark-disable``): on CUDA the device median (below), elsewhere the
+    wall-clock one.
 
     ``make_step()`` builds the step (a ``_bench.FwdBwd`` / ``_bench.GradStep`` or anything with
     ``__call__`` and ``zero_grad``, synchronising inside the call on CUDA). Sets ``benchmark.group``
@@ -89,11 +90,16 @@ def run_timed(benchmark, bench_state, bench_skip):
     first call (compiles), ``warmup`` untimed calls, ``probes`` timed calls whose median picks
     ``round_time_s / median`` rounds (clamped to [min_rounds, max_rounds]), peak memory of one step
     (CUDA), then ``benchmark.pedantic`` with ``zero_grad``, an L2 flush and a synchronize in the
-    untimed setup. A failure (OOM, compile error, missing baseline) before or while timed is
+    untimed setup (pytest-benchmark's wall-clock statistics), and on CUDA ``_bench.time_step``: CUDA
+    events around the step without its synchronize, L2 flushed before each (device time, as
+    triton.testing.do_bench and the copy bandwidth are measured; the wall clock adds the host's
+    launch and synchronize round trip, which dominates sub-millisecond steps on a slow host).
+    A failure (OOM, compile error, missing baseline) before or while timed is
     recorded with ``bench_skip``: ``"<impl> failed: <reason>"`` (``oom_reason`` instead, when given
     and the device ran out of memory) or ``"<impl> failed while timed: <reason>"``.
-    ``extra_info`` gains ``peak_mem_bytes`` and ``first_call_s``, and when ``info`` has
-    ``bytes_moved``: ``gbps`` (bytes over the median), ``copy_gbps`` and ``copy_share``.
+    ``extra_info`` gains ``peak_mem_bytes``, ``first_call_s``, ``wall_median_s``,
+    ``device_median_s`` (None off CUDA), and when ``info`` has ``bytes_moved``: ``gbps`` (bytes over
+    the returned median), ``copy_gbps`` and ``copy_share``.
     """
     device = _bench.bench_device()
 
@@ -136,6 +142,10 @@ def run_timed(benchmark, bench_state, bench_skip):
 
         try:
             benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+            device_median = None
+            if device.type == "cuda":  # the same step on CUDA events: device time, no host round trip
+                device_median = statistics.median(
+                    _bench.time_step(step, device, repeat=max(rounds, 10), warmup=1))
         except Exception as exc:  # noqa: BLE001 - as above, while timed
             step.zero_grad()
             step = None
@@ -146,8 +156,10 @@ def run_timed(benchmark, bench_state, bench_skip):
         release()
 
         stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-        median = stats.stats.median if stats is not None else None
-        extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s}
+        wall_median = stats.stats.median if stats is not None else None
+        median = device_median if device_median is not None and wall_median is not None else wall_median
+        extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s, "wall_median_s": wall_median,
+                 "device_median_s": device_median}
         if "bytes_moved" in info:
             gbps = info["bytes_moved"] / median / 1e9 if median else None
             copy_gbps = bench_state["copy_gbps"]

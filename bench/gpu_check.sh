@@ -9,12 +9,14 @@
 # Uses when present: pytest-xdist (tests with -n 8), torchvision (focal baseline), matplotlib (plot),
 # a Liger-Kernel wheel in .whl/ at the repository root (installed with --no-deps into a temporary
 # --target directory put on PYTHONPATH, for the cross-entropy baseline; its rows are skipped without).
-# Expected time on one H100/H200: about 6-7 minutes; every step is time-boxed (seconds, override
+# Expected time on one H100/H200: about 7-8 minutes; every step is time-boxed (seconds, override
 # by environment): GPU_CHECK_TESTS_TIMEOUT=150; pytest benchmarks, one run per file, each skipping
 # the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=60 (bench_pointwise.py, sizes
 # FASTLOSS_BENCH_SIZES=2**26,2**24 unless set),
 # GPU_CHECK_SOFTMAX_BUDGET=60 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
-# when present); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this).
+# when present); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this);
+# GPU_CHECK_SWEEP_BUDGET=40 (bench/sweep_softmax.py, row-kernel launch configurations, CUDA only,
+# written to bench/results/<date>-<gpu>-sweep.json).
 # Other knobs: PYTHON (default python3), GPU_CHECK_MAXFAIL=10, GPU_CHECK_SKIP_INSTALL=1,
 # GPU_CHECK_ALLOW_CPU=1 (dry run without a GPU: CPU sizes, nothing CUDA-specific checked).
 # Timeouts send SIGINT first, so pytest still writes its reports. A failing step does not stop the
@@ -32,6 +34,7 @@ BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-60}
 SOFTMAX_BUDGET=${GPU_CHECK_SOFTMAX_BUDGET:-60}
 EMBED_BUDGET=${GPU_CHECK_EMBED_BUDGET:-40}
 CLI_LIMIT=${GPU_CHECK_CLI_LIMIT:-75}
+SWEEP_BUDGET=${GPU_CHECK_SWEEP_BUDGET:-40}
 MAXFAIL=${GPU_CHECK_MAXFAIL:-10}
 export PYTHONUNBUFFERED=1
 
@@ -146,6 +149,18 @@ timeout -s INT -k 20 $(( CLI_LIMIT + 90 )) "$PY" -m fastloss bench --time-limit 
     --json "$WORK/bench-cli.json" "${PLOT[@]}"
 record cli $?
 
+# Launch-configuration sweep of the row kernel on the shapes whose targets were missed (CUDA only:
+# the interpreter's timings mean nothing). Last, so that it cannot crowd out the results above.
+case "$GPU_NAME" in
+    cpu-*) ;;
+    *)
+        banner "bench/sweep_softmax.py (budget ${SWEEP_BUDGET}s)"
+        timeout -s INT -k 20 $(( SWEEP_BUDGET + 60 )) "$PY" bench/sweep_softmax.py --budget "$SWEEP_BUDGET" \
+            --json "$RESULTS/$STAMP-sweep.json"
+        record sweep $?
+        ;;
+esac
+
 banner "report"
 "$PY" bench/to_markdown.py "${PYTEST_JSONS[@]}" --cli-json "$WORK/bench-cli.json" \
     --tests-junit "$WORK/tests.xml" "${STEPS[@]}" --git-rev "$GIT_REV" \
@@ -156,7 +171,7 @@ if [ "$RC" != 0 ]; then FAILED=1; echo ">>> report FAILED (rc $RC)"; else cat "$
 
 banner "done: $([ "$FAILED" = 0 ] && echo PASS || echo FAIL); results in $RESULTS/$STAMP.{json,md}"
 if [ -n "${OUT:-}" ]; then
-    for f in "$RESULTS/$STAMP.json" "$RESULTS/$STAMP.md" "$RESULTS/$STAMP.png" \
+    for f in "$RESULTS/$STAMP.json" "$RESULTS/$STAMP.md" "$RESULTS/$STAMP.png" "$RESULTS/$STAMP-sweep.json" \
              "$WORK/bench_pointwise.json" "$WORK/bench_softmax.json" "$WORK/bench_embedding.json" \
              "$WORK/bench-cli.json" "$WORK/tests.xml"; do
         [ -s "$f" ] && cp "$f" "$OUT/"

@@ -651,21 +651,30 @@ def time_step(step: Callable[[], Any], device: torch.device, repeat: int, warmup
     """Seconds per call of ``step``, ``repeat`` samples after ``warmup`` calls.
 
     CUDA: one pair of CUDA events around each call, L2 flushed before each (do_bench style), a
-    single synchronize at the end. Elsewhere: ``time.perf_counter`` around each call.
+    single synchronize at the end; a step's own synchronize (``sync``, for wall-clock timers) is
+    turned off meanwhile, or the events would time the host's round trip too. Elsewhere:
+    ``time.perf_counter`` around each call.
     """
     for _ in range(warmup):
         step()
     if device.type == "cuda":
+        own_sync = getattr(step, "sync", False)
         torch.cuda.synchronize(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
-        for start, end in zip(starts, ends):
-            if flush:
-                flush_l2(device)
-            start.record()
-            step()
-            end.record()
-        torch.cuda.synchronize(device)
+        if own_sync:
+            step.sync = False
+        try:
+            for start, end in zip(starts, ends):
+                if flush:
+                    flush_l2(device)
+                start.record()
+                step()
+                end.record()
+            torch.cuda.synchronize(device)
+        finally:
+            if own_sync:
+                step.sync = own_sync
         return [s.elapsed_time(e) / 1e3 for s, e in zip(starts, ends)]
     times = []
     for _ in range(repeat):
