@@ -24,9 +24,12 @@ Formulas (``d = x - y``):
     (for all four df/dy = -df/dx)
 
     bce with logits, pos_weight p (1 when absent), L = 1 + (p - 1) y:
-             f = (1 - y) x + L softplus(-x)
-             df/dx = (1 - y) - L sigmoid(-x)
+             f = (1 - y) x + L softplus(-x)  evaluated as  (1 - y) softplus(x) + p y softplus(-x)
+             df/dx = (1 - y) - L sigmoid(-x) (x >= 0)  =  L sigmoid(x) - p y (x < 0)
              df/dy = -x + (p - 1) softplus(-x)
+    (sums of non-negative terms for hard targets: nothing cancels, so tiny losses and gradients
+    at large |x| keep their relative accuracy; torch's float32 formula rounds them to 0).
+    softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)), the log1p by a short series (_log1p_unit).
 
     sigmoid focal (torchvision), s = sigmoid(x), ce = bce(x, y), p_t = s y + (1 - s)(1 - y),
     m = 1 - p_t = s (1 - y) + sigmoid(-x) y (no cancellation for hard targets),
@@ -58,17 +61,43 @@ def _log1p(z):
 
 
 @triton.jit
+def _log1p_unit(z):
+    """log(1 + z) for z in [0, 1] (z = exp(-|x|) in the softplus), to a few ulp.
+
+    Below float64, as 2 atanh(s) = 2 (s + s^3/3 + ... + s^13/13) with s = z / (2 + z) in [0, 1/3]:
+    the truncation is under 2e-8 relatively and every term is positive (nothing cancels). Seven
+    multiply-adds and one division, where libdevice's logf (which tl.log compiles to) takes about
+    30 instructions, enough to make the sigmoid losses compute-bound. float64: Goldberg's form.
+    """
+    if z.dtype == tl.float64:
+        return _log1p(z)
+    s = z / (2.0 + z)
+    s2 = s * s
+    p = s2 * (1.0 / 13.0) + 1.0 / 11.0
+    p = p * s2 + 1.0 / 9.0
+    p = p * s2 + 1.0 / 7.0
+    p = p * s2 + 1.0 / 5.0
+    p = p * s2 + 1.0 / 3.0
+    p = p * s2 + 1.0
+    return 2.0 * s * p
+
+
+@triton.jit
 def _softplus_neg(x):
     """softplus(-x) = log(1 + exp(-x)), stable for any x."""
-    return tl.maximum(-x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+    return tl.maximum(-x, 0.0) + _log1p_unit(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
 def _pow(m, gamma):
-    """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow."""
-    safe = tl.where(m > 0, m, 1.0)
-    p = tl.exp2(gamma * tl.log2(safe))
-    return tl.where(m > 0, p, tl.where(gamma == 0.0, 1.0, 0.0))
+    """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow (gamma a scalar). gamma == 2, the
+    focal losses' default, is one multiplication (a uniform branch: the other side is skipped)."""
+    if gamma == 2.0:
+        p = m * m
+    else:
+        safe = tl.where(m > 0, m, 1.0)
+        p = tl.where(m > 0, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0.0, 1.0, 0.0))
+    return p
 
 
 @triton.jit
@@ -112,21 +141,36 @@ def smooth_l1_terms(x, y, pos_weight, beta, param2):
 @triton.jit
 def bce_with_logits_terms(x, y, pos_weight, param1, param2):
     """Binary cross-entropy on logits x, with pos_weight (1.0 when absent)."""
-    sp = _softplus_neg(x)
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    log1p_e = _log1p_unit(e)
+    sp_neg = tl.maximum(-x, 0.0) + log1p_e                    # softplus(-x)
+    sp_pos = tl.maximum(x, 0.0) + log1p_e                     # softplus(x) = x + softplus(-x)
+    sig_neg = tl.where(x >= 0, e * r, r)                      # sigmoid(-x)
+    sig_pos = tl.where(x >= 0, r, e * r)                      # sigmoid(x) = 1 - sigmoid(-x)
+    # (1 - y) x + (1 + (p - 1) y) softplus(-x), with x = softplus(x) - softplus(-x): a sum of
+    # non-negative terms for y in [0, 1], so a loss of 1e-9 at x = -20, y = 0 is not lost to
+    # cancellation (torch's own formula rounds it to 0 in float32); likewise the gradient
+    # dloss/dx = lw sigmoid(x) - p y = (1 - y) - lw sigmoid(-x), lw = 1 + (p - 1) y: each form on
+    # the side where its sigmoid is the small one, so a hard target never cancels
+    py = pos_weight * y
     lw = 1.0 + (pos_weight - 1.0) * y
-    loss = (1.0 - y) * x + lw * sp
-    sig_neg = 1.0 / (1.0 + tl.exp(x))
-    return loss, (1.0 - y) - lw * sig_neg, (pos_weight - 1.0) * sp - x
+    loss = (1.0 - y) * sp_pos + py * sp_neg
+    grad_x = tl.where(x >= 0, (1.0 - y) - lw * sig_neg, lw * sig_pos - py)
+    return loss, grad_x, (pos_weight - 1.0) * sp_neg - x
 
 
 @triton.jit
 def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     """torchvision's sigmoid focal loss (alpha < 0 disables the class weighting)."""
     e = tl.exp(-tl.abs(x))
-    s = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x)
-    s_neg = tl.where(x >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-x) = 1 - s
-    ce = tl.maximum(-x, 0.0) + _log1p(e) + (1.0 - y) * x
-    dce_dx = s - y
+    r = 1.0 / (1.0 + e)
+    s = tl.where(x >= 0, r, e * r)  # sigmoid(x)
+    s_neg = tl.where(x >= 0, e * r, r)  # sigmoid(-x) = 1 - s
+    log1p_e = _log1p_unit(e)
+    # bce(x, y) as a sum of non-negative terms (see bce_with_logits_terms)
+    ce = (1.0 - y) * (tl.maximum(x, 0.0) + log1p_e) + y * (tl.maximum(-x, 0.0) + log1p_e)
+    dce_dx = tl.where(x >= 0, (1.0 - y) - s_neg, s - y)  # s - y, cancelling only as it must
     dce_dy = -x
     m = s * (1.0 - y) + s_neg * y
     m_gamma = _pow(m, gamma)
@@ -134,6 +178,7 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     dm_dy = 1.0 - 2.0 * s
     # gamma m^(gamma-1) overflows for tiny m when gamma < 1 (and 0 * inf at gamma = 0), so use
     # gamma m^gamma (dm/dx / m) and gamma m^gamma (ce / m): |dm/dx| <= m and ce ~ m as m -> 0.
+    # (Divisions, not one reciprocal: 1 / m overflows for a subnormal m.)
     m_safe = tl.where(m > 0, m, 1.0)
     dpow_dx = gamma * m_gamma * (dm_dx / m_safe)
     dpow_dy = gamma * m_gamma * (ce / m_safe) * dm_dy
