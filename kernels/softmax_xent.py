@@ -118,7 +118,7 @@ def cross_entropy_fwd_kernel(
     HAS_ALPHA: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, SCALE_BY_DENOM: tl.constexpr, MEAN_OVER_ROWS: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, SINGLE_PASS: tl.constexpr,
-    COLS_I64: tl.constexpr, ROW_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    COLS_I64: tl.constexpr, ROW_ALIGN: tl.constexpr, PEEL: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     """Loss of BLOCK_ROWS rows and, when asked, their gradients (see the module docstring).
@@ -127,6 +127,12 @@ def cross_entropy_fwd_kernel(
     gradient and probability targets; the launcher derives it from the strides. Triton proves
     alignment only for strides divisible by 16, so without the hint rows of e.g. 1000 classes are
     read and written one element at a time instead of 16 bytes at a time.
+
+    Looped rows (one row a program) walk column blocks [start, start + BLOCK_SIZE); blocks inside
+    [0, n_cols) run with an all-true mask, the others with the real one. PEEL > 1 (16 bytes in
+    elements; the launcher sets it only when logits and gradient rows start equally misaligned, with
+    column stride 1 and D = 1) starts the walk at column -(row offset mod PEEL), so that the blocks
+    start 16-byte aligned in memory even when rows do not (50257 classes, say).
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -199,23 +205,22 @@ def cross_entropy_fwd_kernel(
         d = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
         c_sum = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
         a_sum = tl.zeros((BLOCK_ROWS,), ACC_DTYPE)
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cs = start + cols
-            mask = row_mask[:, None] & (cs < n_cols)[None, :]
-            z = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :], mask,
-                        softcap, HAS_SOFTCAP, ACC_DTYPE)[0]
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_new = tl.where(row_mask, m_new, 0.0)
-            d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            if NEED_C:
-                c = _smooth_coef(target_ptr, weight_ptr, cs[None, :], mask,
-                                 target_row[:, None] + (cs * stride_target_col)[None, :],
-                                 eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
-                grow = tl.where(m == float("-inf"), 0.0, m_new - m)
-                a_sum = a_sum + c_sum * grow + tl.sum(tl.where(mask, c * (m_new[:, None] - z), 0.0),
-                                                      axis=1)
-                c_sum = c_sum + tl.sum(c, axis=1)
-            m = m_new
+        c_first = _first_col(pid, stride_logits_n, PEEL)
+        for start in range(c_first, n_cols, BLOCK_SIZE):
+            if (start >= 0) & (start + BLOCK_SIZE <= n_cols):
+                m, d, c_sum, a_sum = _lse_step(
+                    logits_ptr, target_ptr, weight_ptr, logit_row, target_row, row_mask, start,
+                    n_cols, stride_logits_col, stride_target_col, softcap, eps, inv_n_cols,
+                    m, d, c_sum, a_sum, HAS_SOFTCAP, NEED_C, HAS_WEIGHT, PROB_TARGET, COLS_I64, PEEL,
+                    ACC_DTYPE, BLOCK_ROWS, BLOCK_SIZE, FULL=True,
+                )
+            else:
+                m, d, c_sum, a_sum = _lse_step(
+                    logits_ptr, target_ptr, weight_ptr, logit_row, target_row, row_mask, start,
+                    n_cols, stride_logits_col, stride_target_col, softcap, eps, inv_n_cols,
+                    m, d, c_sum, a_sum, HAS_SOFTCAP, NEED_C, HAS_WEIGHT, PROB_TARGET, COLS_I64, PEEL,
+                    ACC_DTYPE, BLOCK_ROWS, BLOCK_SIZE, FULL=False,
+                )
     d = tl.where(row_mask, d, 1.0)      # rows past n_rows: keep them finite
     log_d = tl.log(d)
     lse = m + log_d
@@ -267,31 +272,126 @@ def cross_entropy_fwd_kernel(
         inv_d = 1.0 / d
         if SINGLE_PASS:
             _grad_block(
-                z, dz, e * inv_d[:, None], mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,
-                target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
-                stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
+                z, dz, e * inv_d[:, None], mask, cols,
+                grad_row[:, None] + (cols * stride_grad_col)[None, :], t, coef_p, coef_q, coef_r, m,
+                lse, row_scale, target_ptr, weight_ptr, grad_ptr, grad_target_ptr, gt_row,
+                target_row, stride_target_col, n_inner, eps, inv_n_cols,
                 PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
             )
         else:
-            for start in range(0, n_cols, BLOCK_SIZE):
-                cs = start + cols
-                mask = row_mask[:, None] & (cs < n_cols)[None, :]
-                z, dz = _load_z(logits_ptr, logit_row[:, None] + (cs * stride_logits_col)[None, :],
-                                mask, softcap, HAS_SOFTCAP, ACC_DTYPE)
-                p = tl.exp(z - m[:, None]) * inv_d[:, None]
-                _grad_block(
-                    z, dz, p, mask, cs, t, coef_p, coef_q, coef_r, m, lse, row_scale,
-                    target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
-                    stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
-                    PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
-                )
+            c_first = _first_col(pid, stride_logits_n, PEEL)
+            for start in range(c_first, n_cols, BLOCK_SIZE):
+                if (start >= 0) & (start + BLOCK_SIZE <= n_cols):
+                    _grad_step(
+                        logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr, logit_row,
+                        grad_row, gt_row, target_row, row_mask, start, n_cols, n_inner,
+                        stride_logits_col, stride_grad_col, stride_target_col, softcap, eps,
+                        inv_n_cols, t, coef_p, coef_q, coef_r, m, lse, inv_d, row_scale,
+                        HAS_SOFTCAP, PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET,
+                        COLS_I64, PEEL, ACC_DTYPE, BLOCK_ROWS, BLOCK_SIZE, FULL=True,
+                    )
+                else:
+                    _grad_step(
+                        logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr, logit_row,
+                        grad_row, gt_row, target_row, row_mask, start, n_cols, n_inner,
+                        stride_logits_col, stride_grad_col, stride_target_col, softcap, eps,
+                        inv_n_cols, t, coef_p, coef_q, coef_r, m, lse, inv_d, row_scale,
+                        HAS_SOFTCAP, PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET,
+                        COLS_I64, PEEL, ACC_DTYPE, BLOCK_ROWS, BLOCK_SIZE, FULL=False,
+                    )
+
+
+@triton.jit
+def _first_col(pid, stride_logits_n, PEEL: tl.constexpr):
+    """Column where a looped row's walk starts: 0, or with PEEL the column at the 16-byte boundary
+    at or before the row's first element (row pid starts at element pid * stride_logits_n)."""
+    if PEEL > 1:
+        return -((pid * stride_logits_n) % PEEL)
+    else:
+        return 0
+
+
+@triton.jit
+def _block_tile(row_off, start, cols, row_mask, n_cols, stride_col,
+                PEEL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                FULL: tl.constexpr):
+    """(column indices, element offsets, mask) of columns start.. of a looped row. FULL blocks
+    lie inside [0, n_cols): their mask is a constant (compiled away) and, with PEEL, their offsets
+    are written so that Triton sees them PEEL-aligned (exact: the walk starts there)."""
+    cs = start + cols
+    if FULL:
+        mask = tl.full((BLOCK_ROWS, BLOCK_SIZE), 1, tl.int1)
+        if PEEL > 1:  # column stride 1
+            offs = (((row_off + start) // PEEL) * PEEL)[:, None] + cols[None, :]
+        else:
+            offs = row_off[:, None] + (cs * stride_col)[None, :]
+    else:
+        mask = row_mask[:, None] & ((cs >= 0) & (cs < n_cols))[None, :]
+        offs = row_off[:, None] + (cs * stride_col)[None, :]
+    return cs, offs, mask
+
+
+@triton.jit
+def _lse_step(
+    logits_ptr, target_ptr, weight_ptr, logit_row, target_row, row_mask, start,
+    n_cols, stride_logits_col, stride_target_col, softcap, eps, inv_n_cols, m, d, c_sum, a_sum,
+    HAS_SOFTCAP: tl.constexpr, NEED_C: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    PROB_TARGET: tl.constexpr, COLS_I64: tl.constexpr, PEEL: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """One column block of the online log-sum-exp pass (and of W, A; see the module docstring)."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    if COLS_I64:
+        cols = cols.to(tl.int64)
+    cs, offs, mask = _block_tile(logit_row, start, cols, row_mask, n_cols, stride_logits_col,
+                                 PEEL, BLOCK_ROWS, BLOCK_SIZE, FULL)
+    z = _load_z(logits_ptr, offs, mask, softcap, HAS_SOFTCAP, ACC_DTYPE)[0]
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_new = tl.where(row_mask, m_new, 0.0)
+    d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    if NEED_C:
+        c = _smooth_coef(target_ptr, weight_ptr, cs[None, :], mask,
+                         target_row[:, None] + (cs * stride_target_col)[None, :],
+                         eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
+        grow = tl.where(m == float("-inf"), 0.0, m_new - m)
+        a_sum = a_sum + c_sum * grow + tl.sum(tl.where(mask, c * (m_new[:, None] - z), 0.0), axis=1)
+        c_sum = c_sum + tl.sum(c, axis=1)
+    return m_new, d, c_sum, a_sum
+
+
+@triton.jit
+def _grad_step(
+    logits_ptr, target_ptr, weight_ptr, grad_ptr, grad_target_ptr, logit_row, grad_row, gt_row,
+    target_row, row_mask, start, n_cols, n_inner, stride_logits_col, stride_grad_col,
+    stride_target_col, softcap, eps, inv_n_cols, t, coef_p, coef_q, coef_r, m, lse, inv_d, row_scale,
+    HAS_SOFTCAP: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    NEED_C: tl.constexpr, GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    COLS_I64: tl.constexpr, PEEL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """One column block of the gradient pass of a looped row."""
+    cols = tl.arange(0, BLOCK_SIZE)
+    if COLS_I64:
+        cols = cols.to(tl.int64)
+    cs, offs, mask = _block_tile(logit_row, start, cols, row_mask, n_cols, stride_logits_col,
+                                 PEEL, BLOCK_ROWS, BLOCK_SIZE, FULL)
+    grad_offs = _block_tile(grad_row, start, cols, row_mask, n_cols, stride_grad_col,
+                            PEEL, BLOCK_ROWS, BLOCK_SIZE, FULL)[1]
+    z, dz = _load_z(logits_ptr, offs, mask, softcap, HAS_SOFTCAP, ACC_DTYPE)
+    p = tl.exp(z - m[:, None]) * inv_d[:, None]
+    _grad_block(
+        z, dz, p, mask, cs, grad_offs, t, coef_p, coef_q, coef_r, m, lse, row_scale,
+        target_ptr, weight_ptr, grad_ptr, grad_target_ptr, gt_row, target_row,
+        stride_target_col, n_inner, eps, inv_n_cols,
+        PROB_TARGET, HAS_WEIGHT, NEED_C, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+    )
 
 
 @triton.jit
 def _grad_block(
-    z, dz, p, mask, cols, t, coef_p, coef_q, coef_r, m, lse, row_scale,
-    target_ptr, weight_ptr, grad_ptr, grad_target_ptr, grad_row, gt_row, target_row,
-    stride_grad_col, stride_target_col, n_inner, eps, inv_n_cols,
+    z, dz, p, mask, cols, grad_offs, t, coef_p, coef_q, coef_r, m, lse, row_scale,
+    target_ptr, weight_ptr, grad_ptr, grad_target_ptr, gt_row, target_row,
+    stride_target_col, n_inner, eps, inv_n_cols,
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_C: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -306,8 +406,7 @@ def _grad_block(
                              eps, inv_n_cols, HAS_WEIGHT, PROB_TARGET, ACC_DTYPE)
             g = g - c * coef_r[:, None]
         g = g * dz
-        tl.store(grad_ptr + grad_row[:, None] + (cols * stride_grad_col)[None, :],
-                 g.to(grad_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_ptr + grad_offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
     if GRAD_TARGET:
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + cols[None, :] + tl.zeros(mask.shape, tl.int32), mask=mask,

@@ -119,6 +119,7 @@ CASES = {
     "cross_entropy 4096x1000": lambda dt: softmax_case(4096, 1000, dt, "cross_entropy"),
     "cross_entropy 64x32000": lambda dt: softmax_case(64, 32000, dt, "cross_entropy"),
     "cross_entropy 64x128256": lambda dt: softmax_case(64, 128256, dt, "cross_entropy"),
+    "cross_entropy 64x50257": lambda dt: softmax_case(64, 50257, dt, "cross_entropy"),
     "contrastive 4096x300": lambda dt: embedding_case(4096, 300, dt, "contrastive"),
     "triplet 4096x300": lambda dt: embedding_case(4096, 300, dt, "triplet"),
 }

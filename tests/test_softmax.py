@@ -335,7 +335,7 @@ def test_reference_extensions_match_naive_formula(option, reduction, prob):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", list(EXTENSIONS))
 def test_extensions_kernel_matches_reference(option, reduction, prob, looped, device, triton_backend):
-    shape = (4, 130) if looped else (5, 7)
+    shape = (4, 131) if looped else (5, 7)  # 131: odd rows, walked from 16-byte boundaries (PEEL)
     x = logits(shape, device=device, scale=5.0)
     t = prob_targets(shape, device) if prob else class_targets((shape[0],), shape[1], device)
     kw = dict(EXTENSIONS[option], reduction=reduction)
@@ -679,6 +679,63 @@ def test_aligned_rows_match_torch(shape, device, triton_backend):
         with launched(FWD):
             actual = loss_and_grads(FF.focal_loss, x, t, alpha=0.25, gamma=2.0)
         check(actual, loss_and_grads(classic_focal, x, t, alpha=0.25, gamma=2.0), F64, f"{shape} focal")
+
+
+PEEL_LAYOUTS = {  # (make logits, dtype, looped) -> PEEL
+    "odd fp32 looped": (lambda: torch.empty(4, 203), 4),
+    "odd bf16 looped": (lambda: torch.empty(4, 203, dtype=torch.bfloat16), 8),
+    "odd fp64 looped": (lambda: torch.empty(4, 203, dtype=F64), 2),
+    "202 classes bf16 looped": (lambda: torch.empty(4, 202, dtype=torch.bfloat16), 8),
+    "aligned rows": (lambda: torch.empty(4, 200), 1),
+    "start not 16-byte aligned": (lambda: torch.empty(4, 207)[:, 1:204], 1),
+    "transposed": (lambda: torch.empty(203, 4).t(), 1),
+    "segmentation": (lambda: torch.empty(2, 203, 3), 1),
+}
+
+
+@pytest.mark.parametrize("layout", list(PEEL_LAYOUTS))
+def test_peel_only_where_rows_are_equally_misaligned(layout, monkeypatch):
+    """Looped rows that do not start 16-byte aligned are walked from the boundary before them
+    (PEEL = 16 bytes in elements) only when logits and gradient share that misalignment."""
+    fwd = _RecordingKernel()
+    fake = type("K", (), {"cross_entropy_fwd_kernel": fwd, "cross_entropy_denom_kernel": _RecordingKernel()})
+    monkeypatch.setattr(ops_softmax, "_kernels", lambda: (fake, {torch.float32: None, F64: None}))
+    make, peel = PEEL_LAYOUTS[layout]
+    x = make()
+    t = torch.zeros(target_shape(tuple(x.shape)), dtype=torch.long)
+    with looped_rows():
+        ops_softmax._fwd(x, t, None, None, "cross_entropy", -100, 0.0, 0.0, 0.0, 1.0, 0.0, "mean", False,
+                         False, True, False)
+    ((args, kw),) = fwd.launches
+    assert not kw["SINGLE_PASS"]
+    assert kw["PEEL"] == peel
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("n_cols", [201, 202, 203, 206])
+def test_misaligned_looped_rows_match_torch(n_cols, dtype, device, triton_backend):
+    """Looped rows of every misalignment (N = 8 rows of 201..206 classes start at every residue),
+    walked from 16-byte boundaries: a partial first block, full blocks, a partial last one."""
+    x = logits((8, n_cols), dtype, device=device)
+    t = class_targets((8,), n_cols, device)
+    y = prob_targets((8, n_cols), device, dtype)
+    options = [(t, {}), (t, {"label_smoothing": EPS, "weight": True, "reduction": "none"}),
+               (y, {"reduction": "sum"}), (t, {"z_loss": ZL, "softcap": CAP})]
+    for target, kw in options:
+        if kw.pop("weight", False):
+            kw["weight"] = torch.rand(n_cols, dtype=F64, device=device).to(dtype) + 0.5
+        with looped_rows(), launched(FWD):
+            actual = loss_and_grads(FF.cross_entropy, x, target, **kw)
+        expected = loss_and_grads(reference.cross_entropy, x.double(), target.double()
+                                  if target.is_floating_point() else target,
+                                  **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        expected = (expected[0].to(actual[0].dtype), tuple(g.to(dtype) for g in expected[1]))
+        check(actual, expected, dtype, f"{n_cols} classes {kw}")
+    with looped_rows(), launched(FWD):
+        actual = loss_and_grads(FF.focal_loss, x, t, alpha=0.25, gamma=2.0)
+    expected = loss_and_grads(reference.focal_loss, x.double(), t, alpha=0.25, gamma=2.0)
+    check(actual, (expected[0].to(actual[0].dtype), tuple(g.to(dtype) for g in expected[1])), dtype,
+          f"{n_cols} classes focal")
 
 
 def test_out_of_range_target_in_kernel_gives_nan(monkeypatch, device, triton_backend):

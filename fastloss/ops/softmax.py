@@ -97,6 +97,18 @@ def _row_align(n_inner: int, n_cols: int, *strides: tuple[int, int, int]) -> int
     return pow2_align(n_cols, *(stride_n for stride_n, _, _ in strides))
 
 
+def _peel(single: bool, n_inner: int, row_align: int, x: Tensor, g: Tensor | None) -> int:
+    """PEEL of the row kernel: for looped rows that are not 16-byte aligned, 16 bytes in elements,
+    when logits and gradient rows are equally misaligned (same row stride, column stride 1, D = 1,
+    both 16-byte aligned at the start), else 1 (the walk starts at column 0)."""
+    vec = 16 // x.element_size()
+    if single or n_inner != 1 or row_align >= vec or x.stride(1) != 1 or x.data_ptr() % 16:
+        return 1
+    if g is not None and (g.stride(0) != x.stride(0) or g.stride(1) != 1 or g.data_ptr() % 16):
+        return 1
+    return vec
+
+
 def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
     """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
@@ -178,6 +190,8 @@ def _fwd(
                 )
                 count_launch("cross_entropy_denom_kernel")
             rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
+            row_align = _row_align(x.shape[2], n_cols, x.stride(), *([g3.stride()] if grad_input else []),
+                                   *([y_strides] if prob else []))
             k.cross_entropy_fwd_kernel[(cdiv(n_rows, rows),)](
                 x, y, w, a, loss, g3, gt, denom,
                 n_rows, n_cols, x.shape[2],
@@ -190,9 +204,7 @@ def _fwd(
                 GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SINGLE_PASS=single,
                 COLS_I64=_cols_need_int64(n_cols, x.stride(1), g3.stride(1) if grad_input else 0,
                                           y_strides[1], x.shape[2] if grad_target else 0),
-                ROW_ALIGN=_row_align(x.shape[2], n_cols, x.stride(),
-                                     *([g3.stride()] if grad_input else []),
-                                     *([y_strides] if prob else [])),
+                ROW_ALIGN=row_align, PEEL=_peel(single, x.shape[2], row_align, x, g3 if grad_input else None),
                 ACC_DTYPE=tl_dtype[acc], BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps,
             )
             count_launch("cross_entropy_fwd_kernel")
