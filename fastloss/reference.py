@@ -51,8 +51,11 @@ def _reduce(loss: Tensor, reduction: str, dtype: torch.dtype, weight: Tensor | N
 
 
 def _softplus_neg(x: Tensor) -> Tensor:
-    """softplus(-x) = -log(sigmoid(x)), stable for any x."""
-    return (-x).clamp_min(0) + torch.log1p(torch.exp(-x.abs()))
+    """softplus(-x) = -log(sigmoid(x)), stable for any x, with the exact gradient -sigmoid(-x)
+    everywhere (max(-x, 0) + log1p(exp(-|x|)) is the same value, but autograd's subgradients of
+    max and |x| at x = 0 give -1 there instead of -1/2). The threshold keeps exp finite in float32;
+    past it the log1p term is under 2e-22 of the result."""
+    return F.softplus(-x, beta=1.0, threshold=50.0)
 
 
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:

@@ -93,7 +93,7 @@ def _pow(m, gamma):
     """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow (gamma a scalar). gamma == 2, the
     focal losses' default, is one multiplication (a uniform branch: the other side is skipped)."""
     if gamma == 2.0:
-        p = m * m
+        p = tl.where(m <= 0, 0.0, m * m)  # as the other branch for m <= 0 (a NaN m stays NaN)
     else:
         safe = tl.where(m > 0, m, 1.0)
         p = tl.where(m > 0, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0.0, 1.0, 0.0))
@@ -156,6 +156,7 @@ def bce_with_logits_terms(x, y, pos_weight, param1, param2):
     py = pos_weight * y
     lw = 1.0 + (pos_weight - 1.0) * y
     loss = (1.0 - y) * sp_pos + py * sp_neg
+    loss = tl.where(x == float("-inf"), (1.0 - y) * x + lw * sp_neg, loss)  # torch's NaN there
     grad_x = tl.where(x >= 0, (1.0 - y) - lw * sig_neg, lw * sig_pos - py)
     return loss, grad_x, (pos_weight - 1.0) * sp_neg - x
 
@@ -170,6 +171,7 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     log1p_e = _log1p_unit(e)
     # bce(x, y) as a sum of non-negative terms (see bce_with_logits_terms)
     ce = (1.0 - y) * (tl.maximum(x, 0.0) + log1p_e) + y * (tl.maximum(-x, 0.0) + log1p_e)
+    ce = tl.where(x == float("-inf"), (1.0 - y) * x + tl.maximum(-x, 0.0), ce)  # torch's NaN there
     dce_dx = tl.where(x >= 0, (1.0 - y) - s_neg, s - y)  # s - y, cancelling only as it must
     dce_dy = -x
     m = s * (1.0 - y) + s_neg * y

@@ -37,6 +37,7 @@ from fastloss.ops import pointwise as ops
 
 REDUCTIONS = ["none", "mean", "sum"]
 TARGET_SIZE_WARNING = "Using a target size"
+F64 = torch.float64
 
 
 def torchvision_sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0, reduction="none"):
@@ -392,6 +393,47 @@ def test_empty_operands(case, reduction, shape, backend, device):
         assert loss.item() == 0
     else:
         assert loss.shape == shape
+
+
+@pytest.mark.parametrize("gamma", [2.0, 0.5, 0.0])
+def test_sigmoid_focal_gradient_at_zero_logit(gamma, backend, device):
+    """x = 0 exactly (a zero-initialised head): the true gradient, as torchvision's formula gives,
+    not a subgradient of max(-x, 0) or |x| (the reference once gave 0.130 for 0.224 here)."""
+    y = torch.tensor([0.0, 0.5, 1.0, 0.25], dtype=F64, device=device)
+    x = torch.zeros(4, dtype=F64, device=device, requires_grad=True)
+    (expected,) = torch.autograd.grad(torchvision_sigmoid_focal_loss(x, y, 0.25, gamma, "sum"), x)
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        (actual,) = torch.autograd.grad(FF.sigmoid_focal_loss(x, y, 0.25, gamma, "sum"), x)
+    assert_close(actual, expected, F64, f"gamma={gamma}")
+
+
+@pytest.mark.parametrize("gamma", [2.0, 2.0001, 0.5])
+def test_sigmoid_focal_targets_outside_unit_interval_match_reference(gamma, device, triton_backend):
+    """Targets outside [0, 1] make 1 - p_t negative; kernel and reference both take m**gamma as 0
+    there (gamma == 2 runs a shortcut in the kernel, which must agree)."""
+    x = torch.linspace(-10.0, 10.0, 41, dtype=F64, device=device)
+    for value in (-0.2, 1.3):
+        y = torch.full_like(x, value)
+        with assert_launched("pointwise_fwd_kernel"):
+            actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(xs, ys, 0.25, gamma, "mean"),
+                                    (xs := x.clone().requires_grad_(), ys := y.clone().requires_grad_()))
+        expected = loss_and_grads(lambda: R.sigmoid_focal_loss(xr, yr, 0.25, gamma, "mean"),
+                                  (xr := x.clone().requires_grad_(), yr := y.clone().requires_grad_()))
+        check_same(actual, expected, F64, f"y={value} gamma={gamma}")
+
+
+@pytest.mark.parametrize("case", BCE_CASES + FOCAL_CASES, ids=case_id)
+def test_infinite_logits_give_torchs_loss(case, backend, device):
+    """x = +-inf with targets 0, 1/2, 1: the loss torch gives, NaN where its formula makes NaN
+    (x = -inf) and inf where it makes inf, although the kernels evaluate another form."""
+    x = torch.tensor([float("-inf")] * 3 + [float("inf")] * 3 + [2.0, -3.0], device=device)
+    y = torch.tensor([0.0, 0.5, 1.0] * 2 + [0.0, 1.0], device=device)
+    extra = case.extra((8,), torch.float32, device)
+    expected = case.torch(x, y, "none", **extra)
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        actual = case.fast(x, y, "none", **extra)
+    assert torch.equal(actual.isnan(), expected.isnan()), f"{case.name}: {actual} vs torch {expected}"
+    assert_close(actual, expected, torch.float32, case.name)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
