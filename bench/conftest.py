@@ -142,24 +142,31 @@ def run_timed(benchmark, bench_state, bench_skip):
 
         try:
             benchmark.pedantic(step, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
-            device_median = None
-            if device.type == "cuda":  # the same step on CUDA events: device time, no host round trip
-                device_median = statistics.median(
-                    _bench.time_step(step, device, repeat=max(rounds, 10), warmup=1))
         except Exception as exc:  # noqa: BLE001 - as above, while timed
             step.zero_grad()
             step = None
             release()
             bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
+        stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
+        wall_median = stats.stats.median if stats is not None else None
+        device_times, device_error = None, None
+        if device.type == "cuda" and stats is not None:  # CUDA events: device time, no host round trip
+            try:
+                device_times = sorted(_bench.time_step(step, device, repeat=max(rounds, 10), warmup=1))
+            except Exception as exc:  # noqa: BLE001 - keep the wall-clock result, say why
+                device_error = _bench.error_reason(exc)
         step.zero_grad()
         step = None
         release()
 
-        stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-        wall_median = stats.stats.median if stats is not None else None
-        median = device_median if device_median is not None and wall_median is not None else wall_median
+        device_median = statistics.median(device_times) if device_times else None
+        median = device_median if device_median is not None else wall_median
         extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s, "wall_median_s": wall_median,
-                 "device_median_s": device_median}
+                 "device_median_s": device_median,
+                 "device_min_s": device_times[0] if device_times else None,
+                 "device_max_s": device_times[-1] if device_times else None,
+                 "device_repeat": len(device_times) if device_times else None,
+                 "device_timing_error": device_error}
         if "bytes_moved" in info:
             gbps = info["bytes_moved"] / median / 1e9 if median else None
             copy_gbps = bench_state["copy_gbps"]

@@ -4,7 +4,8 @@
 For each case, in priority order, every candidate (BLOCK_ROWS, BLOCK_SIZE, SINGLE_PASS, num_warps)
 replaces ``_row_config``; the step ``autograd.grad(loss(x, t), x)`` is timed on CUDA events (L2
 flushed before each call, as bench_softmax.py) and its loss compared with the committed
-configuration's (a candidate that changes the loss is reported as wrong, not timed). The committed
+configuration's (a candidate that changes the loss is marked WRONG LOSS and makes the exit status
+1). The committed
 configuration is timed first and again last, so the table shows the run-to-run drift.
 
     python bench/sweep_softmax.py [--budget S] [--json PATH]

@@ -109,13 +109,17 @@ def pytest_records(data: dict | None) -> list[dict]:
         if "loss" not in info:
             continue
         stats = b.get("stats") or {}
-        # on CUDA the device (CUDA-event) median of bench/conftest.py run_timed, as the CLI's times;
-        # pytest-benchmark's own statistics are wall-clock
-        device = info.get("device_median_s")
-        rec = {**info, "status": "ok", "reason": None,
-               "median_s": device if device is not None else stats.get("median"),
-               "min_s": stats.get("min"), "max_s": stats.get("max"), "q1_s": stats.get("q1"),
-               "q3_s": stats.get("q3"), "repeat": stats.get("rounds"), "name": b.get("name")}
+        # on CUDA the device (CUDA-event) statistics of bench/conftest.py run_timed, as the CLI's
+        # times; pytest-benchmark's own statistics are wall-clock (used off CUDA, or when the
+        # device timing failed: device_timing_error says why)
+        if info.get("device_median_s") is not None:
+            timing = {"median_s": info["device_median_s"], "min_s": info.get("device_min_s"),
+                      "max_s": info.get("device_max_s"), "q1_s": None, "q3_s": None,
+                      "repeat": info.get("device_repeat")}
+        else:
+            timing = {"median_s": stats.get("median"), "min_s": stats.get("min"), "max_s": stats.get("max"),
+                      "q1_s": stats.get("q1"), "q3_s": stats.get("q3"), "repeat": stats.get("rounds")}
+        rec = {**info, "status": "ok", "reason": None, **timing, "name": b.get("name")}
         records.append(rec)
     # Skips carry the test's parameters only (an embedding skip has B but not D): take the missing
     # side of the shape from a measured record of the same loss, first side and dtype.

@@ -41,7 +41,8 @@ class CompilingKernel:
         return self.compile
 
     def compile(self, *args, num_warps: int = 4, num_stages: int = 3, **consts):
-        names = list(inspect.signature(self.fn.fn).parameters)
+        params = inspect.signature(self.fn.fn).parameters
+        names = list(params)
         values = dict(zip(names, args)) | consts
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(names):
@@ -52,8 +53,10 @@ class CompilingKernel:
                 signature[name] = PTR_TYPES[v.dtype]
                 if v.storage_offset() * v.element_size() % 16 == 0:  # meta storage: aligned
                     attrs[(i,)] = [["tt.divisibility", 16]]
-            elif isinstance(v, float):
-                signature[name] = "fp32"
+            elif isinstance(v, float):  # as the JIT: the declared type (tl.float64) or fp32
+                signature[name] = "fp64" if params[name].annotation in (tl.float64, "tl.float64") else "fp32"
+            elif isinstance(v, bool):
+                signature[name] = "i1"
             else:
                 signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
                 if v % 16 == 0:
