@@ -9,9 +9,10 @@
 # Uses when present: pytest-xdist (tests with -n 8), torchvision (focal baseline), matplotlib (plot),
 # a Liger-Kernel wheel in .whl/ at the repository root (installed with --no-deps into a temporary
 # --target directory put on PYTHONPATH, for the cross-entropy baseline; its rows are skipped without).
-# Expected time on one H100/H200: about 7-8 minutes; every step is time-boxed (seconds, override
-# by environment): GPU_CHECK_TESTS_TIMEOUT=150; pytest benchmarks, one run per file, each skipping
-# the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=60 (bench_pointwise.py, sizes
+# Expected time on one H100/H200: about 8 minutes; every step is time-boxed (seconds, override
+# by environment): GPU_CHECK_TESTS_TIMEOUT=150 (400 in a CPU dry run); pytest benchmarks, one run
+# per file, each skipping the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=60
+# (bench_pointwise.py, sizes
 # FASTLOSS_BENCH_SIZES=2**26,2**24 unless set),
 # GPU_CHECK_SOFTMAX_BUDGET=60 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
 # when present); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this);
@@ -44,6 +45,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3
         exit 2
     fi
     GPU_NAME="cpu-$(uname -m)"
+    TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-400}  # the whole suite under the interpreter, no xdist
 else
     GPU_NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))")
 fi
