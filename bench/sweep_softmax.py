@@ -29,11 +29,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastloss  # noqa: E402 - after TRITON_INTERPRET
-from fastloss import _bench  # noqa: E402
-from fastloss import functional as FL  # noqa: E402
-from fastloss.ops import _utils  # noqa: E402
-from fastloss.ops import softmax as ops_softmax  # noqa: E402
+import fastloss  # after TRITON_INTERPRET
+from fastloss import _bench
+from fastloss import functional as FL
+from fastloss.ops import _utils
+from fastloss.ops import softmax as ops_softmax
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from codegen_probe import CASES, DTYPES
 
 #: The main kernels whose rows are checked; small kernels (the cross-entropy denominator) are not.
@@ -31,7 +30,8 @@ ODD_SIZES = {"mse 2**20+1", "cross_entropy 64x50257"}
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = Path(__file__).with_name("codegen_probe.py")
-    run = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
     assert run.returncode == 0, f"compiling for sm_90 failed:\n{run.stderr[-4000:]}"
     return json.loads(run.stdout)
 

@@ -655,7 +655,7 @@ def test_row_align_divides_every_row_offset(layout, prob, monkeypatch):
         y = torch.zeros(target_shape(tuple(x.shape)), dtype=torch.long)
     ops_softmax._fwd(x, y, None, None, "cross_entropy", -100, 0.0, 0.0, 0.0, 1.0, 0.0, "sum", False, False,
                      True, prob)
-    ((args, kw),) = fwd.launches
+    ((_, kw),) = fwd.launches
     align = kw["ROW_ALIGN"]
     operands = [x, torch.empty(x.shape)] + ([y, torch.empty(y.shape)] if prob else [])  # + gradients
     offsets = [o for t in operands for o in _row_offsets(t, n_cols)]
@@ -706,7 +706,7 @@ def test_peel_only_where_rows_are_equally_misaligned(layout, monkeypatch):
     with looped_rows():
         ops_softmax._fwd(x, t, None, None, "cross_entropy", -100, 0.0, 0.0, 0.0, 1.0, 0.0, "mean", False,
                          False, True, False)
-    ((args, kw),) = fwd.launches
+    ((_, kw),) = fwd.launches
     assert not kw["SINGLE_PASS"]
     assert kw["PEEL"] == peel
 
