@@ -76,13 +76,20 @@ def _norm_grad(v, d, p, P_MODE: tl.constexpr):
 
 
 @triton.jit
-def _aligned(n_cols, COL_ALIGN: tl.constexpr):
-    """n_cols, written so that Triton sees it is a multiple of COL_ALIGN (a power of two dividing
-    it, at most 16, from the launcher): rows then start 16-byte aligned in its analysis and are
-    read with vector loads, e.g. for D = 300 or 1000, not only for multiples of 16."""
+def _program_rows(n_rows, n_cols, count, COL_ALIGN: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  BLOCK_ROWS: tl.constexpr):
+    """(n_cols, pid, rows, row_mask, 1 / count) of this program's BLOCK_ROWS rows.
+
+    n_cols comes back written so that Triton sees it is a multiple of COL_ALIGN (a power of two
+    dividing it, at most 16, from the launcher): rows then start 16-byte aligned in its analysis
+    and are read with vector loads, e.g. for D = 300 or 1000, not only for multiples of 16.
+    1 / count is computed in ACC_DTYPE (a float argument would be fp32).
+    """
     if COL_ALIGN > 1:
         n_cols = (n_cols // COL_ALIGN) * COL_ALIGN
-    return n_cols
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    return n_cols, pid, rows, rows < n_rows, tl.full((), 1.0, ACC_DTYPE) / count
 
 
 @triton.jit
@@ -158,11 +165,8 @@ def contrastive_fwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Contrastive loss of BLOCK_ROWS pairs and, for reduced losses, its gradients."""
-    n_cols = _aligned(n_cols, COL_ALIGN)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < n_rows
-    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+                                                       BLOCK_ROWS)
     loss, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
         ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -197,11 +201,8 @@ def contrastive_bwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Gradients of the contrastive loss recomputed from the operands, times grad_output."""
-    n_cols = _aligned(n_cols, COL_ALIGN)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < n_rows
-    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+                                                       BLOCK_ROWS)
     _, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
         ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -309,11 +310,8 @@ def triplet_fwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Triplet margin loss of BLOCK_ROWS triplets and, for reduced losses, its gradients."""
-    n_cols = _aligned(n_cols, COL_ALIGN)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < n_rows
-    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+                                                       BLOCK_ROWS)
     loss, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
         anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
         P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -348,11 +346,8 @@ def triplet_bwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Gradients of the triplet margin loss recomputed from the operands, times grad_output."""
-    n_cols = _aligned(n_cols, COL_ALIGN)
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_mask = rows < n_rows
-    scale = tl.full((), 1.0, ACC_DTYPE) / count  # in ACC_DTYPE: a float argument would be fp32
+    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+                                                       BLOCK_ROWS)
     _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
         anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
         P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,

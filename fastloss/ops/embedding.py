@@ -100,23 +100,8 @@ def _fwd(
     return out, gx, gy, gz
 
 
-@torch.library.custom_op("fastloss::embedding_fwd", mutates_args=())
-def embedding_fwd(
-    loss: str,
-    x: Tensor,
-    y: Tensor,
-    z: Tensor,
-    margin: float,
-    p: float,
-    eps: float,
-    swap: bool,
-    reduction: str,
-    grad_x: bool,
-    grad_y: bool,
-    grad_z: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Custom-op form of _fwd, for torch.compile."""
-    return _fwd(loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z)
+# The custom-op form of _fwd, for torch.compile (same signature; eager autograd calls _fwd)
+embedding_fwd = torch.library.custom_op("fastloss::embedding_fwd", mutates_args=())(_fwd)
 
 
 @embedding_fwd.register_fake
@@ -173,24 +158,8 @@ def _bwd(
     return gx, gy, gz
 
 
-@torch.library.custom_op("fastloss::embedding_bwd", mutates_args=())
-def embedding_bwd(
-    loss: str,
-    x: Tensor,
-    y: Tensor,
-    z: Tensor,
-    grad_output: Tensor,
-    margin: float,
-    p: float,
-    eps: float,
-    swap: bool,
-    count: int,
-    grad_x: bool,
-    grad_y: bool,
-    grad_z: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Custom-op form of _bwd, for torch.compile."""
-    return _bwd(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, grad_z)
+# The custom-op form of _bwd, for torch.compile (same signature; eager autograd calls _bwd)
+embedding_bwd = torch.library.custom_op("fastloss::embedding_bwd", mutates_args=())(_bwd)
 
 
 @embedding_bwd.register_fake

@@ -217,11 +217,8 @@ def _fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool, reduc
             ga if ga is not None else empty0, gb if gb is not None else empty0)
 
 
-@torch.library.custom_op("fastloss::info_nce_fwd", mutates_args=())
-def info_nce_fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool, reduction: str,
-                 need_a: bool, need_b: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Custom-op form of _fwd, for torch.compile."""
-    return _fwd(a, b, offset, scale, with_cols, reduction, need_a, need_b)
+# The custom-op form of _fwd, for torch.compile (same signature; eager autograd calls _fwd)
+info_nce_fwd = torch.library.custom_op("fastloss::info_nce_fwd", mutates_args=())(_fwd)
 
 
 @info_nce_fwd.register_fake
@@ -260,12 +257,8 @@ def _bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, of
     return ga, gb
 
 
-@torch.library.custom_op("fastloss::info_nce_bwd", mutates_args=())
-def info_nce_bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, offset: int,
-                 scale: float, with_cols: bool, reduction: str, need_a: bool, need_b: bool
-                 ) -> tuple[Tensor, Tensor]:
-    """Custom-op form of _bwd, for torch.compile."""
-    return _bwd(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, need_b)
+# The custom-op form of _bwd, for torch.compile (same signature; eager autograd calls _bwd)
+info_nce_bwd = torch.library.custom_op("fastloss::info_nce_bwd", mutates_args=())(_bwd)
 
 
 @info_nce_bwd.register_fake

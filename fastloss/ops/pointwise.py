@@ -138,20 +138,8 @@ def _fwd(
     return out, gi, gt
 
 
-@torch.library.custom_op("fastloss::pointwise_fwd", mutates_args=())
-def pointwise_fwd(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    losses: str,
-    params: list[float],
-    reduction: str,
-    grad_input: bool,
-    grad_target: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Custom-op form of _fwd, for torch.compile."""
-    return _fwd(input, target, weight, pos_weight, losses, params, reduction, grad_input, grad_target)
+# The custom-op form of _fwd, for torch.compile (same signature; eager autograd calls _fwd)
+pointwise_fwd = torch.library.custom_op("fastloss::pointwise_fwd", mutates_args=())(_fwd)
 
 
 @pointwise_fwd.register_fake
@@ -202,21 +190,8 @@ def _bwd(
     return gi, gt
 
 
-@torch.library.custom_op("fastloss::pointwise_bwd", mutates_args=())
-def pointwise_bwd(
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    pos_weight: Tensor | None,
-    grad_output: Tensor,
-    losses: str,
-    params: list[float],
-    scale: float,
-    grad_input: bool,
-    grad_target: bool,
-) -> tuple[Tensor, Tensor]:
-    """Custom-op form of _bwd, for torch.compile."""
-    return _bwd(input, target, weight, pos_weight, grad_output, losses, params, scale, grad_input, grad_target)
+# The custom-op form of _bwd, for torch.compile (same signature; eager autograd calls _bwd)
+pointwise_bwd = torch.library.custom_op("fastloss::pointwise_bwd", mutates_args=())(_bwd)
 
 
 @pointwise_bwd.register_fake
@@ -241,10 +216,8 @@ def _scale_grad(grad: Tensor, grad_output: Tensor) -> None:
     count_launch("scale_grad_kernel")
 
 
-@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
-    """Custom-op form of _scale_grad, for torch.compile."""
-    _scale_grad(grad, grad_output)
+# The custom-op form of _scale_grad, for torch.compile (same signature; eager autograd calls _scale_grad)
+scale_grad_ = torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))(_scale_grad)
 
 
 @scale_grad_.register_fake
