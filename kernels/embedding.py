@@ -201,7 +201,7 @@ def contrastive_bwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Gradients of the contrastive loss recomputed from the operands, times grad_output."""
-    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+    n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
     _, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
@@ -346,7 +346,7 @@ def triplet_bwd_kernel(
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
     """Gradients of the triplet margin loss recomputed from the operands, times grad_output."""
-    n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+    n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
     _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
         anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
