@@ -89,8 +89,21 @@ def _fl_ce(x, t):
     return FL.cross_entropy(x, t)
 
 
+class _ModelOutput(torch.autograd.Function):
+    """Identity whose output is the input's memory as a non-leaf tensor, as a model's logits are:
+    inplace_backward never overwrites a leaf that requires grad."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _fl_ce_inplace(x, t):
-    return FL.cross_entropy(x, t, inplace_backward=True)
+    return FL.cross_entropy(_ModelOutput.apply(x), t, inplace_backward=True)
 
 
 def _torch_ce(x, t):

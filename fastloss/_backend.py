@@ -15,10 +15,11 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "use_triton"]
+__all__ = ["BACKENDS", "get_backend", "set_backend", "transforms_active", "use_backend", "use_triton"]
 
 
 def _check(name: str) -> str:
@@ -87,15 +88,28 @@ def interpreter_enabled() -> bool:
     return _interpret
 
 
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, jacfwd, hessian, ...) or forward-mode
+    AD (``torch.autograd.forward_ad.dual_level``) is active. The kernels' autograd.Function supports
+    neither (it has no vmap rule and no jvp), so such calls run the PyTorch path, which supports
+    both; eager double backward, by contrast, stays on the kernels (see ops._utils.autograd_pair).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
     """True when the kernels should run for these tensors under the current backend.
 
-    Raises RuntimeError when the backend is "triton" and the kernels cannot run here.
+    Under ``torch.func`` transforms and forward-mode AD it is False on every backend (the PyTorch
+    path runs; see transforms_active). Raises RuntimeError when the backend is "triton" and the
+    kernels cannot run here.
     """
-    devices = {t.device.type for t in tensors if t is not None}
     backend = _backend
-    if backend == "torch":
+    if backend == "torch" or transforms_active():
         return False
+    devices = {t.device.type for t in tensors if t is not None}
     if backend == "auto":
         return devices == {"cuda"} and triton_available()
     if not triton_available():

@@ -51,17 +51,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _not_differentiable(grads: tuple) -> tuple:
-    """The launchers' gradients have no graph of their own: under create_graph=True give them one
-    that raises when differentiated (as ``once_differentiable`` does, also when grad_output does not
-    require grad), instead of gradients that silently drop their dependence on the inputs."""
-    err = torch._C._functions.DelayedError(
-        b"fastloss's kernels are differentiable once: a double backward (create_graph=True) needs "
-        b"the PyTorch path, fastloss.use_backend('torch')", len(grads))
-    aliases = [None if g is None else g.detach().requires_grad_() for g in grads]
-    out = err(*aliases)
-    out = out if isinstance(out, tuple) else (out,)
-    return tuple(None if g is None else o for g, o in zip(grads, out))
+def _differentiable_grads(ctx, grad_loss: torch.Tensor, reference: Callable) -> tuple:
+    """Gradients for a double backward (``create_graph=True``: hessian, hvp, gradgradcheck,
+    second-order optimisers): the kernels' gradients have no graph of their own, so the loss is
+    evaluated again by the PyTorch reference on the saved operands, which are still attached to
+    their graph, and differentiated with ``create_graph=True``. The result is differentiable with
+    respect to the operands and to ``grad_loss``, exactly as torch.nn's gradients are."""
+    ctx.grads = None  # the forward-made gradients are not used: free them now
+    loss, inputs = reference(ctx)
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need]
+    grads = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad_loss.to(loss.dtype),
+                                create_graph=True, allow_unused=True)
+    out: list[torch.Tensor | None] = [None] * len(ctx.needs_input_grad)
+    for i, g in zip(wanted, grads):
+        out[i] = g
+    return tuple(out)
 
 
 def autograd_pair(
@@ -70,6 +74,7 @@ def autograd_pair(
     setup_context: Callable[[Any, tuple, tuple], None],
     backward_op: Callable[[Any, torch.Tensor], tuple],
     backward_eager: Callable[[Any, torch.Tensor], tuple],
+    reference: Callable[[Any], tuple[torch.Tensor, tuple]],
 ) -> Callable[..., torch.Tensor]:
     """Autograd for a family's forward, once for both ways it runs; returns ``run(*args) -> loss``.
 
@@ -79,6 +84,14 @@ def autograd_pair(
     ``backward_eager`` the launchers. In eager mode ``run`` goes through an autograd.Function that
     calls ``launcher`` directly, which saves the custom-op dispatch cost (tens of microseconds a
     call, a large share of a loss that runs in ~100 us).
+
+    ``reference(ctx) -> (loss, inputs)`` evaluates the same loss with differentiable PyTorch ops
+    from what ``setup_context`` saved; ``inputs`` lines up with the positional arguments of ``run``
+    (None where there is no tensor). It serves the double backward (see _differentiable_grads).
+    ``setup_context`` may set ``ctx.overwritten`` to the input tensors the launcher wrote into
+    (``inplace_backward``): the eager Function marks them dirty, so autograd raises, as for any
+    in-place operation, when a saved copy of them is used later, and a later use of the
+    overwritten values in the graph raises in this backward.
     """
 
     def setup_context_op(ctx, inputs, output):
@@ -92,22 +105,31 @@ def autograd_pair(
         @staticmethod
         def forward(ctx, *inputs):
             output = launcher(*inputs)
+            ctx.overwritten = ()
             setup_context(ctx, inputs, output)
-            return output[0]
+            if ctx.overwritten:
+                ctx.mark_dirty(*ctx.overwritten)
+                ctx.set_materialize_grads(False)
+            return (output[0], *ctx.overwritten)
 
         @staticmethod
-        def backward(ctx, grad_loss):
-            with torch.no_grad():
-                grads = backward_eager(ctx, grad_loss)
-            if torch.is_grad_enabled():  # create_graph=True: see _not_differentiable
-                grads = _not_differentiable(grads)
-            return grads
+        def backward(ctx, grad_loss, *grad_overwritten):
+            if any(g is not None for g in grad_overwritten):
+                raise RuntimeError(
+                    "fastloss: the logits passed with inplace_backward=True hold the loss's gradient "
+                    "after the call, and something used them afterwards; call the loss with "
+                    "inplace_backward=False if the logits are used after the loss")
+            if grad_loss is None:
+                return (None,) * len(ctx.needs_input_grad)
+            if torch.is_grad_enabled():  # create_graph=True
+                return _differentiable_grads(ctx, grad_loss, reference)
+            return backward_eager(ctx, grad_loss)
 
     Eager.__name__ = Eager.__qualname__ = f"{getattr(op, '_name', 'fastloss')}_eager".replace("::", "_")
 
     def run(*args) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return op(*args)[0]
-        return Eager.apply(*args)
+        return Eager.apply(*args)[0]
 
     return run

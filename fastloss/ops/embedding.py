@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastloss import reference
 from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
@@ -197,8 +198,20 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
+def _reference(ctx) -> tuple[Tensor, tuple]:
+    """The loss again in PyTorch, from the saved operands (for a double backward)."""
+    x, y, z = ctx.saved_tensors
+    loss, margin, p, eps, swap, reduction = ctx.args
+    if loss == "contrastive":
+        out = reference.contrastive_loss(x, y, z, margin, reduction)
+    else:
+        out = reference.triplet_margin_loss(x, y, z, margin, p, eps, swap, reduction)
+    return out, (None, x, y, z)
+
+
 _apply = autograd_pair(
     embedding_fwd, _fwd, _setup_context,
+    reference=_reference,
     backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, embedding_bwd),
     backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
 )

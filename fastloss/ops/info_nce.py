@@ -23,6 +23,7 @@ import functools
 import torch
 from torch import Tensor
 
+from fastloss import reference
 from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
@@ -295,8 +296,17 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (grads[0] if need_a else None, grads[1] if need_b else None) + (None,) * 6
 
 
+def _reference(ctx) -> tuple[Tensor, tuple]:
+    """The loss again in PyTorch, from the saved operands (for a double backward)."""
+    a, b, _, _ = ctx.saved_tensors
+    offset, scale, with_cols, reduction = ctx.args
+    loss = reference.info_nce_rows(a, b, scale, offset)
+    return _combine(loss, reference.info_nce_rows(b, a, scale, -offset) if with_cols else None, reduction), (a, b)
+
+
 _apply = autograd_pair(
     info_nce_fwd, _fwd, _setup_context,
+    reference=_reference,
     backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, info_nce_bwd),
     backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
 )

@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastloss import reference
 from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty
 
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
@@ -253,10 +254,29 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
     return (gi if need_gi else None, gt if need_gt else None) + (None,) * 7
 
 
+def _reference(ctx) -> tuple[Tensor, tuple]:
+    """The loss again in PyTorch, from the saved operands (for a double backward)."""
+    input, target, weight, pos_weight = ctx.saved_tensors
+    losses, params, reduction = ctx.args
+    calls = {
+        "mse": lambda p1, p2: reference.mse_loss(input, target, reduction),
+        "l1": lambda p1, p2: reference.l1_loss(input, target, reduction),
+        "huber": lambda p1, p2: reference.huber_loss(input, target, reduction, p1),
+        "smooth_l1": lambda p1, p2: reference.smooth_l1_loss(input, target, reduction, p1),
+        "bce_with_logits": lambda p1, p2: reference.binary_cross_entropy_with_logits(
+            input, target, weight, reduction, pos_weight),
+        "sigmoid_focal": lambda p1, p2: reference.sigmoid_focal_loss(input, target, p1, p2, reduction),
+    }
+    loss = sum(params[3 * i] * calls[name](*params[3 * i + 1:3 * i + 3])
+               for i, name in enumerate(losses.split(",")))
+    return loss, (input, target)
+
+
 _apply = autograd_pair(
     pointwise_fwd, _fwd, _setup_context,
     backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, pointwise_bwd),
     backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+    reference=_reference,
 )
 
 

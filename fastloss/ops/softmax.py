@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastloss import reference
 from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
 from fastloss.ops.pointwise import _scale_grad, scale_grad_
 
@@ -109,6 +110,14 @@ def _peel(single: bool, n_inner: int, row_align: int, x: Tensor, g: Tensor | Non
     return vec
 
 
+def _may_overwrite(input: Tensor) -> bool:
+    """Whether ``inplace_backward`` may write the gradient into ``input``: its memory must be
+    contiguous, and it must not be (a view of) a leaf that requires grad, such as a parameter:
+    torch forbids in-place changes to those (the gradient then goes to a buffer of its own)."""
+    base = input if input._base is None else input._base
+    return input.is_contiguous() and not (base.is_leaf and base.requires_grad)
+
+
 def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
     """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
@@ -161,7 +170,7 @@ def _fwd(
     out_dtype = torch.float32 if out_float32 else input.dtype
     reduce = reduction != "none"
 
-    if grad_input and inplace and input.is_contiguous():
+    if grad_input and inplace and _may_overwrite(input):
         gi, g3 = input, x  # x is a view of input
     elif grad_input:
         gi = empty(input.shape, input.dtype, input.device)
@@ -276,6 +285,15 @@ def _setup_context(ctx, inputs, output):
     # inplace_backward on a contiguous input in eager mode (never by the custom op)
     overwritten = grad_input and output[1] is input
     ctx.save_for_backward(None if overwritten else input, target, weight, alpha_weight)
+    if overwritten and input._base is None:
+        # marked dirty by autograd_pair's Function: a saved copy of the logits can no longer be
+        # used, and a later use of the overwritten logits raises in backward
+        ctx.overwritten = (input,)
+    elif overwritten:
+        # a view (logits.view(-1, V)): autograd cannot mark a view dirty in a Function with two
+        # outputs, so only the version counter moves (shared with the base): a saved copy of the
+        # logits raises as after any in-place change, a later read sees the gradient
+        torch.autograd.graph.increment_version(input)
     # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
     # .grad can take the buffer without a copy
     ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
@@ -313,8 +331,27 @@ def _backward(ctx, grad_loss, forward, scale_grad, inplace):
     ) * 14
 
 
+def _reference(ctx) -> tuple[Tensor, tuple]:
+    """The loss again in PyTorch, from the saved operands (for a double backward)."""
+    input, target, weight, alpha_weight = ctx.saved_tensors
+    if input is None:
+        raise RuntimeError(
+            "fastloss: a double backward (create_graph=True) through a loss computed with "
+            "inplace_backward=True is not supported (its logits were overwritten by the gradient)")
+    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, out_float32 = ctx.args[:9]
+    x = input.float() if out_float32 else input
+    if kind == "cross_entropy":
+        loss = reference.cross_entropy(x, target, weight, ignore_index, reduction, label_smoothing,
+                                       z_loss, softcap or None)
+    else:
+        loss = reference.focal_loss(x, target, alpha if alpha_weight is None else alpha_weight, gamma,
+                                    reduction, weight, ignore_index)
+    return loss, (input, target)
+
+
 _apply = autograd_pair(
     softmax_loss_fwd, _fwd, _setup_context,
+    reference=_reference,
     backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, scale_grad_, inplace=False),
     backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _scale_grad, inplace=True),
 )
