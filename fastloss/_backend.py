@@ -3,13 +3,15 @@
 ``"auto"`` (default): the kernels when every tensor is on CUDA and Triton imports, the reference
 otherwise. ``"triton"``: always the kernels; CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), otherwise a RuntimeError says why.
-``"torch"``: always the reference. The environment variable ``FASTLOSS_BACKEND`` sets the
-starting value.
+``"torch"``: always the reference. ``set_backend`` and the environment variable
+``FASTLOSS_BACKEND`` set the process-wide default; ``use_backend`` overrides it inside a block, for
+the current thread or asyncio task only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -28,29 +30,43 @@ def _check(name: str) -> str:
     return name
 
 
-_backend: str = _check(os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto")
+def _from_environment() -> str:
+    value = os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTLOSS_BACKEND={os.environ['FASTLOSS_BACKEND']!r} is not a fastloss backend "
+                         f"(unknown fastloss backend); expected one of {BACKENDS}, or leave it unset")
+    return value
+
+
+#: The process-wide default (set_backend, FASTLOSS_BACKEND).
+_default: str = _from_environment()
+#: The choice of the innermost ``use_backend`` block of this thread / asyncio task (None outside).
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastloss_backend", default=None)
 
 
 def get_backend() -> str:
-    """The backend currently selected: "auto", "triton" or "torch"."""
-    return _backend
+    """The backend in effect here: the innermost ``use_backend`` block of this thread or asyncio
+    task, else the process default ("auto", "triton" or "torch")."""
+    return _scoped.get() or _default
 
 
 def set_backend(name: str) -> None:
-    """Select the backend for every later call: "auto", "triton" or "torch"."""
-    global _backend
-    _backend = _check(name)
+    """Set the process-wide default backend: "auto", "triton" or "torch". A ``use_backend`` block
+    that is open in this thread or task keeps its own choice until it ends."""
+    global _default
+    _default = _check(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Context manager that selects a backend inside a ``with`` block and restores the old one."""
-    previous = get_backend()
-    set_backend(name)
+    """Context manager that selects a backend inside a ``with`` block, for this thread or asyncio
+    task only (a ``contextvars`` variable): other threads and tasks keep theirs, and the previous
+    choice comes back when the block ends, also when blocks of several tasks interleave."""
+    token = _scoped.set(_check(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _scoped.reset(token)
 
 
 _triton_ok: bool | None = None
@@ -106,7 +122,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     path runs; see transforms_active). Raises RuntimeError when the backend is "triton" and the
     kernels cannot run here.
     """
-    backend = _backend
+    backend = _scoped.get() or _default
     if backend == "torch" or transforms_active():
         return False
     devices = {t.device.type for t in tensors if t is not None}

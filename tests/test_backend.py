@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -87,6 +89,73 @@ def test_environment_variable_with_unknown_name_fails_at_import():
     result = run_python("import fastloss", {"FASTLOSS_BACKEND": "cudnn"})
     assert result.returncode != 0
     assert "ValueError" in result.stderr and "unknown fastloss backend" in result.stderr
+    assert "FASTLOSS_BACKEND='cudnn'" in result.stderr, "the error names the variable and its value"
+
+
+def test_use_backend_in_one_thread_leaves_another_alone():
+    """A block in thread A never changes what thread B sees (the choice is a contextvar)."""
+    fastloss.set_backend("auto")
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with fastloss.use_backend("triton"):
+            inside.set()
+            release.wait(30)
+
+    def b():
+        inside.wait(30)
+        seen["b"] = fastloss.get_backend()
+        with assert_not_launched():  # CPU tensors under "auto": the PyTorch path
+            FF.mse_loss(torch.randn(8), torch.randn(8))
+        release.set()
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert seen["b"] == "auto"
+    assert fastloss.get_backend() == "auto"
+
+
+def test_interleaved_asyncio_blocks_restore_their_own_backend():
+    """Two tasks whose blocks interleave (A enters, B enters, A leaves, B leaves) each see their
+    own choice, and the process default is untouched afterwards."""
+    fastloss.set_backend("auto")
+    log = []
+
+    async def task(name, backend, first, second):
+        with fastloss.use_backend(backend):
+            await first.wait()
+            log.append((name, fastloss.get_backend()))
+            second.set()
+        log.append((name + " after", fastloss.get_backend()))
+
+    async def main():
+        a_go, b_go = asyncio.Event(), asyncio.Event()
+        ta = asyncio.create_task(task("a", "triton", a_go, b_go))
+        tb = asyncio.create_task(task("b", "torch", b_go, asyncio.Event()))
+        await asyncio.sleep(0)
+        a_go.set()
+        await asyncio.gather(ta, tb)
+
+    asyncio.run(main())
+    assert sorted(log) == [("a", "triton"), ("a after", "auto"), ("b", "torch"), ("b after", "auto")]
+    assert fastloss.get_backend() == "auto"
+
+
+def test_set_backend_is_the_process_default_under_a_block():
+    """set_backend changes the default; an open use_backend block keeps its own choice."""
+    with fastloss.use_backend("torch"):
+        fastloss.set_backend("triton")
+        assert fastloss.get_backend() == "torch"
+    assert fastloss.get_backend() == "triton"
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(fastloss.get_backend()))
+    t.start()
+    t.join(30)
+    assert seen == ["triton"], "other threads see the process default"
 
 
 def test_triton_on_cpu_without_interpreter_raises_a_clear_error():
