@@ -128,10 +128,11 @@ def _chunk_rows(n_rows: int, n_cols: int, device: torch.device) -> int:
 
 def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: Tensor | None,
            w_row: Tensor | None, lse_col: Tensor | None, w_col: Tensor | None,
-           factor_a, factor_b, need_a: bool, need_b: bool) -> tuple[Tensor | None, Tensor | None]:
+           factor_a, factor_b, need_a: bool, need_b: bool,
+           grad_dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
     """One pass over chunks of rows of ``a``: with ``loss`` given, computes lse and loss of every row;
     with w_row given, the gradients factor_a * sum_j G_ij b_j and factor_b * sum_i G_ij a_i, G built
-    from w_row (and lse_col / w_col when given)."""
+    from w_row (and lse_col / w_col when given), rounded once to ``grad_dtype``."""
     k, tl_dtype = _kernels()
     n_rows, n_dim = a.shape
     n_cols = b.shape[0]
@@ -144,7 +145,7 @@ def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: T
     write_grad = w_row is not None and (need_a or need_b)
     s_buf = empty((chunk, n_cols), acc, a.device)
     g_buf = empty((chunk, n_cols), a_mm.dtype, a.device) if write_grad else s_buf
-    grad_a = empty(a.shape, a.dtype, a.device) if write_grad and need_a else None
+    grad_a = empty(a.shape, grad_dtype, a.device) if write_grad and need_a else None
     grad_b = torch.zeros((n_cols, n_dim), dtype=acc, device=a.device) if write_grad and need_b else None
     block_r, block_n, warps = (8, 512, 8) if a.is_cuda else (4, 64, 4)
     dummy = lse[:1]
@@ -174,7 +175,7 @@ def _sweep(a: Tensor, b: Tensor, offset: int, scale: float, lse: Tensor, loss: T
             else:
                 grad_b.addmm_(g_c.T, a_c)
     if grad_b is not None:
-        grad_b = (grad_b * factor_b).to(a.dtype)
+        grad_b = (grad_b * factor_b).to(grad_dtype)
     return grad_a, grad_b
 
 
@@ -208,8 +209,10 @@ def _fwd(a: Tensor, b: Tensor, offset: int, scale: float, with_cols: bool, reduc
         w = _row_weight(reduction, a.shape[0], with_cols)
         ones_r = torch.ones(a.shape[0], dtype=acc, device=a.device)
         ones_c = torch.ones(b.shape[0], dtype=acc, device=a.device) if with_cols else None
+        # kept in the accumulation dtype (fp32 for half operands, O(B * D)): backward multiplies
+        # them by grad_output and rounds once
         ga, gb = _sweep(a_s, b, offset, scale_k, lse, loss, ones_r, lse_c, ones_c,
-                        w * scale, w * scale_k, need_a, need_b)
+                        w * scale, w * scale_k, need_a, need_b, acc)
     else:
         loss, lse = _rows_fwd(a_s, b, offset, scale_k)
         ga = gb = None
@@ -229,8 +232,8 @@ def _(a, b, offset, scale, with_cols, reduction, need_a, need_b):
     lse = a.new_empty(a.shape[:1], dtype=acc)
     lse_c = a.new_empty(b.shape[:1] if with_cols else (0,), dtype=acc)
     grads = reduction != "none"
-    return (loss, lse, lse_c, a.new_empty(a.shape) if grads and need_a else a.new_empty(0),
-            b.new_empty(b.shape) if grads and need_b else b.new_empty(0))
+    return (loss, lse, lse_c, a.new_empty(a.shape, dtype=acc) if grads and need_a else a.new_empty(0),
+            b.new_empty(b.shape, dtype=acc) if grads and need_b else b.new_empty(0))
 
 
 def _bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, offset: int, scale: float,
@@ -252,7 +255,8 @@ def _bwd(a: Tensor, b: Tensor, lse: Tensor, lse_c: Tensor, grad_loss: Tensor, of
     ga, gb = empty0, empty0
     if need_a or need_b:
         ga_, gb_ = _sweep(a_s, b, offset, scale_k, lse, None, w, lse_c if with_cols else None,
-                          w if with_cols else None, wscale * scale, wscale * scale_k, need_a, need_b)
+                          w if with_cols else None, wscale * scale, wscale * scale_k, need_a, need_b,
+                          a.dtype)
         ga = ga_ if ga_ is not None else empty0
         gb = gb_ if gb_ is not None else empty0
     return ga, gb
@@ -287,8 +291,10 @@ def _backward(ctx, grad_loss, scale_grad, recompute):
         grads = ctx.grads
         ctx.grads = None
         for g in grads:
-            if g is not None:
+            if g is not None and g.dtype == a.dtype:
                 scale_grad(g, grad_loss)
+        # half-precision operands: fp32 gradients, scaled and then rounded once
+        grads = tuple(g if g is None or g.dtype == a.dtype else (g * grad_loss).to(a.dtype) for g in grads)
     else:
         # reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
         # forward-made gradients were already handed out: recompute.
