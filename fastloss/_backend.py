@@ -42,6 +42,15 @@ def _from_environment() -> str:
 _default: str = _from_environment()
 #: The choice of the innermost ``use_backend`` block of this thread / asyncio task (None outside).
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastloss_backend", default=None)
+#: What torch.compile reads instead: Dynamo cannot trace ``ContextVar.get``, but it guards the
+#: value of a module global, so a compiled function recompiles when this changes. It is the backend
+#: in effect where it was last selected or a block was left: in one thread, the block's own choice.
+_compiled: str = _default
+
+
+def _selected() -> None:
+    global _compiled
+    _compiled = _scoped.get() or _default
 
 
 def get_backend() -> str:
@@ -55,18 +64,23 @@ def set_backend(name: str) -> None:
     that is open in this thread or task keeps its own choice until it ends."""
     global _default
     _default = _check(name)
+    _selected()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Context manager that selects a backend inside a ``with`` block, for this thread or asyncio
     task only (a ``contextvars`` variable): other threads and tasks keep theirs, and the previous
-    choice comes back when the block ends, also when blocks of several tasks interleave."""
+    choice comes back when the block ends, also when blocks of several tasks interleave. Code
+    compiled by torch.compile follows the backend selected last in the process (in a single
+    thread, the block's), and recompiles when it changes: Dynamo cannot read a contextvar."""
     token = _scoped.set(_check(name))
+    _selected()
     try:
         yield
     finally:
         _scoped.reset(token)
+        _selected()
 
 
 _triton_ok: bool | None = None
@@ -122,7 +136,7 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     path runs; see transforms_active). Raises RuntimeError when the backend is "triton" and the
     kernels cannot run here.
     """
-    backend = _scoped.get() or _default
+    backend = _compiled if torch.compiler.is_compiling() else _scoped.get() or _default
     if backend == "torch" or transforms_active():
         return False
     devices = {t.device.type for t in tensors if t is not None}

@@ -278,3 +278,17 @@ def test_modules_follow_the_backend(device):
 def test_triton_with_mixed_devices_raises():
     with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="cannot run"):
         FF.mse_loss(torch.randn(4, device="cuda"), torch.randn(4))
+
+
+def test_compiled_code_follows_use_backend_blocks(device):
+    """Dynamo cannot read the contextvar; compiled code follows the backend selected last and
+    recompiles when it changes (a block's choice, in one thread)."""
+    x, y = _operands(device)
+    compiled = torch.compile(lambda a, b: FF.mse_loss(a, b), fullgraph=True)
+    with fastloss.use_backend("torch"), assert_not_launched():
+        torch_result = compiled(x, y)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        kernel_result = compiled(x, y)
+    with fastloss.use_backend("torch"), assert_not_launched():
+        compiled(x, y)
+    assert_close(kernel_result, torch_result)
