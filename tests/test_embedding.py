@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton.language as tl
-from helpers import assert_close, dtype_id
+from helpers import assert_close, assert_no_less_accurate, dtype_id
 from helpers import assert_launched as launched
 from helpers import assert_not_launched as not_launched
 from torch import nn
@@ -428,6 +428,78 @@ def test_contrastive_nan_like_seed_guide(d, label, reduction, backend):
     assert_close(out, want, msg="loss")
     for g, w, name in zip(_grads(out, (x1, x2, y)), _grads(want, ref), ("output1", "output2", "label")):
         assert_close(g, w, msg=f"d/d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Result dtypes: integer and complex operands, autocast
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.complex128], ids=dtype_id)
+def test_triplet_integer_and_complex_operands_like_torch(dtype, backend):
+    """torch's distances are norm(x - y + eps): integers become the default floating dtype (the
+    float eps), complex numbers their real dtype (the norm); the loss has that dtype."""
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_complex:
+        a, p, n = (torch.randn(5, 4, generator=g, dtype=dtype) for _ in range(3))
+    else:
+        a, p, n = (torch.randint(-3, 4, (5, 4), generator=g).to(dtype) for _ in range(3))
+    for reduction in REDUCTIONS:
+        for swap in (False, True):
+            out = FL.triplet_margin_loss(a, p, n, margin=2.0, swap=swap, reduction=reduction)
+            want = F.triplet_margin_loss(a, p, n, margin=2.0, swap=swap, reduction=reduction)
+            assert_close(out, want, msg=f"{reduction} swap={swap}")
+
+
+def test_triplet_mixed_integer_operands_like_torch(backend):
+    """An integer operand takes the other's floating dtype (float16 here); two integer operands'
+    distance is in the default dtype (float64 when that is the default)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-3, 4, (6, 5), generator=g)
+    p, n = (torch.randn(6, 5, generator=g).half() for _ in range(2))
+    for reduction in REDUCTIONS:
+        want = F.triplet_margin_loss(a, p, n, margin=2.0, reduction=reduction)
+        assert want.dtype == torch.float16
+        exact = F.triplet_margin_loss(a.double(), p.double(), n.double(), margin=2.0, reduction=reduction)
+        out = FL.triplet_margin_loss(a, p, n, margin=2.0, reduction=reduction)
+        assert_no_less_accurate(out, want, exact, msg=reduction)  # torch rounds a - p to float16
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        ints = [torch.randint(-3, 4, (6, 5), generator=g) for _ in range(3)]
+        want = F.triplet_margin_loss(*ints, margin=2.0)
+        assert want.dtype == torch.float64
+        assert_close(FL.triplet_margin_loss(*ints, margin=2.0), want, msg="default float64")
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_triplet_autocast_runs_in_float32_like_torch(dtype, reduction, backend, device):
+    """Autocast (CPU and CUDA alike) runs triplet_margin_loss in float32: half-precision operands
+    are cast to float32 first and the loss is float32; the gradients keep the operands' dtype."""
+    a, p, n = _triplets((9, 24), dtype)
+    ref = _detached((a, p, n))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with _ran(backend, "triplet_fwd_kernel"):
+            out = FL.triplet_margin_loss(a, p, n, margin=4.0, swap=True, reduction=reduction)
+        want = F.triplet_margin_loss(*ref, margin=4.0, swap=True, reduction=reduction)
+    assert want.dtype == torch.float32
+    assert_close(out, want, msg="loss")
+    for g, w, name in zip(_grads(out, (a, p, n)), _grads(want, ref), ("anchor", "positive", "negative")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_contrastive_autocast_dtype_like_seed_guide(dtype, backend, device):
+    """Under autocast the seed guide's composition is float32 where autocast runs its norm / pow in
+    float32 (CUDA) and stays in the embeddings' dtype where it does not (CPU)."""
+    x1, x2, y = _pairs(9, 24, dtype)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with _ran(backend, "contrastive_fwd_kernel"):
+            out = FL.contrastive_loss(x1, x2, y, 4.0)
+        want = SeedContrastiveLoss(4.0)(*_detached((x1, x2, y)))
+    assert_close(out, want, dtype, msg="loss")  # within the operands' precision (torch rounds x1 - x2)
 
 
 # ---------------------------------------------------------------------------------------------
