@@ -46,7 +46,7 @@ def _has_forward_hooks(module: nn.Module) -> bool:
                 or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
-class CombinedLoss(nn.Module):
+class CombinedLoss(modules.NotScriptable, nn.Module):
     """Weighted sum of losses over the same (input, target): ``sum_k w_k * loss_k(input, target)``.
 
         criterion = fastloss.CombinedLoss({fastloss.MSELoss(): 0.7, fastloss.L1Loss(): 0.3})
@@ -140,7 +140,7 @@ def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.stack(list(norms))
 
 
-class RegularizedLoss(nn.Module):
+class RegularizedLoss(modules.NotScriptable, nn.Module):
     """``criterion(...) + l1 * sum |w| + l2 * sum w^2`` over a model's weights.
 
     ``l2`` multiplies the *squared* L2 norm (what weight decay adds), not the norm itself: the

@@ -470,6 +470,11 @@ def contrastive_loss(
             raise ValueError(f"contrastive_loss(): label must have shape {tuple(batch)} (one label per "
                              f"pair) or {(*batch, 1)}, got {tuple(label.shape)}")
     dtype = _floating_dtype("contrastive_loss", output1, output2)
+    if dtype in (torch.float16, torch.bfloat16) and output1.device.type != "cpu" and \
+            torch.is_autocast_enabled(output1.device.type):
+        # the seed guide's composition is float32 there: GPU autocast runs pow (CUDA also norm, so
+        # pairwise_distance) in float32; CPU autocast runs neither, and the loss keeps the dtype
+        dtype = torch.float32
     x1, x2, y = output1.to(dtype), output2.to(dtype), label.to(dtype)
     if x1.numel() > 0 and use_triton(x1, x2, y):
         n_cols = x1.shape[-1]
@@ -495,7 +500,9 @@ def triplet_margin_loss(
     ``max(margin + d(a, p) - d(a, n), 0)`` with ``d = pairwise_distance(., ., p, eps)``; ``swap``
     uses ``min(d(a, n), d(p, n))`` as the negative distance. Operands ``(..., D)`` with the same
     number of dimensions (broadcast as torch does). The kernels run for floating operands and
-    ``0 < p < inf``; other cases run the PyTorch reference.
+    ``0 < p < inf``; other cases run the PyTorch reference (integer operands give a floating loss,
+    complex ones a real loss, as torch's). Under autocast, half-precision operands are cast to
+    float32 first and the loss is float32, as autocast runs torch's triplet_margin_loss.
     """
     reduction = _reduction_arg(size_average, reduce, reduction)
     if margin <= 0:
@@ -507,6 +514,9 @@ def triplet_margin_loss(
             f"dimensions, but got: anchor {anchor.dim()}D, positive {positive.dim()}D, and negative "
             f"{negative.dim()}D inputs"
         )
+    if torch.is_autocast_enabled(anchor.device.type):  # autocast's float32 list has triplet_margin_loss
+        anchor, positive, negative = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+                                      for t in (anchor, positive, negative))
     if not all(t.is_floating_point() for t in (anchor, positive, negative)):
         return reference.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction)
     dtype = _floating_dtype("triplet_margin_loss", anchor, positive, negative)

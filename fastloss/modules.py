@@ -1,5 +1,9 @@
 """nn.Module drop-ins. Each subclasses its torch.nn counterpart where torch.nn has the loss, so the
-constructor, attributes, buffers and ``isinstance`` checks are torch's; only ``forward`` changes."""
+constructor, attributes, buffers and ``isinstance`` checks are torch's; only ``forward`` changes.
+
+fastloss modules are not TorchScript-compatible (their forward dispatches in Python to Triton
+kernels and torch.library custom ops): ``torch.jit.script`` of one, or of a model holding one,
+raises a RuntimeError that says so; ``torch.compile`` and ``torch.export`` are supported."""
 
 from __future__ import annotations
 
@@ -22,35 +26,52 @@ __all__ = [
 ]
 
 
-class MSELoss(nn.MSELoss):
+class NotScriptable:
+    """Mixin of every fastloss nn.Module: ``torch.jit.script`` raises a plain RuntimeError.
+
+    ``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and on each of its submodules
+    before compiling anything, so the message replaces TorchScript's compiler errors about the
+    Python code behind ``forward``. Nothing else uses the hook (eager mode, pickling, torch.compile
+    and torch.export never call it).
+    """
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fastloss.{type(self).__name__} is not TorchScript-compatible: torch.jit.script cannot "
+            "compile fastloss modules (their forward runs Triton kernels and custom ops from Python). "
+            "Use torch.compile or torch.export instead."
+        )
+
+
+class MSELoss(NotScriptable, nn.MSELoss):
     """Drop-in torch.nn.MSELoss: mean squared error between input and target."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
-class L1Loss(nn.L1Loss):
+class L1Loss(NotScriptable, nn.L1Loss):
     """Drop-in torch.nn.L1Loss: mean absolute error between input and target."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.l1_loss(input, target, reduction=self.reduction)
 
 
-class HuberLoss(nn.HuberLoss):
+class HuberLoss(NotScriptable, nn.HuberLoss):
     """Drop-in torch.nn.HuberLoss(reduction="mean", delta=1.0)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
 
 
-class SmoothL1Loss(nn.SmoothL1Loss):
+class SmoothL1Loss(NotScriptable, nn.SmoothL1Loss):
     """Drop-in torch.nn.SmoothL1Loss(reduction="mean", beta=1.0); beta=0 is L1."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
 
 
-class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
+class BCEWithLogitsLoss(NotScriptable, nn.BCEWithLogitsLoss):
     """Drop-in torch.nn.BCEWithLogitsLoss(weight=None, reduction="mean", pos_weight=None)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -59,7 +80,7 @@ class BCEWithLogitsLoss(nn.BCEWithLogitsLoss):
         )
 
 
-class SigmoidFocalLoss(nn.Module):
+class SigmoidFocalLoss(NotScriptable, nn.Module):
     """Sigmoid focal loss module (torchvision's formula); unlike the functional form, the
     default reduction is "mean".
 
@@ -86,7 +107,7 @@ class SigmoidFocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-class CrossEntropyLoss(nn.CrossEntropyLoss):
+class CrossEntropyLoss(NotScriptable, nn.CrossEntropyLoss):
     """Drop-in torch.nn.CrossEntropyLoss(weight=None, size_average=None, ignore_index=-100,
     reduce=None, reduction="mean", label_smoothing=0.0), with keyword-only extensions:
 
@@ -138,7 +159,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         return ", ".join(parts)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(NotScriptable, nn.Module):
     """Multi-class softmax focal loss: ``-alpha_t (1 - p_t)**gamma log(p_t)`` per sample.
 
     Args:
@@ -186,7 +207,7 @@ class FocalLoss(nn.Module):
         return f"alpha={alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(NotScriptable, nn.Module):
     """Contrastive loss of embedding pairs: ``(1 - label) d**2 + label clamp(margin - d, min=0)**2``
     with ``d = pairwise_distance(output1, output2)``; label 1 marks a dissimilar pair.
 
@@ -212,7 +233,7 @@ class ContrastiveLoss(nn.Module):
         return f"margin={self.margin}, reduction={self.reduction!r}"
 
 
-class TripletMarginLoss(nn.TripletMarginLoss):
+class TripletMarginLoss(NotScriptable, nn.TripletMarginLoss):
     """Drop-in torch.nn.TripletMarginLoss(margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")."""
 
     def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
@@ -220,7 +241,7 @@ class TripletMarginLoss(nn.TripletMarginLoss):
                                      eps=self.eps, swap=self.swap, reduction=self.reduction)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(NotScriptable, nn.Module):
     """InfoNCE / NT-Xent over a batch: row i of ``key`` is the positive of row i of ``query``.
 
     Args:

@@ -237,6 +237,15 @@ def contrastive_loss(
     return _reduce(loss, reduction, output1.dtype)
 
 
+def _distance_dtype(x: Tensor, y: Tensor) -> torch.dtype:
+    """dtype of torch's ``pairwise_distance(x, y)`` = ``norm(x - y + eps)``: integers become the
+    default floating dtype (adding the float eps), complex numbers their real dtype (the norm)."""
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    if dtype.is_complex:
+        return dtype.to_real()
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
+
+
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -249,7 +258,11 @@ def triplet_margin_loss(
 ) -> Tensor:
     """torch.nn.functional.triplet_margin_loss: ``clamp_min(margin + d(a, p) - d_neg, 0)`` with
     ``d = pairwise_distance(., ., p, eps)`` and ``d_neg = d(a, n)``, or ``min(d(a, n), d(p, n))``
-    with ``swap``."""
+    with ``swap``. Integer or complex operands (fastloss.functional passes them here as they are) give
+    torch's floating / real result dtype."""
+    out_dtype = torch.promote_types(_distance_dtype(anchor, positive), _distance_dtype(anchor, negative))
+    if swap:
+        out_dtype = torch.promote_types(out_dtype, _distance_dtype(positive, negative))
     a, pos, neg = _upcast(anchor, positive, negative)
     dist = torch.nn.functional.pairwise_distance
     d_pos = dist(a, pos, p, eps)
@@ -257,7 +270,7 @@ def triplet_margin_loss(
     if swap:
         d_neg = torch.minimum(d_neg, dist(pos, neg, p, eps))
     loss = torch.clamp_min(margin + d_pos - d_neg, 0)
-    return _reduce(loss, reduction, anchor.dtype)
+    return _reduce(loss, reduction, out_dtype)
 
 
 #: Score-matrix elements the InfoNCE reference holds at once (16 MiB of float32): rows of the query

@@ -11,7 +11,9 @@ Distances are torch's ``pairwise_distance``: ``d(x, y) = || x - y + eps ||_p``, 
     d = (sum |v|^p)^(1/p)            (sqrt(sum v^2) for p = 2, sum |v| for p = 1)
     dd/dx = g(v) = sign(v) |v|^(p-1) / d^(p-1)        (v / d for p = 2, sign(v) for p = 1)
     dd/dy = -g(v)
-    g = 0 where d = 0 (and |v|^(p-1) = 0 where v = 0), as torch's norm backward.
+    g = 0 where d = 0 (and |v|^(p-1) = 0 where v = 0), as torch's norm backward; a NaN d (a NaN
+    operand) gives a NaN g across the row, as torch's grad / d**(p-1) does, even where the row's
+    weight is 0 (0 * NaN), except for p = 1 (g = sign(v), and sign(NaN) = 0 as torch's sgn).
 
 Contrastive (label y, 1 = dissimilar pair), p = 2, h = max(margin - d, 0):
     loss  = (1 - y) d^2 + y h^2
@@ -26,6 +28,10 @@ Triplet (anchor a, positive p, negative n), d_neg = d(a, n), or min(d(a, n), d(p
     dloss/dp = -g(v_ap) - c_pn g(v_pn)
     dloss/dn = c_an g(v_an) + c_pn g(v_pn)
 
+The float parameters (margin, p, eps) arrive as fp64 kernel arguments and are cast to the
+accumulation dtype once (a plain Python float argument would be passed as fp32, which would round
+margin = 0.1 or eps = 1e-7 in a float64 kernel).
+
 For a reduced loss the forward writes the gradients already multiplied by ``scale`` (1/n_rows for
 "mean", computed in the accumulation dtype from the integer ``count``); backward then only scales them
 by grad_output (fastloss.kernels.pointwise.scale_grad_kernel).
@@ -37,15 +43,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _pow(a, p):
+    """a^p for a >= 0 or NaN: 2^(p log2 a), 0 where a = 0 (log2 would give -inf), NaN for NaN."""
+    return tl.where(a == 0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0, 1.0, a))))
+
+
+@triton.jit
 def _abs_pow(v, p, P_MODE: tl.constexpr):
-    """|v|^p for P_MODE 1 (p = 1), 2 (p = 2) or 0 (any p > 0; 0 where v = 0)."""
+    """|v|^p for P_MODE 1 (p = 1), 2 (p = 2) or 0 (any p > 0)."""
     if P_MODE == 1:
         return tl.abs(v)
     elif P_MODE == 2:
         return v * v
     else:
-        a = tl.abs(v)
-        return tl.where(a > 0, tl.exp2(p * tl.log2(tl.where(a > 0, a, 1.0))), 0.0)
+        return _pow(tl.abs(v), p)
 
 
 @triton.jit
@@ -56,23 +67,24 @@ def _finish_norm(acc, p, P_MODE: tl.constexpr):
     elif P_MODE == 2:
         return tl.sqrt(acc)
     else:
-        return tl.where(acc > 0, tl.exp2(tl.log2(tl.where(acc > 0, acc, 1.0)) / p), 0.0)
+        return tl.where(acc == 0, 0.0, tl.exp2(tl.log2(tl.where(acc == 0, 1.0, acc)) / p))
 
 
 @triton.jit
 def _norm_grad(v, d, p, P_MODE: tl.constexpr):
-    """dd/dv for d = ||v||_p; v is [BLOCK_ROWS, BLOCK_COLS], d is [BLOCK_ROWS]; 0 where d = 0."""
+    """dd/dv for d = ||v||_p; v is [BLOCK_ROWS, BLOCK_COLS], d is [BLOCK_ROWS]; 0 where d = 0, NaN
+    where d is NaN (p != 1)."""
     dd = d[:, None]
+    nonzero = dd != 0  # true for a NaN d: the masks below must let NaN through
+    d_safe = tl.where(nonzero, dd, 1.0)
+    sign = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
     if P_MODE == 1:
-        g = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)).to(v.dtype)
+        g = sign
     elif P_MODE == 2:
-        g = v / tl.where(dd > 0, dd, 1.0)
+        g = v / d_safe
     else:
-        a = tl.abs(v)
-        a_pow = tl.where(a > 0, tl.exp2((p - 1.0) * tl.log2(tl.where(a > 0, a, 1.0))), 0.0)
-        d_pow = tl.exp2((p - 1.0) * tl.log2(tl.where(dd > 0, dd, 1.0)))
-        g = tl.where(v > 0, 1.0, tl.where(v < 0, -1.0, 0.0)) * a_pow / d_pow
-    return tl.where(dd > 0, g, 0.0)
+        g = sign * _pow(tl.abs(v), p - 1.0) / _pow(d_safe, p - 1.0)
+    return tl.where(nonzero, g, 0.0)
 
 
 @triton.jit
@@ -125,9 +137,10 @@ def _contrastive_rows(
             sq += tl.sum(vc * vc, axis=1)
     d = tl.sqrt(sq)
     y = tl.load(label_ptr + rows, mask=row_mask, other=0.0).to(ACC_DTYPE)
-    h = tl.maximum(margin - d, 0.0)
+    h = tl.maximum(margin - d, 0.0, propagate_nan=tl.PropagateNan.ALL)
     loss = (1.0 - y) * sq + y * h * h
-    coef = 2.0 * (1.0 - y) - tl.where(d > 0, 2.0 * y * h / tl.where(d > 0, d, 1.0), 0.0)
+    # dloss/dd / d, 0 where d = 0; a NaN d must make it NaN (torch's gradient is NaN across the row)
+    coef = 2.0 * (1.0 - y) - tl.where(d != 0, 2.0 * y * h / tl.where(d != 0, d, 1.0), 0.0)
     return tl.where(row_mask, loss, 0.0), coef, h * h - sq, v
 
 
@@ -158,7 +171,9 @@ def contrastive_fwd_kernel(
     grad_x1_ptr,          # [n_rows, n_cols] scale * dloss/dx1, written iff REDUCE and GRAD_X1
     grad_x2_ptr,          # [n_rows, n_cols] scale * dloss/dx2, written iff REDUCE and GRAD_X2
     grad_label_ptr,       # [n_rows] scale * dloss/dlabel, written iff REDUCE and GRAD_LABEL
-    n_rows, n_cols, margin, eps,
+    n_rows, n_cols,
+    margin: tl.float64,   # cast to ACC_DTYPE below
+    eps: tl.float64,      # pairwise_distance's eps
     count,                # n_rows for "mean", 1 otherwise: partials and gradients are scaled by 1/count
     REDUCE: tl.constexpr, GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
@@ -167,6 +182,7 @@ def contrastive_fwd_kernel(
     """Contrastive loss of BLOCK_ROWS pairs and, for reduced losses, its gradients."""
     n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
+    margin, eps = tl.full((), margin, ACC_DTYPE), tl.full((), eps, ACC_DTYPE)
     loss, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
         ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -194,7 +210,9 @@ def contrastive_bwd_kernel(
     grad_x1_ptr,          # [n_rows, n_cols] written iff GRAD_X1
     grad_x2_ptr,          # [n_rows, n_cols] written iff GRAD_X2
     grad_label_ptr,       # [n_rows] written iff GRAD_LABEL
-    n_rows, n_cols, stride_grad_output, margin, eps,
+    n_rows, n_cols, stride_grad_output,
+    margin: tl.float64,   # cast to ACC_DTYPE below
+    eps: tl.float64,
     count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
     GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
@@ -203,6 +221,7 @@ def contrastive_bwd_kernel(
     """Gradients of the contrastive loss recomputed from the operands, times grad_output."""
     n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
+    margin, eps = tl.full((), margin, ACC_DTYPE), tl.full((), eps, ACC_DTYPE)
     _, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
         ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -302,7 +321,10 @@ def triplet_fwd_kernel(
     grad_anchor_ptr,      # [n_rows, n_cols] scale * dloss/danchor, written iff REDUCE and GRAD_A
     grad_positive_ptr,    # [n_rows, n_cols] written iff REDUCE and GRAD_P
     grad_negative_ptr,    # [n_rows, n_cols] written iff REDUCE and GRAD_N
-    n_rows, n_cols, margin, norm_p, eps,
+    n_rows, n_cols,
+    margin: tl.float64,   # cast to ACC_DTYPE below
+    norm_p: tl.float64,   # the norm's p, 0 < p < inf
+    eps: tl.float64,      # pairwise_distance's eps
     count,                # n_rows for "mean", 1 otherwise: partials and gradients are scaled by 1/count
     P_MODE: tl.constexpr, SWAP: tl.constexpr, REDUCE: tl.constexpr,
     GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
@@ -312,6 +334,8 @@ def triplet_fwd_kernel(
     """Triplet margin loss of BLOCK_ROWS triplets and, for reduced losses, its gradients."""
     n_cols, pid, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
+    margin, norm_p = tl.full((), margin, ACC_DTYPE), tl.full((), norm_p, ACC_DTYPE)
+    eps = tl.full((), eps, ACC_DTYPE)
     loss, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
         anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
         P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
@@ -338,7 +362,10 @@ def triplet_bwd_kernel(
     grad_anchor_ptr,      # [n_rows, n_cols] written iff GRAD_A
     grad_positive_ptr,    # [n_rows, n_cols] written iff GRAD_P
     grad_negative_ptr,    # [n_rows, n_cols] written iff GRAD_N
-    n_rows, n_cols, stride_grad_output, margin, norm_p, eps,
+    n_rows, n_cols, stride_grad_output,
+    margin: tl.float64,   # cast to ACC_DTYPE below
+    norm_p: tl.float64,
+    eps: tl.float64,
     count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
     P_MODE: tl.constexpr, SWAP: tl.constexpr,
     GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
@@ -348,6 +375,8 @@ def triplet_bwd_kernel(
     """Gradients of the triplet margin loss recomputed from the operands, times grad_output."""
     n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
+    margin, norm_p = tl.full((), margin, ACC_DTYPE), tl.full((), norm_p, ACC_DTYPE)
+    eps = tl.full((), eps, ACC_DTYPE)
     _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
         anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
         P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,

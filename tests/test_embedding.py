@@ -4,16 +4,20 @@ CPU) against those oracles and against the reference in every dtype."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, dtype_id
+import triton.language as tl
+from helpers import assert_close, assert_no_less_accurate, dtype_id
 from helpers import assert_launched as launched
 from helpers import assert_not_launched as not_launched
 from torch import nn
 
 import fastloss
 from fastloss import functional as FL
+from fastloss.ops import embedding as ops_embedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["mean", "sum", "none"]
@@ -374,3 +378,200 @@ def test_torch_compile_fullgraph(backend_name):
     assert_close(out, eager)
     for g, w in zip(grads, eager_grads):
         assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN propagation: loss and every gradient NaN exactly where torch's are
+# ---------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+NAN_TRIPLET_CONFIGS = [{"p": p, "swap": swap} for p in (1.0, 2.0, 1.5, 3.0) for swap in (False, True)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("config", NAN_TRIPLET_CONFIGS, ids=lambda c: f"p={c['p']},swap={c['swap']}")
+@pytest.mark.parametrize("d", [6, 1030], ids=lambda d: f"D={d}")  # 1030: the two-pass kernels
+def test_triplet_nan_like_torch(d, config, reduction, backend):
+    """A NaN in the anchor (row 0), positive (row 1) or negative (row 2) makes that row's loss NaN,
+    and torch's gradients NaN in the rows of the operands whose distance is NaN, for every p (0 * NaN
+    for the inactive rows; only p = 1, whose norm gradient is sgn(v), stays 0 there)."""
+    a, p, n = _triplets((5, d), torch.float64)
+    with torch.no_grad():
+        a[0, 1], p[1, d - 1], n[2, 0] = NAN, NAN, NAN
+    kwargs = dict(config, margin=d ** (1 / config["p"]), reduction=reduction)
+    with _ran(backend, "triplet_fwd_kernel"):
+        out = FL.triplet_margin_loss(a, p, n, **kwargs)
+    ref = _detached((a, p, n))
+    want = F.triplet_margin_loss(*ref, **kwargs)
+    assert_close(out, want, msg="loss")
+    assert out.isnan().any()
+    for g, w, name in zip(_grads(out, (a, p, n)), _grads(want, ref), ("anchor", "positive", "negative")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("d", [5, 1030], ids=lambda d: f"D={d}")
+def test_contrastive_nan_like_seed_guide(d, label, reduction, backend):
+    """A NaN in output1 (row 0), output2 (row 1) or the label (row 2): the seed guide's composition
+    gives that row a NaN loss, NaN embedding gradients across the row (its distance is NaN, and
+    0 * NaN for label 1) and a NaN label gradient (rows 0 and 1)."""
+    x1, x2, y = _pairs(6, d, torch.float64, label_grad=True, zero_pair=False)
+    with torch.no_grad():
+        x1[0, 1], x2[1, 0], y[2] = NAN, NAN, NAN
+        y[0] = y[1] = label
+    margin = 1.25 * d**0.5
+    with _ran(backend, "contrastive_fwd_kernel"):
+        out = FL.contrastive_loss(x1, x2, y, margin, reduction)
+    ref = _detached((x1, x2, y))
+    want = seed_contrastive(*ref, margin, reduction)
+    assert_close(out, want, msg="loss")
+    for g, w, name in zip(_grads(out, (x1, x2, y)), _grads(want, ref), ("output1", "output2", "label")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Result dtypes: integer and complex operands, autocast
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.complex64, torch.complex128], ids=dtype_id)
+def test_triplet_integer_and_complex_operands_like_torch(dtype, backend):
+    """torch's distances are norm(x - y + eps): integers become the default floating dtype (the
+    float eps), complex numbers their real dtype (the norm); the loss has that dtype."""
+    g = torch.Generator().manual_seed(0)
+    if dtype.is_complex:
+        a, p, n = (torch.randn(5, 4, generator=g, dtype=dtype) for _ in range(3))
+    else:
+        a, p, n = (torch.randint(-3, 4, (5, 4), generator=g).to(dtype) for _ in range(3))
+    for reduction in REDUCTIONS:
+        for swap in (False, True):
+            out = FL.triplet_margin_loss(a, p, n, margin=2.0, swap=swap, reduction=reduction)
+            want = F.triplet_margin_loss(a, p, n, margin=2.0, swap=swap, reduction=reduction)
+            assert_close(out, want, msg=f"{reduction} swap={swap}")
+
+
+def test_triplet_mixed_integer_operands_like_torch(backend):
+    """An integer operand takes the other's floating dtype (float16 here); two integer operands'
+    distance is in the default dtype (float64 when that is the default)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-3, 4, (6, 5), generator=g)
+    p, n = (torch.randn(6, 5, generator=g).half() for _ in range(2))
+    for reduction in REDUCTIONS:
+        want = F.triplet_margin_loss(a, p, n, margin=2.0, reduction=reduction)
+        assert want.dtype == torch.float16
+        exact = F.triplet_margin_loss(a.double(), p.double(), n.double(), margin=2.0, reduction=reduction)
+        out = FL.triplet_margin_loss(a, p, n, margin=2.0, reduction=reduction)
+        assert_no_less_accurate(out, want, exact, msg=reduction)  # torch rounds a - p to float16
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        ints = [torch.randint(-3, 4, (6, 5), generator=g) for _ in range(3)]
+        want = F.triplet_margin_loss(*ints, margin=2.0)
+        assert want.dtype == torch.float64
+        assert_close(FL.triplet_margin_loss(*ints, margin=2.0), want, msg="default float64")
+    finally:
+        torch.set_default_dtype(default)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_triplet_autocast_runs_in_float32_like_torch(dtype, reduction, backend, device):
+    """Autocast (CPU and CUDA alike) runs triplet_margin_loss in float32: half-precision operands
+    are cast to float32 first and the loss is float32; the gradients keep the operands' dtype."""
+    a, p, n = _triplets((9, 24), dtype)
+    ref = _detached((a, p, n))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with _ran(backend, "triplet_fwd_kernel"):
+            out = FL.triplet_margin_loss(a, p, n, margin=4.0, swap=True, reduction=reduction)
+        want = F.triplet_margin_loss(*ref, margin=4.0, swap=True, reduction=reduction)
+    assert want.dtype == torch.float32
+    assert_close(out, want, msg="loss")
+    for g, w, name in zip(_grads(out, (a, p, n)), _grads(want, ref), ("anchor", "positive", "negative")):
+        assert_close(g, w, msg=f"d/d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_contrastive_autocast_dtype_like_seed_guide(dtype, backend, device):
+    """Under autocast the seed guide's composition is float32 where autocast runs its norm / pow in
+    float32 (CUDA) and stays in the embeddings' dtype where it does not (CPU)."""
+    x1, x2, y = _pairs(9, 24, dtype)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        with _ran(backend, "contrastive_fwd_kernel"):
+            out = FL.contrastive_loss(x1, x2, y, 4.0)
+        want = SeedContrastiveLoss(4.0)(*_detached((x1, x2, y)))
+    assert_close(out, want, dtype, msg="loss")  # within the operands' precision (torch rounds x1 - x2)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64: the scalar parameters reach the kernels at float64 precision
+# ---------------------------------------------------------------------------------------------
+
+class _JitTypedKernel:
+    """A kernel launched with its float arguments typed as Triton's compiled JIT types them: fp32,
+    unless the parameter is annotated tl.float64. (The interpreter hands the kernel the Python float
+    itself, which then computes at float64 precision whatever the declaration says.)"""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        params = inspect.signature(kernel.fn).parameters.values()
+        self.fp32 = [p.annotation not in (tl.float64, "tl.float64") for p in params]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = [torch.tensor(v, dtype=torch.float32).item() if isinstance(v, float) and fp32 else v
+                    for v, fp32 in zip(args, self.fp32)]
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.fixture
+def jit_float_arguments(monkeypatch):
+    """Under the interpreter, launch the embedding kernels with the compiled JIT's float typing."""
+    if DEVICE == "cpu":
+        kernels, tl_dtypes = ops_embedding._kernels()
+        typed = type("kernels", (), {name: _JitTypedKernel(obj) for name, obj in vars(kernels).items()
+                                     if name.endswith("_kernel")})
+        monkeypatch.setattr(ops_embedding, "_kernels", lambda: (typed, tl_dtypes))
+
+
+#: float64 parameters that are not fp32 numbers (p = 1.3 neither), compared at float64 rounding level
+FLOAT64_EXACT = {"rtol": 1e-14, "atol": 1e-300}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("p", [2.0, 1.3])
+def test_triplet_float64_parameters_reach_the_kernels_exactly(p, reduction, triton_backend,
+                                                             jit_float_arguments):
+    """margin = 0.1 and eps = 1e-7 (and p = 1.3) arrive in float64 kernels unrounded: the loss and
+    gradients match torch's float64 to rounding level (an fp32 margin is 1.5e-9 off)."""
+    a, pos, neg = _triplets((7, 6), torch.float64)
+    with torch.no_grad():
+        pos.mul_(0.05).add_(a, alpha=0.95)
+        neg.mul_(0.1).add_(a, alpha=0.9)
+        pos[0] = a[0]  # a zero difference: d(a, p) = ||eps||
+    kwargs = {"margin": 0.1, "p": p, "eps": 1e-7, "reduction": reduction}
+    with launched("triplet_fwd_kernel"):
+        out = FL.triplet_margin_loss(a, pos, neg, **kwargs)
+    ref = _detached((a, pos, neg))
+    want = F.triplet_margin_loss(*ref, **kwargs)
+    assert (want > 0).any()
+    torch.testing.assert_close(out, want, **FLOAT64_EXACT)
+    for g, w in zip(_grads(out, (a, pos, neg)), _grads(want, ref)):
+        torch.testing.assert_close(g, w, **FLOAT64_EXACT)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_contrastive_float64_parameters_reach_the_kernels_exactly(reduction, triton_backend,
+                                                                   jit_float_arguments):
+    """margin = 0.1 and pairwise_distance's eps = 1e-6 arrive in float64 kernels unrounded."""
+    x1, x2, y = _pairs(7, 6, torch.float64, label_grad=True)
+    with torch.no_grad():
+        x2.mul_(0.02).add_(x1, alpha=0.98)  # distances around the margin
+        x2[0] = x1[0]  # a zero difference: d = ||eps||
+    with launched("contrastive_fwd_kernel"):
+        out = FL.contrastive_loss(x1, x2, y, 0.1, reduction)
+    ref = _detached((x1, x2, y))
+    want = seed_contrastive(*ref, 0.1, reduction)
+    torch.testing.assert_close(out, want, **FLOAT64_EXACT)
+    for g, w in zip(_grads(out, (x1, x2, y)), _grads(want, ref)):
+        torch.testing.assert_close(g, w, **FLOAT64_EXACT)
