@@ -10,6 +10,8 @@ operand dtype, which is never less accurate than torch.nn in that dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -209,9 +211,13 @@ def focal_loss(
     valid = target != ignore_index
     safe = torch.where(valid, target, 0).long()
     logp_t = torch.log_softmax(x, dim).gather(dim, safe.unsqueeze(dim)).squeeze(dim)
-    # 1 - p_t without cancellation; clamped so that d(q**gamma)/dq stays finite for 0 < gamma < 1
-    # (its factor dq/dlogits vanishes there, so the clamp changes nothing but 0 * inf)
-    q = (-torch.expm1(logp_t)).clamp_min(torch.finfo(x.dtype).tiny)
+    # q = 1 - p_t, and its derivative -p_t, without cancellation: -expm1(log p_t) where p_t >= 1/2
+    # (autograd's derivative there, -(expm1 + 1), cancels for p_t -> 0), 1 - exp(log p_t) where
+    # p_t < 1/2 (exact enough there, derivative -exp(log p_t)). Clamped so that d(q**gamma)/dq stays
+    # finite for 0 < gamma < 1 (its factor dq/dlogits vanishes there, so the clamp changes nothing
+    # but 0 * inf)
+    q = torch.where(logp_t >= -math.log(2.0), -torch.expm1(logp_t), 1.0 - torch.exp(logp_t))
+    q = q.clamp_min(torch.finfo(x.dtype).tiny)
     a_t = alpha if a is None else a.to(x.dtype)[safe]
     loss = -a_t * q**gamma * logp_t
     w_t = _target_weight(target, w, ignore_index, x.dtype)
