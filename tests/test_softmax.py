@@ -191,18 +191,32 @@ def test_empty_batch(device, backend):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_1d_input_with_0d_or_1_element_target(reduction, device, backend):
-    """torch allows a (1,) target for a (C,) input; the "none" loss is 0-d either way (the oracle
-    takes the 0-d target: torch's own backward rejects the (1,) one)."""
+    """torch's forward takes a (1,) target for a (C,) input (a 0-d "none" loss either way) but its
+    backward rejects it, and so does its label smoothing: fastloss's cross_entropy does the same on
+    both backends. focal_loss (no torch counterpart) takes the (1,) target as the 0-d one."""
     x = logits((6,), device=device)
     expected = loss_and_grads(F.cross_entropy, x, torch.tensor(4, device=device), reduction=reduction)
-    for t in (torch.tensor(4, device=device), torch.tensor([4], device=device)):
-        assert F.cross_entropy(x, t, reduction=reduction).shape == ()
+    with ran(backend):
+        actual = loss_and_grads(FF.cross_entropy, x, torch.tensor(4, device=device), reduction=reduction)
+    check(actual, expected, F64, "0-d target")
+    t = torch.tensor([4], device=device)
+    assert F.cross_entropy(x, t, reduction=reduction).shape == ()
+    with ran(backend):
+        loss = FF.cross_entropy(x, t, reduction=reduction)
+    assert_close(loss, expected[0], F64, "(1,) target, forward")
+    for kw in ({}, {"z_loss": ZL}):
+        xg = x.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=r"size mismatch \(got input: \[6\], target: \[1\]\)"):
+            torch.autograd.grad(F.cross_entropy(xg, t, reduction=reduction), xg)
+        with pytest.raises(RuntimeError, match=r"size mismatch \(got input: \[6\], target: \[1\]\)"):
+            torch.autograd.grad(FF.cross_entropy(xg, t, reduction=reduction, **kw), xg)
+    for call in (F.cross_entropy, FF.cross_entropy):
+        with pytest.raises(RuntimeError, match=r"output with shape \[\] doesn't match the broadcast shape \[1\]"):
+            call(x, t, reduction=reduction, label_smoothing=0.1)
+    for target in (torch.tensor(4, device=device), t):
         with ran(backend):
-            actual = loss_and_grads(FF.cross_entropy, x, t, reduction=reduction)
-        check(actual, expected, F64, f"{tuple(t.shape)}")
-        with ran(backend):
-            focal = loss_and_grads(FF.focal_loss, x, t, gamma=0.0, reduction=reduction)
-        check(focal, actual, F64, f"focal {tuple(t.shape)}")
+            focal = loss_and_grads(FF.focal_loss, x, target, gamma=0.0, reduction=reduction)
+        check(focal, expected, F64, f"focal {tuple(target.shape)}")
 
 
 @pytest.mark.parametrize(("x_dtype", "y_dtype"), [(torch.float32, F64), (torch.float16, torch.float32)], ids=str)
@@ -557,6 +571,84 @@ def test_float64_scalars_reach_the_kernel_in_float64(device, triton_backend):
             actual = loss_and_grads(FF.focal_loss, x, t, alpha=alpha, gamma=gamma)
         expected = loss_and_grads(focal_composition, x, t, alpha=alpha, gamma=gamma)
         torch.testing.assert_close(actual, expected, **exact)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_ignored_row_with_inf_logits_adds_zero(reduction, device, backend):
+    """An ignored row adds 0 to the z-loss too, whatever its logits (w_t lse**2 = 0 * inf = NaN)."""
+    x = logits((4, 6), device=device)
+    t = torch.tensor([1, -100, 3, -100], device=device)
+    x[1, 2] = math.inf
+    x[3] = -math.inf
+    clean = torch.where(t[:, None] == -100, 0.0, x)  # the same loss by definition
+    expected = loss_and_grads(naive_cross_entropy, clean, t, z_loss=ZL, reduction=reduction)
+    with ran(backend):
+        loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, z_loss=ZL, reduction=reduction)
+    assert_close(loss, expected[0], F64, "loss")
+    kept = t != -100  # (torch's own cross-entropy gradient of an inf row is NaN)
+    assert_close(grad[kept], expected[1][0][kept], F64, "gradient of the other rows")
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, -1.0, math.nan])
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+def test_label_smoothing_not_positive_is_none_as_in_torch(label_smoothing, prob, device, backend):
+    """torch checks only label_smoothing <= 1 and smooths only when it is > 0."""
+    x = logits((5, 7), device=device)
+    t = prob_targets((5, 7), device) if prob else class_targets((5,), 7, device)
+    for reduction in ("mean", "none"):
+        kw = {"label_smoothing": label_smoothing, "reduction": reduction}
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        expected = loss_and_grads(F.cross_entropy, x, t, **kw)
+        check(actual, expected, F64, f"label_smoothing={label_smoothing}")
+        check(expected, loss_and_grads(F.cross_entropy, x, t, reduction=reduction), F64, "torch: none")
+
+
+def test_uint8_targets_as_torch(device, backend):
+    """torch takes uint8 class indices for (C,) and (N, C) inputs only (its nll_loss2d, which
+    (N, C, d1, ...) inputs use, wants int64; an empty batch reduced to a scalar returns before)."""
+    for x in (logits((7,), device=device), logits((5, 7), device=device)):
+        t = class_targets(target_shape(tuple(x.shape)), 7, device, ignore=False).to(torch.uint8)
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t)
+        check(actual, loss_and_grads(F.cross_entropy, x, t), F64, f"uint8 {tuple(x.shape)}")
+        with ran(backend):
+            focal = loss_and_grads(FF.focal_loss, x, t, gamma=0.0)
+        check(focal, actual, F64, f"focal uint8 {tuple(x.shape)}")
+    for shape in ((2, 7, 3), (1, 7, 1), (0, 7, 3)):
+        x = logits(shape, device=device)
+        t = torch.zeros(target_shape(shape), dtype=torch.uint8, device=device)
+        for call in (F.cross_entropy, FF.cross_entropy, FF.focal_loss):
+            with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+                call(x, t, reduction="none")
+            if shape[0]:
+                with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+                    call(x, t)
+    x, t = logits((0, 7, 3), device=device), torch.zeros(0, 3, dtype=torch.uint8, device=device)
+    for reduction in ("mean", "sum"):
+        assert_close(FF.cross_entropy(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction),
+                     F64, f"empty uint8 {reduction}")
+
+
+def test_class_weight_of_another_dtype_raises_as_torch(device, backend):
+    """torch's class-index cross-entropy takes a weight of the input's dtype only (under autocast:
+    both as cast to float32); probability targets promote instead."""
+    x, t = logits((3, 5), torch.float32, device), class_targets((3,), 5, device)
+    for w_dtype, msg in ((F64, "expected scalar type Float but found Double"),
+                         (torch.float16, "expected scalar type Float but found Half")):
+        w = torch.rand(5, device=device).to(w_dtype)
+        for call in (F.cross_entropy, FF.cross_entropy, lambda x, t, weight: FF.focal_loss(x, t, weight=weight)):
+            with pytest.raises(RuntimeError, match=msg):
+                call(x, t, weight=w)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        x16 = x.to(torch.bfloat16)
+        w = torch.rand(5, device=device)
+        with ran(backend):
+            actual = FF.cross_entropy(x16, t, weight=w)
+        assert_close(actual, F.cross_entropy(x16, t, weight=w), torch.float32, "autocast, float32 weight")
+        for call in (F.cross_entropy, FF.cross_entropy):
+            with pytest.raises(RuntimeError, match="expected scalar type Float but found Double"):
+                call(x16, t, weight=w.double())
 
 
 # --------------------------------------------------------------------------------------------

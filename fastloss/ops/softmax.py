@@ -389,6 +389,9 @@ def _setup_context(ctx, inputs, output):
     grad_input, grad_target = inputs[14:16]
     ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     ctx.reduction = inputs[11]
+    # torch's backward rejects a (1,) class-index target of a (C,) input (its forward takes it)
+    ctx.one_element_target = (inputs[4] == "cross_entropy" and input.dim() == 1 and target.dim() == 1
+                              and not target.is_floating_point())
     # the logits are kept for a second backward (retain_graph) unless they were overwritten: with
     # inplace_backward on a contiguous input in eager mode (never by the custom op)
     overwritten = grad_input and output[1] is input
@@ -410,6 +413,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, forward, backward, scale_grad, inplace):
+    if ctx.one_element_target:
+        raise RuntimeError(f"size mismatch (got input: [{ctx.n_cols}], target: [1])")
     stored, ctx.grads = ctx.grads, None
     input, target, weight, alpha_weight = ctx.saved_tensors
     kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction = ctx.args[:8]
