@@ -349,7 +349,10 @@ def cross_entropy(
 
     - ``z_loss``: adds ``z_loss * lse**2`` per row (PaLM), lse the row's log-sum-exp; weighted by
       ``weight[target]`` like the cross-entropy term and 0 on ignored rows (whatever their logits),
-      so "mean" divides both terms by the same sum of target weights.
+      so "mean" divides both terms by the same sum of target weights. Liger-Kernel leaves its z
+      term unweighted and divides it by the number of non-ignored rows while dividing the
+      cross-entropy term by the sum of target weights; fastloss weights both, so that "mean" has
+      one denominator and stays torch's weighted average of per-row losses.
     - ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
     - ``inplace_backward``: on the Triton path the gradient is written into the logits' own memory
       (saving one logits-sized buffer): the logits tensor is overwritten after the call, so only
