@@ -258,8 +258,16 @@ def _type_name(dtype: torch.dtype) -> str:
     return _TYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def _autocast_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast gives ``t`` for cross-entropy (which it runs in float32: floating tensors
+    below float64 become float32), or t's own dtype when autocast is off."""
+    if torch.is_autocast_enabled(t.device.type) and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.float32
+    return t.dtype
+
+
 def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tensor | None,
-                          allow_probabilities: bool) -> bool:
+                          allow_probabilities: bool, reduction: str) -> bool:
     """torch.nn's checks for a loss over a class dimension (dim 1, or dim 0 of a 1-D input).
     Returns whether ``target`` holds class probabilities (floating, the input's shape)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
@@ -299,6 +307,16 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
             raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    # torch's nll_loss kernels take a class weight of the input's dtype only (probability targets
+    # multiply by it and promote instead)
+    if weight is not None and _autocast_dtype(weight) != _autocast_dtype(input):
+        raise RuntimeError(f"expected scalar type {_type_name(_autocast_dtype(input))} but found "
+                           f"{_type_name(_autocast_dtype(weight))}")
+    # and (N, C, d1, ...) inputs take int64 targets only (torch's nll_loss2d; an empty batch
+    # reduced to a scalar returns before its check)
+    if (input.dim() >= 3 and target.dtype == torch.uint8
+            and not (target.numel() == 0 and reduction != "none")):
+        raise RuntimeError("expected scalar type Long but found Byte")
     return False
 
 
@@ -330,8 +348,11 @@ def cross_entropy(
     with keyword-only extensions:
 
     - ``z_loss``: adds ``z_loss * lse**2`` per row (PaLM), lse the row's log-sum-exp; weighted by
-      ``weight[target]`` like the cross-entropy term and 0 on ignored rows, so "mean" divides both
-      terms by the same sum of target weights.
+      ``weight[target]`` like the cross-entropy term and 0 on ignored rows (whatever their logits),
+      so "mean" divides both terms by the same sum of target weights. Liger-Kernel leaves its z
+      term unweighted and divides it by the number of non-ignored rows while dividing the
+      cross-entropy term by the sum of target weights; fastloss weights both, so that "mean" has
+      one denominator and stays torch's weighted average of per-row losses.
     - ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before the softmax (Gemma 2).
     - ``inplace_backward``: on the Triton path the gradient is written into the logits' own memory
       (saving one logits-sized buffer): the logits tensor is overwritten after the call, so only
@@ -343,13 +364,22 @@ def cross_entropy(
     NaN loss and gradient instead of an out-of-bounds access.
     """
     reduction = _reduction_arg(size_average, reduce, reduction)
-    if label_smoothing < 0.0 or label_smoothing > 1.0:
+    # torch checks the upper bound only, and smooths only when label_smoothing > 0: a negative or
+    # NaN value means no smoothing
+    if label_smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not label_smoothing > 0.0:
+        label_smoothing = 0.0
     if not z_loss >= 0.0:
         raise ValueError(f"cross_entropy(): z_loss must be non-negative, got {z_loss}")
     if softcap is not None and not softcap > 0.0:
         raise ValueError(f"cross_entropy(): softcap must be positive or None, got {softcap}")
-    prob = _check_class_operands("cross_entropy", input, target, weight, allow_probabilities=True)
+    prob = _check_class_operands("cross_entropy", input, target, weight, allow_probabilities=True,
+                                 reduction=reduction)
+    if input.dim() == 1 and target.dim() == 1 and not prob and label_smoothing > 0.0:
+        # torch's smoothing term of a (C,) input with a (1,) target (its backward rejects the
+        # target in any case: both backends raise there too)
+        raise RuntimeError("output with shape [] doesn't match the broadcast shape [1]")
     if prob and ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
     if prob and target.dtype != input.dtype:  # torch computes in the promoted dtype
@@ -394,7 +424,8 @@ def focal_loss(
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not gamma >= 0:
         raise ValueError(f"focal_loss(): gamma must be non-negative, got {gamma}")
-    _check_class_operands("focal_loss", input, target, weight, allow_probabilities=False)
+    _check_class_operands("focal_loss", input, target, weight, allow_probabilities=False,
+                          reduction=reduction)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
     if isinstance(alpha, Tensor) and (alpha.dim() != 1 or alpha.numel() != n_classes):
         raise ValueError(f"focal_loss(): a tensor alpha must have one value per class ({n_classes}), "

@@ -112,7 +112,11 @@ class CrossEntropyLoss(NotScriptable, nn.CrossEntropyLoss):
     reduce=None, reduction="mean", label_smoothing=0.0), with keyword-only extensions:
 
     Args:
-        z_loss: coefficient of ``lse**2`` added per row (PaLM's z-loss); 0 disables it.
+        z_loss: coefficient of ``lse**2`` added per row (PaLM's z-loss); 0 disables it. With
+            ``weight`` the z term of a row is multiplied by ``weight[target]`` like its
+            cross-entropy term, so "mean" divides both terms by the same sum of target weights
+            (Liger-Kernel leaves the z term unweighted and divides it by the number of
+            non-ignored rows instead: two denominators).
         softcap: when set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         inplace_backward: when True (Triton path, eager mode) the gradient is written into the
             logits' memory, saving one logits-sized buffer; the logits are overwritten, so use it

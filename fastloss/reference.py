@@ -10,6 +10,8 @@ operand dtype, which is never less accurate than torch.nn in that dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -157,8 +159,8 @@ def cross_entropy(
     softcap: float | None = None,
 ) -> Tensor:
     """torch.nn.functional.cross_entropy on ``softcap * tanh(input / softcap)`` (when softcap is
-    set), plus ``z_loss * w_t * lse**2`` per row (w_t = weight[target], 1 without weight, 0 on
-    ignored rows; 1 for probability targets), lse the log-sum-exp of the row. "mean" divides both
+    set), plus ``z_loss * w_t * lse**2`` per row (w_t = weight[target], 1 without weight; 1 for
+    probability targets; ignored rows add 0), lse the log-sum-exp of the row. "mean" divides both
     terms by torch's denominator: the sum of w_t (class indices) or the number of rows
     (probabilities). Input (C,), (N, C) or (N, C, d1, ...), class dimension 1."""
     x, w = _upcast(input, weight)
@@ -167,8 +169,6 @@ def cross_entropy(
         w = w.to(x.dtype)
     if target.is_floating_point():
         target = target.to(x.dtype)
-    elif x.dim() == 1:
-        target = target.reshape(())  # a (1,) target, which torch's backward rejects
     if z_loss == 0.0:
         out = torch.nn.functional.cross_entropy(
             x, target, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
@@ -180,9 +180,13 @@ def cross_entropy(
     lse = torch.logsumexp(x, dim=_class_dim(x))
     if target.is_floating_point():
         w_t = torch.ones_like(lse)
+        z = z_loss * lse * lse
     else:
+        target = target.reshape(lse.shape)  # a (1,) target of a (C,) input (ce keeps torch's shape)
         w_t = _target_weight(target, w, ignore_index, x.dtype)
-    loss = ce + z_loss * w_t * lse * lse
+        # ignored rows add 0 whatever their logits (w_t lse^2 would be 0 * inf = NaN for inf logits)
+        z = torch.where(target != ignore_index, z_loss * w_t * lse * lse, 0.0)
+    loss = ce + z
     if reduction == "mean":
         return (loss.sum() / w_t.sum()).to(input.dtype)
     return _reduce(loss, reduction, input.dtype)
@@ -209,9 +213,13 @@ def focal_loss(
     valid = target != ignore_index
     safe = torch.where(valid, target, 0).long()
     logp_t = torch.log_softmax(x, dim).gather(dim, safe.unsqueeze(dim)).squeeze(dim)
-    # 1 - p_t without cancellation; clamped so that d(q**gamma)/dq stays finite for 0 < gamma < 1
-    # (its factor dq/dlogits vanishes there, so the clamp changes nothing but 0 * inf)
-    q = (-torch.expm1(logp_t)).clamp_min(torch.finfo(x.dtype).tiny)
+    # q = 1 - p_t, and its derivative -p_t, without cancellation: -expm1(log p_t) where p_t >= 1/2
+    # (autograd's derivative there, -(expm1 + 1), cancels for p_t -> 0), 1 - exp(log p_t) where
+    # p_t < 1/2 (exact enough there, derivative -exp(log p_t)). Clamped so that d(q**gamma)/dq stays
+    # finite for 0 < gamma < 1 (its factor dq/dlogits vanishes there, so the clamp changes nothing
+    # but 0 * inf)
+    q = torch.where(logp_t >= -math.log(2.0), -torch.expm1(logp_t), 1.0 - torch.exp(logp_t))
+    q = q.clamp_min(torch.finfo(x.dtype).tiny)
     a_t = alpha if a is None else a.to(x.dtype)[safe]
     loss = -a_t * q**gamma * logp_t
     w_t = _target_weight(target, w, ignore_index, x.dtype)

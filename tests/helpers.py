@@ -26,7 +26,7 @@ HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 KERNELS = (
     "pointwise_fwd_kernel", "pointwise_bwd_kernel", "scale_grad_kernel",
-    "cross_entropy_fwd_kernel", "cross_entropy_denom_kernel",
+    "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel", "cross_entropy_denom_kernel",
     "contrastive_fwd_kernel", "contrastive_bwd_kernel", "triplet_fwd_kernel", "triplet_bwd_kernel",
     "info_nce_fwd_kernel", "info_nce_chunk_kernel",
 )

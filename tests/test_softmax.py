@@ -20,6 +20,7 @@ from fastloss.ops import _utils
 from fastloss.ops import softmax as ops_softmax
 
 FWD = "cross_entropy_fwd_kernel"
+BWD = "cross_entropy_bwd_kernel"
 DENOM = "cross_entropy_denom_kernel"
 SCALE = "scale_grad_kernel"
 F64 = torch.float64
@@ -190,18 +191,32 @@ def test_empty_batch(device, backend):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_1d_input_with_0d_or_1_element_target(reduction, device, backend):
-    """torch allows a (1,) target for a (C,) input; the "none" loss is 0-d either way (the oracle
-    takes the 0-d target: torch's own backward rejects the (1,) one)."""
+    """torch's forward takes a (1,) target for a (C,) input (a 0-d "none" loss either way) but its
+    backward rejects it, and so does its label smoothing: fastloss's cross_entropy does the same on
+    both backends. focal_loss (no torch counterpart) takes the (1,) target as the 0-d one."""
     x = logits((6,), device=device)
     expected = loss_and_grads(F.cross_entropy, x, torch.tensor(4, device=device), reduction=reduction)
-    for t in (torch.tensor(4, device=device), torch.tensor([4], device=device)):
-        assert F.cross_entropy(x, t, reduction=reduction).shape == ()
+    with ran(backend):
+        actual = loss_and_grads(FF.cross_entropy, x, torch.tensor(4, device=device), reduction=reduction)
+    check(actual, expected, F64, "0-d target")
+    t = torch.tensor([4], device=device)
+    assert F.cross_entropy(x, t, reduction=reduction).shape == ()
+    with ran(backend):
+        loss = FF.cross_entropy(x, t, reduction=reduction)
+    assert_close(loss, expected[0], F64, "(1,) target, forward")
+    for kw in ({}, {"z_loss": ZL}):
+        xg = x.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=r"size mismatch \(got input: \[6\], target: \[1\]\)"):
+            torch.autograd.grad(F.cross_entropy(xg, t, reduction=reduction), xg)
+        with pytest.raises(RuntimeError, match=r"size mismatch \(got input: \[6\], target: \[1\]\)"):
+            torch.autograd.grad(FF.cross_entropy(xg, t, reduction=reduction, **kw), xg)
+    for call in (F.cross_entropy, FF.cross_entropy):
+        with pytest.raises(RuntimeError, match=r"output with shape \[\] doesn't match the broadcast shape \[1\]"):
+            call(x, t, reduction=reduction, label_smoothing=0.1)
+    for target in (torch.tensor(4, device=device), t):
         with ran(backend):
-            actual = loss_and_grads(FF.cross_entropy, x, t, reduction=reduction)
-        check(actual, expected, F64, f"{tuple(t.shape)}")
-        with ran(backend):
-            focal = loss_and_grads(FF.focal_loss, x, t, gamma=0.0, reduction=reduction)
-        check(focal, actual, F64, f"focal {tuple(t.shape)}")
+            focal = loss_and_grads(FF.focal_loss, x, target, gamma=0.0, reduction=reduction)
+        check(focal, expected, F64, f"focal {tuple(target.shape)}")
 
 
 @pytest.mark.parametrize(("x_dtype", "y_dtype"), [(torch.float32, F64), (torch.float16, torch.float32)], ids=str)
@@ -276,6 +291,138 @@ def test_autocast_gives_float32(device, backend):
     assert torch_result.dtype == actual.dtype == focal.dtype == torch.float32
     # torch's CUDA autocast rounds log_softmax to bfloat16 first: compare with the exact value
     assert_close(actual, F.cross_entropy(x.double(), t).float(), torch.float32, "autocast")
+
+
+def focal_composition(x, t, alpha=1.0, gamma=2.0, reduction="mean"):
+    """The classic focal composition on torch.nn's per-sample cross-entropy, any reduction."""
+    ce = F.cross_entropy(x, t, reduction="none")
+    loss = alpha * (1 - torch.exp(-ce)) ** gamma * ce
+    return loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
+
+
+def assert_rounded_once(actual, exact, msg, subnormal_steps=0.5):
+    """Every element of the 16-bit ``actual`` is ``exact`` rounded once to its dtype: within half a
+    unit in the last place (the fp32 arithmetic before that rounding adds far less than 2**-16);
+    ``subnormal_steps`` units where the exact value is subnormal."""
+    finfo = torch.finfo(actual.dtype)
+    e = exact.double()
+    ulp = torch.exp2(torch.floor(torch.log2(e.abs().clamp_min(finfo.smallest_normal)))) * finfo.eps
+    steps = torch.where(e.abs() < finfo.smallest_normal, subnormal_steps, 0.5)
+    err = (actual.double() - e).abs()
+    bad = err > steps * ulp + 2.0**-16 * e.abs()
+    assert not bad.any(), (f"{msg}: {int(bad.sum())} elements are not the exact value rounded once, "
+                           f"e.g. {actual[bad][:3].tolist()} for {e[bad][:3].tolist()}")
+
+
+#: Triton's interpreter truncates float32 -> bfloat16 stores: "rounded once" is checked where stores
+#: round to nearest (float16 everywhere, bfloat16 on CUDA).
+def _rounds_to_nearest(dtype, device):
+    return dtype == torch.float16 or device == "cuda"
+
+
+HALF_LOSSES = {
+    "cross_entropy": (FF.cross_entropy, F.cross_entropy),
+    "focal": (lambda x, t, **kw: FF.focal_loss(x, t, 0.25, 2.0, **kw),
+              lambda x, t, **kw: focal_composition(x, t, 0.25, 2.0, **kw)),
+}
+
+
+@pytest.mark.parametrize("kind", list(HALF_LOSSES))
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
+def test_half_precision_gradient_rounded_once(dtype, reduction, kind, device, triton_backend):
+    """16-bit logits, grad_output != 1 (per row for "none", 0.3 for reduced losses): grad_output
+    enters the gradient in fp32 before its one rounding (the backward kernel recomputes the rows)
+    instead of scaling a stored 16-bit gradient, which rounds twice."""
+    ours, theirs = HALF_LOSSES[kind]
+    x = logits((64, 1000), F64, device, scale=3.0).to(dtype)
+    t = class_targets((64,), 1000, device, ignore=False)
+    if reduction == "none":
+        go = torch.rand(64, generator=torch.Generator().manual_seed(3), dtype=F64) * 3
+    else:
+        go = torch.tensor(0.3, dtype=F64)
+    go = go.to(device=device, dtype=dtype)
+    with launched(FWD, BWD):
+        _, (grad,) = loss_and_grads(ours, x, t, go, reduction=reduction)
+    _, (grad_t,) = loss_and_grads(theirs, x, t, go, reduction=reduction)
+    _, (grad_e,) = loss_and_grads(theirs, x.double(), t, go.double(), reduction=reduction)
+    assert grad.dtype == dtype
+    assert_no_less_accurate(grad, grad_t, grad_e, f"{kind} {reduction} {dtype}")
+    if _rounds_to_nearest(dtype, device):
+        assert_rounded_once(grad, grad_e, f"{kind} {reduction} {dtype}")
+
+
+@pytest.mark.parametrize("grad_output", [1.0, 0.25, 0.3, 4096.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_precision_reduced_loss_grad_output(reduction, grad_output, device, triton_backend):
+    """A reduced float16 loss keeps the forward's gradient for grad_output 1 and 2**-k (scaled
+    exactly on device) and recomputes it otherwise; a loss scale such as 4096 included: many softmax
+    gradients are below float16's smallest normal (6.1e-5), stored with fewer bits, which scaling
+    up would magnify. grad_output 2**-k may put a product in the subnormal range: one step (2**-24)
+    of slack there."""
+    x = logits((64, 1000), F64, device, scale=3.0).half()
+    t = class_targets((64,), 1000, device)
+    go = torch.tensor(grad_output, dtype=torch.float16, device=device)
+    with launched(FWD, BWD):
+        _, (grad,) = loss_and_grads(FF.cross_entropy, x, t, go, reduction=reduction)
+    _, (grad_t,) = loss_and_grads(F.cross_entropy, x, t, go, reduction=reduction)
+    _, (grad_e,) = loss_and_grads(F.cross_entropy, x.double(), t, go.double(), reduction=reduction)
+    assert_no_less_accurate(grad, grad_t, grad_e, f"{reduction} x {grad_output}")
+    assert_rounded_once(grad, grad_e, f"{reduction} x {grad_output}",
+                        subnormal_steps=1.0 if grad_output == 0.25 else 0.5)
+
+
+def test_half_precision_second_backward_rounds_once(device, triton_backend):
+    """retain_graph: a second backward recomputes the float16 gradient with its own grad_output."""
+    x = logits((16, 300), F64, device, scale=3.0).half().requires_grad_()
+    t = class_targets((16,), 300, device)
+    for reduction, gos in (("mean", (0.3, 3.0)), ("none", (torch.full((16,), 0.7), torch.full((16,), 5.0)))):
+        with launched(FWD):
+            loss = FF.cross_entropy(x, t, reduction=reduction)
+        for i, go in enumerate(gos):
+            go = torch.as_tensor(go, dtype=torch.float16, device=device)
+            with launched(BWD):
+                (grad,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+            _, (grad_e,) = loss_and_grads(F.cross_entropy, x.detach().double(), t, go.double(), reduction=reduction)
+            assert_rounded_once(grad, grad_e, f"{reduction} backward {i}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_half_precision_inplace_backward_scales_the_stored_gradient(reduction, device, triton_backend):
+    """inplace_backward=True overwrites the logits, so backward scales the stored gradient (rounding
+    twice, within the dtype's tolerance) instead of recomputing it."""
+    x0, t = logits((8, 40), torch.float16, device), class_targets((8,), 40, device)
+    go = torch.full((8,), 0.3) if reduction == "none" else torch.tensor(0.3)
+    go = go.to(device=device, dtype=torch.float16)
+    h = x0.clone().requires_grad_()
+    out = h * 1.0  # a non-leaf buffer, as a model's output
+    with launched(FWD):
+        loss = FF.cross_entropy(out, t, reduction=reduction, inplace_backward=True)
+    before = _utils.launch_counts[BWD]
+    with launched(SCALE) if reduction != "none" else contextlib.nullcontext():
+        loss.backward(go)
+    assert _utils.launch_counts[BWD] == before
+    _, (grad_e,) = loss_and_grads(F.cross_entropy, x0.double(), t, go.double(), reduction=reduction)
+    assert_close(h.grad, grad_e.half(), torch.float16, "inplace fp16 grad")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_compile_half_precision_backward(reduction, device):
+    """torch.compile(fullgraph=True) traces the 16-bit backward's custom op too."""
+    torch._dynamo.reset()
+    x0 = logits((6, 11), torch.bfloat16, device)
+    t = class_targets((6,), 11, device)
+    go = torch.linspace(0.5, 3.0, 6) if reduction == "none" else torch.tensor(0.3)
+    go = go.to(device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda x: FF.cross_entropy(x, t, reduction=reduction, label_smoothing=EPS),
+                             fullgraph=True)
+    _, (grad_e,) = loss_and_grads(F.cross_entropy, x0.double(), t, go.double(), reduction=reduction,
+                                  label_smoothing=EPS)
+    with fastloss.use_backend("triton"), launched(FWD, BWD):
+        x = x0.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(compiled(x), x, go)
+    assert_close(grad, grad_e.to(torch.bfloat16), torch.bfloat16, "compiled bf16 grad")
+    torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +550,107 @@ def test_second_backward_recomputes(device, triton_backend):
     assert_close(g2, 2 * g1, F64, "second backward")
 
 
+def test_float64_scalars_reach_the_kernel_in_float64(device, triton_backend):
+    """label_smoothing, z_loss, softcap, focal alpha and gamma that float32 cannot hold: float64
+    logits get float64 results (parameters passed as float32 are off by ~1e-8 relatively)."""
+    x, t = logits((6, 7), device=device), class_targets((6,), 7, device)
+    exact = {"rtol": 1e-14, "atol": 1e-15}
+    for reduction in ("mean", "none"):
+        with launched(FWD):
+            actual = loss_and_grads(FF.cross_entropy, x, t, label_smoothing=0.1, reduction=reduction)
+        expected = loss_and_grads(F.cross_entropy, x, t, label_smoothing=0.1, reduction=reduction)
+        torch.testing.assert_close(actual, expected, **exact, msg=lambda m: f"label_smoothing 0.1\n{m}")
+        kw = {"z_loss": 1e-3, "softcap": 3.3, "reduction": reduction}
+        with launched(FWD):
+            actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        expected = loss_and_grads(naive_cross_entropy, x, t, **kw)
+        torch.testing.assert_close(actual, expected, **exact, msg=lambda m: f"z_loss, softcap\n{m}")
+    t = class_targets((6,), 7, device, ignore=False)  # the composition has no ignore_index
+    for alpha, gamma in ((0.3, 2.0), (1.0, 1.7)):
+        with launched(FWD):
+            actual = loss_and_grads(FF.focal_loss, x, t, alpha=alpha, gamma=gamma)
+        expected = loss_and_grads(focal_composition, x, t, alpha=alpha, gamma=gamma)
+        torch.testing.assert_close(actual, expected, **exact)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_z_loss_ignored_row_with_inf_logits_adds_zero(reduction, device, backend):
+    """An ignored row adds 0 to the z-loss too, whatever its logits (w_t lse**2 = 0 * inf = NaN)."""
+    x = logits((4, 6), device=device)
+    t = torch.tensor([1, -100, 3, -100], device=device)
+    x[1, 2] = math.inf
+    x[3] = -math.inf
+    clean = torch.where(t[:, None] == -100, 0.0, x)  # the same loss by definition
+    expected = loss_and_grads(naive_cross_entropy, clean, t, z_loss=ZL, reduction=reduction)
+    with ran(backend):
+        loss, (grad,) = loss_and_grads(FF.cross_entropy, x, t, z_loss=ZL, reduction=reduction)
+    assert_close(loss, expected[0], F64, "loss")
+    kept = t != -100  # (torch's own cross-entropy gradient of an inf row is NaN)
+    assert_close(grad[kept], expected[1][0][kept], F64, "gradient of the other rows")
+
+
+@pytest.mark.parametrize("label_smoothing", [-0.1, -1.0, math.nan])
+@pytest.mark.parametrize("prob", [False, True], ids=["indices", "probabilities"])
+def test_label_smoothing_not_positive_is_none_as_in_torch(label_smoothing, prob, device, backend):
+    """torch checks only label_smoothing <= 1 and smooths only when it is > 0."""
+    x = logits((5, 7), device=device)
+    t = prob_targets((5, 7), device) if prob else class_targets((5,), 7, device)
+    for reduction in ("mean", "none"):
+        kw = {"label_smoothing": label_smoothing, "reduction": reduction}
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t, **kw)
+        expected = loss_and_grads(F.cross_entropy, x, t, **kw)
+        check(actual, expected, F64, f"label_smoothing={label_smoothing}")
+        check(expected, loss_and_grads(F.cross_entropy, x, t, reduction=reduction), F64, "torch: none")
+
+
+def test_uint8_targets_as_torch(device, backend):
+    """torch takes uint8 class indices for (C,) and (N, C) inputs only (its nll_loss2d, which
+    (N, C, d1, ...) inputs use, wants int64; an empty batch reduced to a scalar returns before)."""
+    for x in (logits((7,), device=device), logits((5, 7), device=device)):
+        t = class_targets(target_shape(tuple(x.shape)), 7, device, ignore=False).to(torch.uint8)
+        with ran(backend):
+            actual = loss_and_grads(FF.cross_entropy, x, t)
+        check(actual, loss_and_grads(F.cross_entropy, x, t), F64, f"uint8 {tuple(x.shape)}")
+        with ran(backend):
+            focal = loss_and_grads(FF.focal_loss, x, t, gamma=0.0)
+        check(focal, actual, F64, f"focal uint8 {tuple(x.shape)}")
+    for shape in ((2, 7, 3), (1, 7, 1), (0, 7, 3)):
+        x = logits(shape, device=device)
+        t = torch.zeros(target_shape(shape), dtype=torch.uint8, device=device)
+        for call in (F.cross_entropy, FF.cross_entropy, FF.focal_loss):
+            with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+                call(x, t, reduction="none")
+            if shape[0]:
+                with pytest.raises(RuntimeError, match="expected scalar type Long but found Byte"):
+                    call(x, t)
+    x, t = logits((0, 7, 3), device=device), torch.zeros(0, 3, dtype=torch.uint8, device=device)
+    for reduction in ("mean", "sum"):
+        assert_close(FF.cross_entropy(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction),
+                     F64, f"empty uint8 {reduction}")
+
+
+def test_class_weight_of_another_dtype_raises_as_torch(device, backend):
+    """torch's class-index cross-entropy takes a weight of the input's dtype only (under autocast:
+    both as cast to float32); probability targets promote instead."""
+    x, t = logits((3, 5), torch.float32, device), class_targets((3,), 5, device)
+    for w_dtype, msg in ((F64, "expected scalar type Float but found Double"),
+                         (torch.float16, "expected scalar type Float but found Half")):
+        w = torch.rand(5, device=device).to(w_dtype)
+        for call in (F.cross_entropy, FF.cross_entropy, lambda x, t, weight: FF.focal_loss(x, t, weight=weight)):
+            with pytest.raises(RuntimeError, match=msg):
+                call(x, t, weight=w)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        x16 = x.to(torch.bfloat16)
+        w = torch.rand(5, device=device)
+        with ran(backend):
+            actual = FF.cross_entropy(x16, t, weight=w)
+        assert_close(actual, F.cross_entropy(x16, t, weight=w), torch.float32, "autocast, float32 weight")
+        for call in (F.cross_entropy, FF.cross_entropy):
+            with pytest.raises(RuntimeError, match="expected scalar type Float but found Double"):
+                call(x16, t, weight=w.double())
+
+
 # --------------------------------------------------------------------------------------------
 # focal loss
 # --------------------------------------------------------------------------------------------
@@ -487,6 +735,26 @@ def test_focal_ignore_index_and_weight(device, backend):
     terms = -w[t[valid]] * (1 - logp_t.exp()) ** 2 * logp_t
     assert_close(loss, terms.sum() / w[t[valid]].sum(), F64, "weighted focal")
     assert (grad[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_focal_confident_rows_no_less_accurate_than_torch(gamma, device, backend):
+    """Confidently wrong (p_t -> 0) and confidently right (p_t -> 1) float32 rows, one at a time:
+    fastloss's focal loss and gradient are no less accurate than torch's composition in float32,
+    against float64 (p_t, 1 - p_t and the target column's gradient each without cancellation)."""
+    margins = [-30, -20, -14, -10, -7, -4, -2, 2, 4, 7, 10, 14]
+    x = torch.randn(len(margins), 5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    t = torch.arange(len(margins)) % 5
+    for i, margin in enumerate(margins):  # the target logit that far above the others, or below
+        x[i, t[i]] = (x[i].max() if margin > 0 else x[i].min()) + margin
+    x, t = x.float().to(device), t.to(device)
+    with ran(backend):
+        loss, (grad,) = loss_and_grads(FF.focal_loss, x, t, gamma=gamma, reduction="none")
+    loss_t, (grad_t,) = loss_and_grads(focal_composition, x, t, gamma=gamma, reduction="none")
+    exact, (grad_e,) = loss_and_grads(focal_composition, x.double(), t, gamma=gamma, reduction="none")
+    for i, margin in enumerate(margins):
+        assert_no_less_accurate(loss[i:i + 1], loss_t[i:i + 1], exact[i:i + 1], f"margin {margin} loss")
+        assert_no_less_accurate(grad[i], grad_t[i], grad_e[i], f"margin {margin} grad")
 
 
 # --------------------------------------------------------------------------------------------

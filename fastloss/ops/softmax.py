@@ -7,6 +7,15 @@ reduced loss they are already divided by the "mean" denominator, which a one-pro
 computes on device first (no host sync); backward only scales them by ``grad_output`` in place, a
 no-op on device when it is 1. For ``reduction="none"`` backward multiplies each row by its
 ``grad_output``.
+
+16-bit logits: scaling a stored 16-bit gradient would round it twice, so ``_bwd`` (custom op
+``softmax_loss_bwd_``, kernel cross_entropy_bwd_kernel) applies grad_output in fp32 before the one
+rounding. For ``reduction="none"`` the forward makes no gradient and backward computes it from the
+saved logits. For a reduced loss backward scales the stored gradient when grad_output is 0 or
+2**-k, k >= 0 (exact: 1 costs nothing, loss / 2**k one pass over the gradient) and recomputes it
+from the logits otherwise (a loss scale 2**16 included: float16 gradients stored below 6.1e-5 kept
+fewer bits), a branch taken on device (no host sync). With ``inplace_backward=True`` the logits are
+gone: the stored gradient is scaled as for fp32 (rounded twice where grad_output is not exact).
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ LOOP_BLOCK_16BIT_LONG = 4096
 ROW_TILE = 2048
 #: Column offsets at or past this need int64 arithmetic in the kernel.
 INT32_OFFSET_LIMIT = 2**31
+#: Logits dtypes whose gradient backward computes with grad_output applied before rounding.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
@@ -118,6 +129,12 @@ def _may_overwrite(input: Tensor) -> bool:
     return input.is_contiguous() and not (base.is_leaf and base.requires_grad)
 
 
+def _grads_in_forward(dtype: torch.dtype, reduction: str) -> bool:
+    """Whether the forward makes the gradients (when asked): not for reduction="none" on 16-bit
+    logits, whose backward computes them with the per-row grad_output applied before rounding."""
+    return reduction != "none" or dtype not in HALF_DTYPES
+
+
 def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
     """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
     bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
@@ -133,6 +150,40 @@ def _quiet_interpreter(device: torch.device):
     import numpy
 
     return numpy.errstate(all="ignore")
+
+
+def _launch_meta(x: Tensor, g3: Tensor | None, y: Tensor, gt: Tensor | None, prob: bool,
+                 n_cols: int) -> tuple[int, tuple, dict]:
+    """(grid size, stride arguments, compile-time arguments) of the row kernels for (N, C, D) logits
+    ``x``, gradient ``g3`` (None when not written), targets ``y`` and target gradient ``gt``."""
+    n_rows = x.shape[0] * x.shape[2]
+    y_strides = y.stride() if prob else (0, 0, 0)
+    rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
+    row_align = _row_align(x.shape[2], n_cols, x.stride(), *([g3.stride()] if g3 is not None else []),
+                           *([y_strides] if prob else []))
+    strides = (*x.stride(), *(g3.stride() if g3 is not None else (0, 0, 0)), *y_strides)
+    meta = {
+        "SINGLE_PASS": single,
+        "COLS_I64": _cols_need_int64(n_cols, x.stride(1), g3.stride(1) if g3 is not None else 0,
+                                     y_strides[1], x.shape[2] if gt is not None else 0),
+        "ROW_ALIGN": row_align, "PEEL": _peel(single, x.shape[2], row_align, x, g3),
+        "BLOCK_ROWS": rows, "BLOCK_SIZE": block, "num_warps": warps,
+    }
+    return cdiv(n_rows, rows), strides, meta
+
+
+def _options(kind: str, prob: bool, weight: Tensor | None, alpha_weight: Tensor | None,
+             label_smoothing: float, z_loss: float, softcap: float, reduction: str,
+             acc: torch.dtype) -> dict:
+    """The compile-time switches of the row kernels that follow from the loss's options."""
+    _, tl_dtype = _kernels()
+    return {
+        "FOCAL": kind == "focal", "PROB_TARGET": prob, "HAS_WEIGHT": weight is not None,
+        "HAS_ALPHA": alpha_weight is not None, "HAS_SMOOTHING": label_smoothing != 0.0,
+        "HAS_Z_LOSS": z_loss != 0.0, "HAS_SOFTCAP": softcap != 0.0,
+        "SCALE_BY_DENOM": reduction == "mean" and not prob,
+        "MEAN_OVER_ROWS": reduction == "mean" and prob, "ACC_DTYPE": tl_dtype[acc],
+    }
 
 
 def _fwd(
@@ -152,14 +203,15 @@ def _fwd(
     inplace: bool,
     grad_input: bool,
     grad_target: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss, d(loss)/d(input) and d(loss)/d(target) (each gradient empty when not asked).
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss, d(loss)/d(input), d(loss)/d(target) and the "mean" denominator (each gradient empty when
+    not asked or left to backward, see _grads_in_forward; the denominator empty unless used).
 
     ``input`` is (C,), (N, C) or (N, C, d1, ...); ``target`` class indices of the input's shape
     without the class dimension, or probabilities of the input's shape. With ``inplace`` the input
     gradient is written into ``input`` itself when its layout allows.
     """
-    k, tl_dtype = _kernels()
+    k, _ = _kernels()
     prob = target.is_floating_point()
     n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     if not prob and input.device.type == "cpu":
@@ -170,7 +222,10 @@ def _fwd(
     out_dtype = torch.float32 if out_float32 else input.dtype
     reduce = reduction != "none"
 
-    if grad_input and inplace and _may_overwrite(input):
+    overwrite = grad_input and inplace and _may_overwrite(input)
+    if not (overwrite or _grads_in_forward(input.dtype, reduction)):
+        grad_input = grad_target = False  # backward computes them
+    if overwrite:
         gi, g3 = input, x  # x is a view of input
     elif grad_input:
         gi = empty(input.shape, input.dtype, input.device)
@@ -178,43 +233,28 @@ def _fwd(
     else:
         gi = g3 = input.new_empty(0)
     gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
-    if prob:
-        y = _rows_view(target, n_cols)
-        y_strides = y.stride()
-    else:
-        y = target.reshape(-1).contiguous()
-        y_strides = (0, 0, 0)
+    y = _rows_view(target, n_cols) if prob else target.reshape(-1).contiguous()
     loss = empty((n_rows,), acc if reduce else out_dtype, input.device)
 
-    scale_by_denom = reduction == "mean" and not prob
-    denom = empty((), acc, input.device) if scale_by_denom else loss
+    options = _options(kind, prob, weight, alpha_weight, label_smoothing, z_loss, softcap, reduction, acc)
+    denom = empty((), acc, input.device) if options["SCALE_BY_DENOM"] else input.new_empty(0, dtype=acc)
     w = weight.contiguous() if weight is not None else x
     a = alpha_weight.contiguous() if alpha_weight is not None else x
     if n_rows > 0:
         with _quiet_interpreter(input.device):
-            if scale_by_denom:
+            if options["SCALE_BY_DENOM"]:
                 k.cross_entropy_denom_kernel[(1,)](
                     y, w, denom, n_rows, n_cols, ignore_index,
-                    HAS_WEIGHT=weight is not None, ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=4096, num_warps=8,
+                    HAS_WEIGHT=weight is not None, ACC_DTYPE=options["ACC_DTYPE"], BLOCK_SIZE=4096, num_warps=8,
                 )
                 count_launch("cross_entropy_denom_kernel")
-            rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
-            row_align = _row_align(x.shape[2], n_cols, x.stride(), *([g3.stride()] if grad_input else []),
-                                   *([y_strides] if prob else []))
-            k.cross_entropy_fwd_kernel[(cdiv(n_rows, rows),)](
-                x, y, w, a, loss, g3, gt, denom,
-                n_rows, n_cols, x.shape[2],
-                *x.stride(), *(g3.stride() if grad_input else (0, 0, 0)), *y_strides,
-                ignore_index, label_smoothing, z_loss, softcap, alpha, gamma,
-                FOCAL=kind == "focal", PROB_TARGET=prob, HAS_WEIGHT=weight is not None,
-                HAS_ALPHA=alpha_weight is not None, HAS_SMOOTHING=label_smoothing != 0.0,
-                HAS_Z_LOSS=z_loss != 0.0, HAS_SOFTCAP=softcap != 0.0, SCALE_BY_DENOM=scale_by_denom,
-                MEAN_OVER_ROWS=reduction == "mean" and prob,
-                GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SINGLE_PASS=single,
-                COLS_I64=_cols_need_int64(n_cols, x.stride(1), g3.stride(1) if grad_input else 0,
-                                          y_strides[1], x.shape[2] if grad_target else 0),
-                ROW_ALIGN=row_align, PEEL=_peel(single, x.shape[2], row_align, x, g3 if grad_input else None),
-                ACC_DTYPE=tl_dtype[acc], BLOCK_ROWS=rows, BLOCK_SIZE=block, num_warps=warps,
+            grid, strides, meta = _launch_meta(x, g3 if grad_input else None, y, gt if grad_target else None,
+                                               prob, n_cols)
+            k.cross_entropy_fwd_kernel[(grid,)](
+                x, y, w, a, loss, g3, gt, denom if options["SCALE_BY_DENOM"] else loss,  # pointers
+                n_rows, n_cols, x.shape[2], *strides,                                      # sizes, strides
+                ignore_index, label_smoothing, z_loss, softcap, alpha, gamma,              # options
+                GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, **options, **meta,
             )
             count_launch("cross_entropy_fwd_kernel")
     if reduce:
@@ -224,8 +264,61 @@ def _fwd(
             out = loss.sum().to(out_dtype)
     else:
         out = loss.reshape(_loss_shape(input))
-    return out, gi, gt
+    return out, gi, gt, denom
 
+
+def _bwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    alpha_weight: Tensor | None,
+    denom: Tensor,
+    grad_output: Tensor,
+    grad_input: Tensor,
+    grad_target: Tensor,
+    kind: str,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    alpha: float,
+    gamma: float,
+    reduction: str,
+    stored: bool,
+) -> None:
+    """grad_output times d(loss)/d(input) into ``grad_input`` and times d(loss)/d(target) into
+    ``grad_target`` (each empty when not asked), grad_output applied before the one rounding.
+
+    ``stored``: the buffers hold the forward's gradients of a reduced loss (scaled on device when
+    that is exact, recomputed from the logits otherwise); else every element is computed here.
+    ``denom`` is the forward's "mean" denominator (unused otherwise).
+    """
+    k, _ = _kernels()
+    prob = target.is_floating_point()
+    n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
+    x = _rows_view(input, n_cols)
+    n_rows = x.shape[0] * x.shape[2]
+    if n_rows == 0:
+        return
+    want_gi, want_gt = grad_input.numel() > 0, grad_target.numel() > 0
+    g3 = _rows_view(grad_input, n_cols) if want_gi else grad_input
+    y = _rows_view(target, n_cols) if prob else target.reshape(-1).contiguous()
+    go = grad_output.reshape(-1)  # reduction="none": one per row (a view unless not flattenable)
+    options = _options(kind, prob, weight, alpha_weight, label_smoothing, z_loss, softcap, reduction,
+                       acc_dtype(input.dtype))
+    w = weight.contiguous() if weight is not None else x
+    a = alpha_weight.contiguous() if alpha_weight is not None else x
+    grid, strides, meta = _launch_meta(x, g3 if want_gi else None, y, grad_target if want_gt else None,
+                                       prob, n_cols)
+    with _quiet_interpreter(input.device):
+        k.cross_entropy_bwd_kernel[(grid,)](
+            x, y, w, a, go, g3, grad_target, denom if options["SCALE_BY_DENOM"] else go,   # pointers
+            n_rows, n_cols, x.shape[2], *strides, go.stride(0),                           # sizes, strides
+            ignore_index, label_smoothing, z_loss, softcap, alpha, gamma,                 # options
+            GRAD_INPUT=want_gi, GRAD_TARGET=want_gt, GO=1 if reduction == "none" else 2,
+            SCALE_STORED=stored, **options, **meta,
+        )
+    count_launch("cross_entropy_bwd_kernel")
 
 
 @torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
@@ -246,7 +339,7 @@ def softmax_loss_fwd(
     inplace: bool,
     grad_input: bool,
     grad_target: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Custom-op form of _fwd, for torch.compile (never in place: outputs may not alias inputs)."""
     return _fwd(input, target, weight, alpha_weight, kind, ignore_index, label_smoothing, z_loss,
                 softcap, alpha, gamma, reduction, out_float32, False, grad_input, grad_target)
@@ -260,9 +353,24 @@ def _(input, target, weight, alpha_weight, kind, ignore_index, label_smoothing, 
         out = input.new_empty(_loss_shape(input), dtype=dtype)
     else:
         out = input.new_empty((), dtype=dtype)
-    gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
-    gt = target.new_empty(target.shape) if grad_target else target.new_empty(0)
-    return out, gi, gt
+    made = _grads_in_forward(input.dtype, reduction)
+    gi = input.new_empty(input.shape) if grad_input and made else input.new_empty(0)
+    gt = target.new_empty(target.shape) if grad_target and made else target.new_empty(0)
+    acc = acc_dtype(input.dtype)
+    scale_by_denom = reduction == "mean" and not target.is_floating_point()
+    denom = input.new_empty((), dtype=acc) if scale_by_denom else input.new_empty(0, dtype=acc)
+    return out, gi, gt, denom
+
+
+# The custom-op form of _bwd, for torch.compile (eager autograd calls _bwd)
+softmax_loss_bwd_ = torch.library.custom_op(
+    "fastloss::softmax_loss_bwd_", mutates_args=("grad_input", "grad_target"))(_bwd)
+
+
+@softmax_loss_bwd_.register_fake
+def _(input, target, weight, alpha_weight, denom, grad_output, grad_input, grad_target, kind,
+      ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, stored):
+    return None
 
 
 def _scale_rows(grad: Tensor, grad_output: Tensor, n_cols: int, inplace: bool) -> Tensor:
@@ -281,6 +389,9 @@ def _setup_context(ctx, inputs, output):
     grad_input, grad_target = inputs[14:16]
     ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
     ctx.reduction = inputs[11]
+    # torch's backward rejects a (1,) class-index target of a (C,) input (its forward takes it)
+    ctx.one_element_target = (inputs[4] == "cross_entropy" and input.dim() == 1 and target.dim() == 1
+                              and not target.is_floating_point())
     # the logits are kept for a second backward (retain_graph) unless they were overwritten: with
     # inplace_backward on a contiguous input in eager mode (never by the custom op)
     overwritten = grad_input and output[1] is input
@@ -295,37 +406,57 @@ def _setup_context(ctx, inputs, output):
         # logits raises as after any in-place change, a later read sees the gradient
         torch.autograd.graph.increment_version(input)
     # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
-    # .grad can take the buffer without a copy
-    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
+    # .grad can take the buffer without a copy; None when backward computes them
+    made = overwritten or _grads_in_forward(input.dtype, ctx.reduction)
+    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None) if made else None
+    ctx.denom = output[3]
 
 
-def _backward(ctx, grad_loss, forward, scale_grad, inplace):
-    if ctx.grads is not None:
-        gi, gt = ctx.grads
-        ctx.grads = None
+def _backward(ctx, grad_loss, forward, backward, scale_grad, inplace):
+    if ctx.one_element_target:
+        raise RuntimeError(f"size mismatch (got input: [{ctx.n_cols}], target: [1])")
+    stored, ctx.grads = ctx.grads, None
+    input, target, weight, alpha_weight = ctx.saved_tensors
+    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction = ctx.args[:8]
+    grad_input, grad_target = ctx.args[10:12]
+    if input is not None and input.dtype in HALF_DTYPES:
+        # 16-bit: grad_output enters the gradient before its one rounding (see the module docstring)
+        if stored is None:
+            gi = empty(input.shape, input.dtype, input.device) if grad_input else input.new_empty(0)
+            gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
+        else:
+            gi = stored[0] if grad_input else input.new_empty(0)
+            gt = stored[1] if grad_target else target.new_empty(0)
+        backward(input, target, weight, alpha_weight, ctx.denom, grad_loss, gi, gt, kind, ignore_index,
+                 label_smoothing, z_loss, softcap, alpha, gamma, reduction, stored is not None)
+        gi = gi if grad_input else None
+        gt = gt if grad_target else None
     else:
-        input, target, weight, alpha_weight = ctx.saved_tensors
-        if input is None:
+        if stored is not None:
+            gi, gt = stored
+        elif input is None:
             raise RuntimeError(
                 "fastloss: a second backward through a loss computed with inplace_backward=True "
                 "is not supported (its logits were overwritten by the gradient)"
             )
-        args = list(ctx.args)
-        args[9] = False  # never in place when recomputing
-        _, gi, gt = forward(input, target, weight, alpha_weight, *args)
-        gi = gi if args[10] else None
-        gt = gt if args[11] else None
-    for g in (gi, gt):
-        if g is None:
-            continue
-        if ctx.reduction == "none":
-            g2 = _scale_rows(g, grad_loss, ctx.n_cols, inplace)
-            if g is gi:
-                gi = g2
-            else:
-                gt = g2
         else:
-            scale_grad(g, grad_loss)
+            args = list(ctx.args)
+            args[9] = False  # never in place when recomputing
+            _, gi, gt, _ = forward(input, target, weight, alpha_weight, *args)
+            gi = gi if args[10] else None
+            gt = gt if args[11] else None
+        # fp32 / fp64 (and 16-bit logits overwritten by inplace_backward, which rounds twice here)
+        for g in (gi, gt):
+            if g is None:
+                continue
+            if ctx.reduction == "none":
+                g2 = _scale_rows(g, grad_loss, ctx.n_cols, inplace)
+                if g is gi:
+                    gi = g2
+                else:
+                    gt = g2
+            else:
+                scale_grad(g, grad_loss)
     return (gi if ctx.needs_input_grad[0] else None, gt if ctx.needs_input_grad[1] else None) + (
         None,
     ) * 14
@@ -352,8 +483,9 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
 _apply = autograd_pair(
     softmax_loss_fwd, _fwd, _setup_context,
     reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, scale_grad_, inplace=False),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _scale_grad, inplace=True),
+    backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, softmax_loss_bwd_, scale_grad_,
+                                         inplace=False),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _bwd, _scale_grad, inplace=True),
 )
 
 
