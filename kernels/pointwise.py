@@ -7,7 +7,12 @@ the gradient stores.
 
 For a reduced loss (``mean``/``sum``) the forward kernel also writes ``w * df/dx`` (and ``df/dy``
 when the target needs a gradient), so backward only has to multiply by ``grad_output``:
-``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync.
+``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync. In
+float16/bfloat16 that product would round the stored (already rounded) gradient a second time, so
+``pointwise_bwd_kernel`` with SCALE does that backward instead: nothing when grad_output is 1; a
+power of two scales the stored gradient, which is exact while the result stays representable (a
+block where it does not is recomputed); any other grad_output recomputes the gradient from input
+and target, grad_output applied in fp32 before the one rounding.
 
 The drivers evaluate ``f = sum_k coef_k f_k`` over up to three member losses (``TERMS``,
 ``TERMS_B``, ``TERMS_C``; absent members are ``None`` and compile away): one loss is the case of one
@@ -346,9 +351,9 @@ def pointwise_bwd_kernel(
     target_ptr,           # [n_elements] contiguous, same dtype as input
     weight_ptr,           # broadcast weight, read iff HAS_WEIGHT
     pos_weight_ptr,       # broadcast pos_weight, read iff HAS_POS_WEIGHT
-    grad_output_ptr,      # [n_elements] (stride_grad_output = 1) or a scalar (stride 0)
-    grad_input_ptr,       # [n_elements] input dtype, written iff GRAD_INPUT
-    grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET
+    grad_output_ptr,      # [n_elements] (stride_grad_output = 1) or a scalar (stride 0; SCALE: a scalar)
+    grad_input_ptr,       # [n_elements] input dtype, written iff GRAD_INPUT (SCALE: read first)
+    grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET (SCALE: read first)
     n_elements, stride_grad_output,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
     coef: tl.float64,     # member coefficients and parameters, as in pointwise_fwd_kernel
@@ -359,11 +364,41 @@ def pointwise_bwd_kernel(
     TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    SCALE: tl.constexpr,  # grad_*_ptr hold a reduced 16-bit loss's forward-made gradients
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Gradients recomputed from input and target, times grad_output (reduction="none")."""
+    """Gradients times grad_output, recomputed from input and target (reduction="none"); with
+    SCALE, the forward's gradients rounded once more only where that is exact (grid-stride loop)."""
     pid = tl.program_id(0).to(tl.int64)
-    if (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
+    if SCALE:
+        go = tl.load(grad_output_ptr).to(ACC_DTYPE)
+        if go != 1.0:
+            # a power of two (a normal float: the mantissa bits are 0) scales a rounded gradient
+            # into the rounding of the scaled one, while the result stays representable
+            bits = go.to(tl.float32).to(tl.int32, bitcast=True)
+            exponent = (bits >> 23) & 0xFF
+            power_of_two = ((bits & 0x7FFFFF) == 0) & (exponent != 0) & (exponent != 0xFF)
+            step = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
+            for start in range(pid * BLOCK_SIZE, n_elements, step):
+                if start + BLOCK_SIZE <= n_elements:
+                    _rescale_block(
+                        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr,
+                        grad_target_ptr, go, power_of_two, start, n_elements, weight_inner,
+                        weight_period, pos_weight_inner, pos_weight_period, coef, param1, param2,
+                        coef_b, param1_b, param2_b, coef_c, param1_c, param2_c, TERMS, TERMS_B,
+                        TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+                        BLOCK_SIZE, FULL=True,
+                    )
+                else:
+                    _rescale_block(
+                        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr,
+                        grad_target_ptr, go, power_of_two, start, n_elements, weight_inner,
+                        weight_period, pos_weight_inner, pos_weight_period, coef, param1, param2,
+                        coef_b, param1_b, param2_b, coef_c, param1_c, param2_c, TERMS, TERMS_B,
+                        TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+                        BLOCK_SIZE, FULL=False,
+                    )
+    elif (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
         _bwd_block(
             input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_output_ptr, grad_input_ptr,
             grad_target_ptr, pid, n_elements, stride_grad_output, weight_inner, weight_period,
@@ -409,6 +444,67 @@ def _bwd_block(
         tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
     if GRAD_TARGET:
         tl.store(grad_target_ptr + offs, (dy * w).to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_exactly(grad_ptr, offs, mask, go, ACC_DTYPE: tl.constexpr):
+    """(g * go, whether that is the one rounding of the exact gradient times go) for the stored
+    16-bit gradients g of a block, go a power of two: it is while g * go is representable, unless
+    go > 1 lifts a subnormal (or zero) g, whose lost digits would then show."""
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    scaled = g * go
+    if grad_ptr.dtype.element_ty == tl.float16:
+        min_normal = 6.103515625e-05           # 2**-14
+    else:
+        min_normal = 1.1754943508222875e-38    # 2**-126, bfloat16
+    representable = scaled.to(grad_ptr.dtype.element_ty).to(ACC_DTYPE) == scaled
+    smallest = tl.where(tl.abs(go) <= 1.0, 0.0, min_normal)  # of the g that go may scale
+    exact = representable & (tl.abs(g) >= smallest)  # (NaN: recomputed, NaN again)
+    return scaled, exact | ~mask
+
+
+@triton.jit
+def _rescale_block(
+    input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr, grad_target_ptr,
+    go, power_of_two, start, n_elements,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c, param2_c,
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """The block at start of pointwise_bwd_kernel with SCALE: the stored gradients times go where
+    that rounds exactly (go a power of two), the rest recomputed (FULL as in _fwd_block)."""
+    offs, mask = _block(start, n_elements, BLOCK_SIZE, FULL)
+    gi = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
+    gt = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
+    exact = tl.zeros((BLOCK_SIZE,), tl.int1)
+    if power_of_two:
+        exact = tl.full((BLOCK_SIZE,), 1, tl.int1)
+        if GRAD_INPUT:
+            gi, exact_i = _scaled_exactly(grad_input_ptr, offs, mask, go, ACC_DTYPE)
+            exact = exact & exact_i
+        if GRAD_TARGET:
+            gt, exact_t = _scaled_exactly(grad_target_ptr, offs, mask, go, ACC_DTYPE)
+            exact = exact & exact_t
+    if tl.sum((~exact).to(tl.int32), axis=0) > 0:
+        x, y, w, pw = _load_operands(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
+            weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+            HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
+        )
+        _, dx, dy = _terms(
+            x, y, pw, TERMS, coef, param1, param2, TERMS_B, coef_b, param1_b, param2_b,
+            TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE,
+        )
+        w = w * go  # grad_output applied in ACC_DTYPE, before the one rounding
+        gi = tl.where(exact, gi, dx * w)
+        gt = tl.where(exact, gt, dy * w)
+    if GRAD_INPUT:
+        tl.store(grad_input_ptr + offs, gi.to(grad_input_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TARGET:
+        tl.store(grad_target_ptr + offs, gt.to(grad_target_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

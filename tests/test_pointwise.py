@@ -231,12 +231,15 @@ def test_reference_matches_torch_float64(case, api, reduction, device):
 # --------------------------------------------------------------------------------------------
 
 
-def _kernels_for(reduction: str, numel: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(forward kernels, backward kernels) that must run for this call."""
+def _kernels_for(reduction: str, numel: int, dtype: torch.dtype) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(forward kernels, backward kernels) that must run for this call: a reduced loss's backward
+    scales the forward-made gradients (pointwise_bwd_kernel in float16/bfloat16, which must not
+    round them twice)."""
     if numel == 0:
         return (), ()
-    backward = ("pointwise_bwd_kernel",) if reduction == "none" else ("scale_grad_kernel",)
-    return ("pointwise_fwd_kernel",), backward
+    if reduction == "none" or dtype in HALF_DTYPES:
+        return ("pointwise_fwd_kernel",), ("pointwise_bwd_kernel",)
+    return ("pointwise_fwd_kernel",), ("scale_grad_kernel",)
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
@@ -245,7 +248,7 @@ def _kernels_for(reduction: str, numel: int) -> tuple[tuple[str, ...], tuple[str
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernel_matches_reference(case, dtype, reduction, shape, device):
     x, y, extra = make_operands(case, shape, dtype, device)
-    fwd_kernels, bwd_kernels = _kernels_for(reduction, x.numel())
+    fwd_kernels, bwd_kernels = _kernels_for(reduction, x.numel(), dtype)
 
     def run_kernel():
         with fastloss.use_backend("triton"), assert_launched(*fwd_kernels):
@@ -278,6 +281,58 @@ def test_half_precision_never_less_accurate_than_torch(case, dtype, reduction, b
         (exact[0], *exact[1]),
     ):
         assert_no_less_accurate(fast, torch_result, ref, f"{case.name} {reduction} {what}")
+
+
+def _ulps(actual: Tensor, exact: Tensor) -> Tensor:
+    """|actual - exact| in units in the last place of exact in actual's dtype (the subnormal
+    spacing below its normal range)."""
+    info = torch.finfo(actual.dtype)
+    exact = exact.double()
+    spacing = info.eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(info.tiny))))
+    return (actual.double() - exact).abs() / spacing
+
+
+#: (reduction, grad_output): ``(loss * 0.3).backward()``, gradient accumulation's ``loss / 7``-like
+#: factors, powers of two (the stored gradient scales exactly, except where the result leaves the
+#: normal range or lifts a subnormal one) and a random per-element grad_output for "none".
+ROUNDED_ONCE_GRAD_OUTPUTS = [("mean", 0.3), ("mean", 0.25), ("sum", 3 / 7), ("sum", 4.0), ("none", None)]
+
+
+@pytest.mark.parametrize("reduction, grad_output", ROUNDED_ONCE_GRAD_OUTPUTS,
+                         ids=lambda v: v if isinstance(v, str) else f"go{v:.3g}" if v else "random")
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_half_precision_gradients_are_rounded_once(case, dtype, reduction, grad_output, device):
+    """With grad_output != 1 a reduced loss's gradient (made by the forward, stored in the input
+    dtype) must not be rounded a second time when scaled: every element is within half a unit in
+    the last place of float64 torch.nn's (one rounding; a whole unit on CPU in bfloat16, where
+    Triton's interpreter truncates instead of rounding), and never less accurate than torch.nn."""
+    x, y, extra = make_operands(case, (3, 1000), dtype, device)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    extra64 = {k: v.double() for k, v in extra.items()}
+    loss64 = case.torch(x64, y64, reduction, **extra64)
+    if grad_output is None:
+        go = random_grad_output(loss64).to(dtype)
+    else:
+        go = torch.tensor(grad_output, dtype=dtype, device=device)
+    exact = torch.autograd.grad(loss64, (x64, y64), go.double())
+    in_torch = torch.autograd.grad(case.torch(x, y, reduction, **extra), (x, y), go)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel", "pointwise_bwd_kernel"):
+        in_fast = torch.autograd.grad(case.fast(x, y, reduction, **extra), (x, y), go)
+    # one rounding: half a unit (a whole one where the interpreter truncates), plus an eighth for
+    # the float32 evaluation of the formulas (terms that cancel for soft targets); a second
+    # rounding adds up to another half unit
+    bound = (1.0 if dtype == torch.bfloat16 and device == "cpu" else 0.5) + 0.125
+    for name, fast, torch_result, ref in zip(("input", "target"), in_fast, in_torch, exact):
+        what = f"{case.name} {reduction} grad_output={grad_output} grad {name}"
+        assert_no_less_accurate(fast, torch_result, ref, what)
+        if case.name.startswith("focal") and name == "target":
+            continue  # a difference of terms, whose float32 error may reach a 16-bit unit itself
+        ulps = _ulps(fast, ref)
+        worst = int(ulps.argmax())
+        assert ulps.max() <= bound, (
+            f"{what}: {ulps.max():.3f} ulp at {worst}: {fast.flatten()[worst].item()!r} vs float64 "
+            f"{ref.flatten()[worst].item()!r}")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -1095,6 +1150,32 @@ def test_custom_ops_pass_opcheck(device):
     torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal",
                                                [1.0, 0.25, 2.0], 1.0, True, True))
     torch.library.opcheck(ops.scale_grad_, (torch.randn(5, 7, device=device), torch.tensor(2.0, device=device)))
+    # a reduced 16-bit loss's backward (scaled or recomputed in place; either gradient may be None)
+    xh, yh = x.detach().half(), y.detach().half()
+    for go in (0.3, 2.0):
+        torch.library.opcheck(ops.pointwise_rescale_, (xh, yh, None, w.half(), torch.tensor(go, device=device),
+                                                       torch.randn(5, 7, device=device).half(), None,
+                                                       "bce_with_logits", [1.0, 1.0, 0.0], 1 / 35))
+
+
+def test_torch_compile_half_precision_backward(device):
+    """Under torch.compile a reduced 16-bit loss's backward runs the rescaling custom op: the
+    gradients of ``loss * 0.3`` are the eager kernels' (which round once). (AOT autograd without
+    inductor: inductor's on-disk cache keeps a compiled backward across changes to an op's
+    registered autograd formula, which would hide one here.)"""
+    torch._dynamo.reset()
+    x, y, _ = make_operands(MSE, (7, 33), torch.float16, device)
+
+    def step(a, b):
+        return FF.huber_loss(a, b, delta=0.5) * 0.3 + FF.mse_loss(a, b, reduction="sum") * 0.25
+
+    with fastloss.use_backend("triton"):
+        expected = loss_and_grads(lambda: step(x, y), (x, y))
+        with assert_launched("pointwise_fwd_kernel", "pointwise_bwd_kernel"):
+            actual = loss_and_grads(lambda: torch.compile(step, fullgraph=True, backend="aot_eager")(x, y), (x, y))
+    for a, e in zip((actual[0], *actual[1]), (expected[0], *expected[1])):
+        assert torch.equal(a, e)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
