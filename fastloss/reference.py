@@ -58,22 +58,33 @@ def _softplus_neg(x: Tensor) -> Tensor:
     return F.softplus(-x, beta=1.0, threshold=50.0)
 
 
+def _weighted_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
+    """torch.nn's weighted losses multiply by the weight, so its dtype promotes the result's."""
+    return torch.promote_types(input.dtype, weight.dtype)
+
+
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
-    """Mean squared error: (input - target)^2, optionally weighted (weighted mean for "mean")."""
+    """Mean squared error: (input - target)^2, optionally weighted (weighted mean for "mean").
+    Integer and complex operands run torch.nn.functional.mse_loss itself (results and errors)."""
+    if not (input.is_floating_point() and target.is_floating_point()):
+        return F.mse_loss(input, target, reduction=reduction, weight=weight)
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.mse_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y) ** 2
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
+    return _reduce(loss * w, reduction, _weighted_dtype(input, weight), w)
 
 
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
-    """Mean absolute error: |input - target|, optionally weighted."""
+    """Mean absolute error: |input - target|, optionally weighted. Complex operands (a real loss)
+    and integer ones run torch.nn.functional.l1_loss itself, with its results and errors."""
+    if not (input.is_floating_point() and target.is_floating_point()):
+        return F.l1_loss(input, target, reduction=reduction, weight=weight)
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.l1_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y).abs()
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
+    return _reduce(loss * w, reduction, _weighted_dtype(input, weight), w)
 
 
 def huber_loss(
@@ -83,11 +94,10 @@ def huber_loss(
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.huber_loss(x, y, reduction=reduction, delta=delta).to(input.dtype)
-    d = x - y
-    a = d.abs()
-    loss = torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
-    # unlike mse/l1, torch.nn's weighted huber "mean" is the plain mean of the weighted loss
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype)
+    # torch.nn's weighted form (so the gradient at an infinite d is delta w, as torch's); unlike
+    # mse/l1, its "mean" is the plain mean of the weighted loss
+    loss = F.huber_loss(x, y, reduction="none", delta=delta) * w
+    return _reduce(loss, reduction, _weighted_dtype(input, weight))
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", beta: float = 1.0) -> Tensor:

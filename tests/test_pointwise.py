@@ -526,31 +526,67 @@ def test_scalar_operands(case, reduction, backend, device):
     assert loss.shape == ()
 
 
+def _mixed_dtype_oracle(case: Case) -> Case:
+    """torch.nn on explicitly promoted operands, differentiable (huber_loss's backward fails on mixed
+    dtypes); huber_loss's result rounded into the input's dtype, as its forward does."""
+
+    def oracle(a, b, r):
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        out = case.torch(a.to(dtype), b.to(dtype), r)
+        return out.to(a.dtype) if case.name.startswith("huber") else out
+
+    return Case(case.name, torch=oracle, fast=case.fast, ref=case.ref)
+
+
 @pytest.mark.parametrize("case", REGRESSION_CASES + BCE_CASES[:1], ids=case_id)
 def test_float32_input_float64_target_promotes_like_torch(case, backend, device):
+    """float64 results, but huber_loss's, which torch.nn gives in the input's dtype."""
     x, y, _ = make_operands(case, (4, 9), torch.float32, device, requires_grad=False)
     x, y = x.requires_grad_(), y.double().requires_grad_()
-    # torch.nn's huber_loss keeps the input dtype here and its backward fails, unlike every other
-    # loss: fastloss promotes for huber too, and the oracle promotes explicitly
-    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
     for reduction in REDUCTIONS:  # gradient dtypes (float32, float64) are checked against torch's
-        if not case.name.startswith("huber"):
-            assert case.torch(x, y, reduction).dtype == torch.float64
-        assert _compare_with_torch(oracle, x, y, reduction).dtype == torch.float64
+        dtype = case.torch(x, y, reduction).dtype
+        assert dtype == (torch.float32 if case.name.startswith("huber") else torch.float64)
+        assert _compare_with_torch(_mixed_dtype_oracle(case), x, y, reduction).dtype == dtype
 
 
 @pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
 def test_zero_dim_float64_target_promotes_like_torch(case, backend, device):
-    """torch.nn broadcasts before computing, so a 0-dim float64 target promotes a float32 input."""
+    """torch.nn broadcasts before computing, so a 0-dim float64 target promotes a float32 input
+    (huber_loss: computes in float64, returns float32)."""
     x = torch.randn(6, device=device, requires_grad=True)
     y = torch.tensor(0.25, dtype=torch.float64, device=device, requires_grad=True)
-    if not case.name.startswith("huber"):  # torch.nn's huber_loss keeps float32 (see above)
-        with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
-            assert case.torch(x, y, "mean").dtype == torch.float64
-    # torch.nn's huber_loss backward fails on mixed dtypes, so the oracle promotes explicitly
-    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
-    loss = _compare_with_torch(oracle, x, y, "mean", warns=True)
-    assert loss.dtype == torch.float64
+    with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
+        dtype = case.torch(x, y, "mean").dtype
+    assert dtype == (torch.float32 if case.name.startswith("huber") else torch.float64)
+    loss = _compare_with_torch(_mixed_dtype_oracle(case), x, y, "mean", warns=True)
+    assert loss.dtype == dtype
+
+
+MIXED_FLOAT_DTYPES = [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.bfloat16),
+                      (torch.bfloat16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.float64)]
+
+
+@pytest.mark.parametrize("dtypes", MIXED_FLOAT_DTYPES, ids=lambda d: f"{dtype_id(d[0])}-{dtype_id(d[1])}")
+@pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
+def test_mixed_float_dtypes_give_torchs_dtype_and_values(case, dtypes, backend, device):
+    """torch.nn's result dtype (the promoted one; huber_loss: the input's, e.g. float32 for a
+    float64 target, float16 for bfloat16) and its values, rounded once into that dtype."""
+    x, y, _ = make_operands(case, (4, 9), dtypes[0], device, requires_grad=False)
+    y = y.to(dtypes[1])
+    for reduction in REDUCTIONS:
+        expected = case.torch(x, y, reduction)
+        actual = case.fast(x, y, reduction)
+        assert actual.dtype == expected.dtype, f"{reduction}: {actual.dtype} != torch's {expected.dtype}"
+        exact = case.torch(x.double(), y.double(), reduction)
+        assert_no_less_accurate(actual, expected, exact, f"{case.name} {dtypes} {reduction}")
+    x, y = x.requires_grad_(), y.requires_grad_()
+    grads = torch.autograd.grad(case.fast(x, y, "sum"), (x, y))
+    expected = torch.autograd.grad(_mixed_dtype_oracle(case).torch(x, y, "sum"), (x, y))
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    exact = torch.autograd.grad(case.torch(x64, y64, "sum"), (x64, y64))
+    for name, g, e, ex in zip(("input", "target"), grads, expected, exact):
+        assert g.dtype == e.dtype, f"grad {name}: {g.dtype} != torch's {e.dtype}"
+        assert_no_less_accurate(g, e, ex, f"{case.name} {dtypes} grad {name}")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -588,6 +624,26 @@ def test_weighted_regression_matches_torch(torch_fn, fast_fn, reduction, shapes,
     _compare_with_torch(case, x, y, reduction, warns=shapes[0] != shapes[1])
     with pytest.raises(ValueError, match="Weights and input must have the same size"):
         fast_fn(x, y, weight=weight[:1])
+
+
+WEIGHT_DTYPES = [(torch.float32, torch.float32, torch.float64), (torch.float16, torch.float16, torch.float32),
+                 (torch.bfloat16, torch.float16, torch.float64), (torch.float32, torch.float64, torch.float16),
+                 (torch.float64, torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("dtypes", WEIGHT_DTYPES, ids=lambda d: "-".join(map(dtype_id, d)))
+@pytest.mark.parametrize("torch_fn, fast_fn", WEIGHTED_REGRESSION)
+def test_weighted_regression_dtype_follows_the_weight_like_torch(torch_fn, fast_fn, dtypes, backend, device):
+    """torch.nn multiplies by the weight, so its dtype promotes the result's (huber: the input's
+    dtype with the weight's; mse, l1: input's, target's and weight's)."""
+    g = torch.Generator().manual_seed(11)
+    x, y, w = (torch.randn(4, 6, generator=g, dtype=F64).to(device, dt) for dt in dtypes)
+    w = w.abs() + 0.5
+    for reduction in REDUCTIONS:
+        expected = torch_fn(x, y, reduction=reduction, weight=w)
+        actual = fast_fn(x, y, reduction=reduction, weight=w)
+        assert actual.dtype == expected.dtype, f"{reduction}: {actual.dtype} != torch's {expected.dtype}"
+        assert_close(actual, expected, max(dtypes, key=lambda d: torch.finfo(d).eps), reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1046,14 +1102,69 @@ def test_non_positive_delta_raises_runtime_error(delta, backend, device):
         fastloss.HuberLoss(delta=delta)(x, y)
 
 
-def test_negative_beta_raises_runtime_error(backend, device):
+@pytest.mark.parametrize("beta", [-0.5, float("nan")])
+def test_negative_or_nan_beta_raises_runtime_error(beta, backend, device):
     x, y = torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)
-    with pytest.raises(RuntimeError, match="beta"):
-        F.smooth_l1_loss(x, y, beta=-0.5)
-    with pytest.raises(RuntimeError, match="beta"):
-        FF.smooth_l1_loss(x, y, beta=-0.5)
-    with pytest.raises(RuntimeError, match="beta"):
-        fastloss.SmoothL1Loss(beta=-0.5)(x, y)
+    message = "smooth_l1_loss does not support negative values for beta"
+    with pytest.raises(RuntimeError, match=message):
+        F.smooth_l1_loss(x, y, beta=beta)
+    with pytest.raises(RuntimeError, match=message):
+        FF.smooth_l1_loss(x, y, beta=beta)
+    with pytest.raises(RuntimeError, match=message):
+        fastloss.SmoothL1Loss(beta=beta)(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=dtype_id)
+def test_huber_integer_input_with_float_target_raises_like_torch(dtype, backend, device):
+    """torch.nn's huber_loss returns the input's dtype, into which the float result cannot be cast."""
+    x, y = torch.ones(3, 4, dtype=dtype, device=device), torch.randn(3, 4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError) as expected:
+        F.huber_loss(x, y)
+    with pytest.raises(RuntimeError) as actual:
+        FF.huber_loss(x, y)
+    assert type(actual.value) is type(expected.value)
+    assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtypes", [(torch.complex64, torch.complex64), (torch.complex128, torch.float32),
+                                    (torch.float64, torch.complex64)], ids=lambda d: "-".join(map(dtype_id, d)))
+def test_l1_complex_operands_match_torch(dtypes, reduction, backend, device):
+    """torch.nn's l1_loss takes complex operands: a real loss |input - target| and complex gradients."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 5, generator=g, dtype=torch.complex128).to(device)
+    y = torch.randn(4, 5, generator=g, dtype=torch.complex128).to(device)
+    x = (x if dtypes[0].is_complex else x.real).to(dtypes[0]).requires_grad_()
+    y = (y if dtypes[1].is_complex else y.real).to(dtypes[1]).requires_grad_()
+    for go in (None, torch.tensor(0.75, device=device) if reduction != "none" else None):
+        expected = loss_and_grads(lambda: F.l1_loss(x, y, reduction=reduction), (x, y), go)
+        actual = loss_and_grads(lambda: FF.l1_loss(x, y, reduction=reduction), (x, y), go)
+        assert not actual[0].is_complex()
+        check_same(actual, expected, torch.float32, f"l1 {dtypes} {reduction}")
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("fns", [(F.l1_loss, FF.l1_loss), (F.mse_loss, FF.mse_loss)], ids=["l1", "mse"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_integer_operands_give_torchs_results_and_errors(reduction, fns, weighted, backend, device):
+    """Integer l1_loss: torch computes "none" and "sum" (integer results) and raises RuntimeError
+    for "mean"; integer mse_loss raises NotImplementedError, unless a floating weight makes the
+    loss floating. fastloss gives the same results, exception types and messages."""
+    torch_fn, fast_fn = fns
+    x = torch.randint(-5, 6, (3, 4), device=device)
+    y = torch.randint(-5, 6, (3, 4), device=device)
+    kwargs = {"weight": torch.rand(3, 4, device=device) + 0.5} if weighted else {}
+    try:
+        expected = torch_fn(x, y, reduction=reduction, **kwargs)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError) as actual:
+            fast_fn(x, y, reduction=reduction, **kwargs)
+        assert type(actual.value) is type(error)
+        assert str(actual.value) == str(error)
+    else:
+        actual = fast_fn(x, y, reduction=reduction, **kwargs)
+        assert actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
 
 
 def test_negative_gamma_raises_value_error(backend, device):
