@@ -252,9 +252,12 @@ def sigmoid_focal_loss(
     """Sigmoid focal loss (Lin et al., 2017), exactly torchvision.ops.sigmoid_focal_loss.
 
     ``alpha_t (1 - p_t)^gamma * bce_with_logits(inputs, targets)``, where ``p_t`` is the probability
-    of the target and ``alpha_t = alpha`` for positives, ``1 - alpha`` for negatives; ``alpha < 0``
-    disables the weighting. Note torchvision's default ``reduction="none"``.
+    of the target and ``alpha_t = alpha`` for positives, ``1 - alpha`` for negatives; ``alpha = -1``
+    disables the weighting; any other alpha outside [0, 1] raises ValueError, as torchvision's.
+    Note torchvision's default ``reduction="none"``.
     """
+    if not 0 <= alpha <= 1 and alpha != -1:
+        raise ValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] or -1 for ignore.")
     if reduction not in _REDUCTIONS:
         raise ValueError(
             f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "

@@ -127,12 +127,21 @@ def sigmoid_focal_loss(
     ce = (1.0 - y) * x + _softplus_neg(x)
     # 1 - p_t, written without the cancellation that rounds it to 0 for large |x| and hard targets
     m = p * (1.0 - y) + torch.sigmoid(-x) * y
-    # m ** gamma as exp(gamma log m): its gradient gamma m^gamma / m stays finite for tiny m, where
-    # autograd's gamma m^(gamma-1) overflows (gamma < 1); masked at m = 0, where dm/dx = ce = 0.
-    # (a NaN m is kept, so that its NaN reaches the gradients, as torchvision's)
-    pos = ~(m <= 0)
-    m_gamma = torch.exp(gamma * torch.log(torch.where(pos, m, 1.0)))
-    loss = ce * torch.where(pos, m_gamma, 0.0 if gamma > 0 else 1.0)
+    if gamma == 0:  # m ** 0 = 1 with gradient 0 (torch.pow's), even where ce is infinite
+        loss = ce
+    elif gamma == 1:
+        loss = ce * m
+    else:
+        # m ** gamma for m > 0 as exp(gamma log m): its gradient gamma m^gamma / m stays finite for
+        # tiny m, where autograd's gamma m^(gamma-1) overflows (gamma < 1). A negative m (targets
+        # outside [0, 1]) is torch.pow's, NaN unless gamma is an integer; a NaN m stays NaN, so
+        # that its NaN reaches the gradients. At m = 0, where dm/dx = ce = 0 for targets in
+        # [0, 1], it is 0 * m: the gradient ce * 0, not torch.pow's inf * 0 = NaN for gamma < 1
+        # (NaN only where ce is, as at x = -inf).
+        pos, zero = m > 0, m == 0
+        m_gamma = torch.where(pos, torch.exp(gamma * torch.log(torch.where(pos, m, 1.0))),
+                              torch.where(pos | zero, 1.0, m) ** gamma)
+        loss = ce * torch.where(zero, 0.0 * m, m_gamma)
     if alpha >= 0:
         loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
     return _reduce(loss, reduction, inputs.dtype)

@@ -31,22 +31,29 @@ Formulas (``d = x - y``):
     bce with logits, pos_weight p (1 when absent), L = 1 + (p - 1) y:
              f = (1 - y) x + L softplus(-x)  evaluated as  (1 - y) softplus(x) + p y softplus(-x)
              df/dx = (1 - y) - L sigmoid(-x) (x >= 0)  =  L sigmoid(x) - p y (x < 0)
-             df/dy = -x + (p - 1) softplus(-x)
+             df/dy = -x + (p - 1) softplus(-x)   (-x without a pos_weight)
     (sums of non-negative terms for hard targets: nothing cancels, so tiny losses and gradients
     at large |x| keep their relative accuracy; torch's float32 formula rounds them to 0).
     softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)), the log1p by a short series (_log1p_unit).
+    Where these forms make inf - inf (x = -inf, infinite targets) torch's own forms give its
+    values: f = (1 - y) x + L softplus(-x), df/dx = sigmoid(x) - y, or (p y + 1 - y) sigmoid(x) - p y
+    with a pos_weight (NaN for an infinite y), df/dy = p softplus(-x) - softplus(x).
 
     sigmoid focal (torchvision), s = sigmoid(x), ce = bce(x, y), p_t = s y + (1 - s)(1 - y),
     m = 1 - p_t = s (1 - y) + sigmoid(-x) y (no cancellation for hard targets),
     a_t = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0):
              f = a_t ce m^gamma
-             dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = 2 alpha - 1 (0 when alpha < 0)
+             dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = alpha - (1 - alpha) (0 when alpha < 0)
              df/dx = a_t (dce/dx m^gamma + ce gamma m^(gamma-1) dm/dx)
              df/dy = a_t (dce/dy m^gamma + ce gamma m^(gamma-1) dm/dy) + da_t/dy ce m^gamma
     ``gamma m^(gamma-1) dm`` is evaluated as ``gamma m^gamma (dm/dx / m)`` and
     ``gamma m^gamma (ce / m) dm/dy``: ``|dm/dx| <= m`` and ``ce ~ m`` as m -> 0, so both stay finite
     for tiny m (where m^(gamma-1) overflows for gamma < 1). At m = 0 (saturated logit, hard target)
-    dm/dx = ce = 0 and the term is 0, so the gradient stays finite for every gamma >= 0.
+    dm/dx = ce = 0 and the term is 0, so the gradient stays finite for every gamma >= 0 (torch's
+    gamma 0^(gamma-1) is 1 at gamma = 1, kept; inf for gamma < 1, whose inf * 0 is taken as 0).
+    gamma = 0 drops the term altogether, as torch.pow's backward does (so an infinite ce at x =
+    +-inf leaves a finite df/dx). Targets outside [0, 1] can make m negative: m^gamma is then
+    torch.pow's, NaN unless gamma is an integer, (-1)^gamma |m|^gamma if it is.
 """
 
 import triton
@@ -95,13 +102,18 @@ def _softplus_neg(x):
 
 @triton.jit
 def _pow(m, gamma):
-    """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow (gamma a scalar). gamma == 2, the
-    focal losses' default, is one multiplication (a uniform branch: the other side is skipped)."""
+    """m ** gamma as torch.pow for a scalar gamma >= 0: x ** 0 = 1 for every x (NaN included), a
+    negative m gives NaN unless gamma is an integer (then (-1)**gamma |m|**gamma). gamma == 2, the
+    focal losses' default, is one multiplication (uniform branches: the others are skipped)."""
     if gamma == 2.0:
-        p = tl.where(m <= 0, 0.0, m * m)  # as the other branch for m <= 0 (a NaN m stays NaN)
+        p = m * m
+    elif gamma == 0.0:
+        p = tl.full(m.shape, 1.0, m.dtype)
     else:
-        safe = tl.where(m > 0, m, 1.0)
-        p = tl.where(m > 0, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0.0, 1.0, 0.0))
+        p = tl.exp2(gamma * tl.log2(tl.abs(m)))  # log2(0) = -inf: 0 ** gamma = 0 for gamma > 0
+        whole = gamma == tl.floor(gamma)
+        odd = whole & (2.0 * tl.floor(0.5 * gamma) != gamma)
+        p = tl.where(m < 0, tl.where(whole, tl.where(odd, -p, p), float("nan")), p)
     return p
 
 
@@ -144,8 +156,9 @@ def smooth_l1_terms(x, y, pos_weight, beta, param2):
 
 
 @triton.jit
-def bce_with_logits_terms(x, y, pos_weight, param1, param2):
-    """Binary cross-entropy on logits x, with pos_weight (1.0 when absent)."""
+def bce_with_logits_terms(x, y, pos_weight, has_pos_weight, param2):
+    """Binary cross-entropy on logits x, with pos_weight (1.0 when absent; has_pos_weight != 0 when
+    one was given, which changes torch's results for infinite targets)."""
     e = tl.exp(-tl.abs(x))
     r = 1.0 / (1.0 + e)
     log1p_e = _log1p_unit(e)
@@ -161,9 +174,16 @@ def bce_with_logits_terms(x, y, pos_weight, param1, param2):
     py = pos_weight * y
     lw = 1.0 + (pos_weight - 1.0) * y
     loss = (1.0 - y) * sp_pos + py * sp_neg
-    loss = tl.where(x == float("-inf"), (1.0 - y) * x + lw * sp_neg, loss)  # torch's NaN there
     grad_x = tl.where(x >= 0, (1.0 - y) - lw * sig_neg, lw * sig_pos - py)
-    return loss, grad_x, (pos_weight - 1.0) * sp_neg - x
+    # torch's own forms where those make inf - inf (x = -inf, infinite targets): its values, NaN
+    # included; without a pos_weight torch has no (p - 1) y term (0 * inf for an infinite y)
+    with_pw = has_pos_weight != 0.0
+    y_inf = tl.abs(y) == float("inf")
+    loss = tl.where((x == float("-inf")) | y_inf, (1.0 - y) * x + tl.where(with_pw, lw, 1.0) * sp_neg, loss)
+    grad_x = tl.where(y_inf, tl.where(with_pw, (py + 1.0 - y) * sig_pos - py, sig_pos - y), grad_x)
+    grad_y = tl.where(with_pw, tl.where(x == float("-inf"), pos_weight * sp_neg, (pos_weight - 1.0) * sp_neg - x),
+                      -x)
+    return loss, grad_x, grad_y
 
 
 @triton.jit
@@ -179,22 +199,30 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     ce = tl.where(x == float("-inf"), (1.0 - y) * x + tl.maximum(-x, 0.0), ce)  # torch's NaN there
     dce_dx = tl.where(x >= 0, (1.0 - y) - s_neg, s - y)  # s - y, cancelling only as it must
     dce_dy = -x
-    m = s * (1.0 - y) + s_neg * y
+    m = s * (1.0 - y) + s_neg * y  # 1 - p_t; negative for some targets outside [0, 1]
     m_gamma = _pow(m, gamma)
     dm_dx = -s * s_neg * (2.0 * y - 1.0)
     dm_dy = 1.0 - 2.0 * s
     # gamma m^(gamma-1) overflows for tiny m when gamma < 1 (and 0 * inf at gamma = 0), so use
     # gamma m^gamma (dm/dx / m) and gamma m^gamma (ce / m): |dm/dx| <= m and ce ~ m as m -> 0.
-    # (Divisions, not one reciprocal: 1 / m overflows for a subnormal m.)
-    m_safe = tl.where(m > 0, m, 1.0)
-    dpow_dx = gamma * m_gamma * (dm_dx / m_safe)
-    dpow_dy = gamma * m_gamma * (ce / m_safe) * dm_dy
+    # (Divisions, not one reciprocal: 1 / m overflows for a subnormal m.) At m = 0, m^gamma / m
+    # stands for 0^(gamma-1): 1 at gamma = 1, else 0 (see the module docstring).
+    nonzero = m != 0
+    m_safe = tl.where(nonzero, m, 1.0)
+    m_gamma_m = tl.where(nonzero, m_gamma, tl.where(gamma == 1.0, 1.0, 0.0))
+    dpow_dx = gamma * m_gamma_m * (dm_dx / m_safe)
+    dpow_dy = gamma * m_gamma_m * (ce / m_safe) * dm_dy
+    # gamma = 0: no term at all, as torch.pow's backward (ce may be infinite at x = +-inf)
+    focus_dx = tl.where(gamma == 0.0, 0.0, ce * dpow_dx)
+    focus_dy = tl.where(gamma == 0.0, 0.0, dpow_dy)
     use_alpha = alpha >= 0
     a_t = tl.where(use_alpha, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
-    da_dy = tl.where(use_alpha, 2.0 * alpha - 1.0, 0.0)
     loss = a_t * ce * m_gamma
-    grad_x = a_t * (dce_dx * m_gamma + ce * dpow_dx)
-    grad_y = a_t * (dce_dy * m_gamma + dpow_dy) + da_dy * ce * m_gamma
+    grad_x = a_t * (dce_dx * m_gamma + focus_dx)
+    # da_t/dy f / a_t as autograd forms it, alpha f - (1 - alpha) f (NaN for an infinite ce, as
+    # torch's), and no term at all without alpha
+    cm = ce * m_gamma
+    grad_y = a_t * (dce_dy * m_gamma + focus_dy) + tl.where(use_alpha, alpha * cm - (1.0 - alpha) * cm, 0.0)
     return loss, grad_x, grad_y
 
 

@@ -462,19 +462,59 @@ def test_sigmoid_focal_gradient_at_zero_logit(gamma, backend, device):
     assert_close(actual, expected, F64, f"gamma={gamma}")
 
 
-@pytest.mark.parametrize("gamma", [2.0, 2.0001, 0.5])
-def test_sigmoid_focal_targets_outside_unit_interval_match_reference(gamma, device, triton_backend):
-    """Targets outside [0, 1] make 1 - p_t negative; kernel and reference both take m**gamma as 0
-    there (gamma == 2 runs a shortcut in the kernel, which must agree)."""
-    x = torch.linspace(-10.0, 10.0, 41, dtype=F64, device=device)
-    for value in (-0.2, 1.3):
+@pytest.mark.parametrize("alpha", [0.25, -1.0], ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize("gamma", [2.0, 3.0, 1.0, 0.5, 2.0001, 0.0], ids=lambda g: f"gamma{g:g}")
+def test_sigmoid_focal_targets_outside_unit_interval_match_torchvision(gamma, alpha, backend, device):
+    """Targets outside [0, 1] can make 1 - p_t negative: torchvision's formula then gives
+    (1 - p_t)**gamma as torch.pow does (NaN for a fractional gamma, the signed power for an integer
+    one), in the loss and both gradients (x = -1.877, y = -0.275 gave 0 instead of 5e-4)."""
+    x = torch.cat([torch.linspace(-10.0, 10.0, 41, dtype=F64), torch.tensor([-1.877, -1.536], dtype=F64)])
+    for value in (-0.275, 1.3, -2.0, 2.5):
         y = torch.full_like(x, value)
-        with assert_launched("pointwise_fwd_kernel"):
-            actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(xs, ys, 0.25, gamma, "mean"),
-                                    (xs := x.clone().requires_grad_(), ys := y.clone().requires_grad_()))
-        expected = loss_and_grads(lambda: R.sigmoid_focal_loss(xr, yr, 0.25, gamma, "mean"),
-                                  (xr := x.clone().requires_grad_(), yr := y.clone().requires_grad_()))
+        xs, ys = x.to(device).requires_grad_(), y.to(device).requires_grad_()
+        expected = loss_and_grads(lambda a=xs, b=ys: torchvision_sigmoid_focal_loss(a, b, alpha, gamma, "none"),
+                                  (xs, ys))
+        with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+            actual = loss_and_grads(lambda a=xs, b=ys: FF.sigmoid_focal_loss(a, b, alpha, gamma, "none"), (xs, ys))
         check_same(actual, expected, F64, f"y={value} gamma={gamma}")
+        assert (actual[0].nan_to_num() != 0).any()
+
+
+@pytest.mark.parametrize("alpha", [1.5, -0.5, -2.0, 1.0 + 1e-9, float("nan")], ids=str)
+def test_sigmoid_focal_alpha_outside_unit_interval_raises_value_error(alpha, backend, device):
+    """torchvision (pytorch/vision#8882): alpha in [0, 1], or -1 to disable the weighting."""
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    with pytest.raises(ValueError, match=r"Invalid alpha value: .*\. alpha must be in the range \[0,1\] or -1 "
+                                         r"for ignore\."):
+        FF.sigmoid_focal_loss(x, y, alpha=alpha)
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        fastloss.SigmoidFocalLoss(alpha=alpha)(x, y)
+    for ok in (0.0, 1.0, -1.0, -1):
+        FF.sigmoid_focal_loss(x, y, alpha=ok)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5])
+@pytest.mark.parametrize("alpha", [0.25, -1.0], ids=lambda a: f"alpha{a:g}")
+def test_sigmoid_focal_infinite_logits_gradients_like_torchvision(alpha, gamma, backend, device):
+    """x = +-inf: the loss is torch's (inf, or NaN where its BCE is NaN); at gamma = 0
+    (1 - p_t)**0 = 1 drops out of the gradient (torch.pow's backward gives 0 for exponent 0), so
+    the input gradient is finite where the loss is inf, not inf * 0 = NaN. The target gradient
+    is compared at gamma = 0, where no product of autograd's own 0 * inf enters."""
+    inf = float("inf")
+    x = torch.tensor([inf, -inf] * 3 + [3.0], dtype=F64, device=device, requires_grad=True)
+    y = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 0.3], dtype=F64, device=device, requires_grad=True)
+    expected = loss_and_grads(lambda: torchvision_sigmoid_focal_loss(x, y, alpha, gamma, "none"), (x, y))
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(x, y, alpha, gamma, "none"), (x, y))
+    (loss, (gx, gy)), (loss_e, (gx_e, gy_e)) = actual, expected
+    assert_close(loss, loss_e, F64, "loss")
+    # where the loss is not NaN, the input gradient is torchvision's
+    valid = ~loss_e.isnan()
+    assert_close(gx[valid], gx_e[valid], F64, "grad input")
+    if gamma == 0:
+        assert torch.isfinite(gx[valid]).all()
+        assert_close(gx, gx_e, F64, "grad input")
+        assert_close(gy, gy_e, F64, "grad target")
 
 
 @pytest.mark.parametrize("case", BCE_CASES + FOCAL_CASES, ids=case_id)
@@ -489,6 +529,37 @@ def test_infinite_logits_give_torchs_loss(case, backend, device):
         actual = case.fast(x, y, "none", **extra)
     assert torch.equal(actual.isnan(), expected.isnan()), f"{case.name}: {actual} vs torch {expected}"
     assert_close(actual, expected, torch.float32, case.name)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0, 1.0, 0.5, 0.0], ids=lambda p: f"pos_weight{p}")
+def test_bce_infinite_operands_give_torchs_values(pos_weight, backend, device):
+    """Targets (and logits) of +-inf: torch's loss and both gradients, +-inf where its formula
+    gives them and NaN where it gives NaN (with a pos_weight, every infinite target's input
+    gradient is NaN in torch, also for pos_weight 1), though the kernels evaluate another form."""
+    inf = float("inf")
+    values = [(a, b) for a in (2.0, -3.0, 0.0, inf, -inf, 50.0, -50.0) for b in (inf, -inf, 0.0, 1.0, 0.5, 1.5)]
+    x = torch.tensor([a for a, _ in values], dtype=F64, device=device, requires_grad=True)
+    y = torch.tensor([b for _, b in values], dtype=F64, device=device, requires_grad=True)
+    extra = {} if pos_weight is None else {"pos_weight": torch.full_like(y.detach(), pos_weight)}
+    expected = loss_and_grads(lambda: F.binary_cross_entropy_with_logits(x, y, reduction="none", **extra), (x, y))
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        actual = loss_and_grads(lambda: FF.binary_cross_entropy_with_logits(x, y, reduction="none", **extra),
+                                (x, y))
+    check_same(actual, expected, F64, f"pos_weight={pos_weight}")
+
+
+def test_weighted_huber_infinite_difference_gradient_like_torch(backend, device):
+    """torch's weighted huber multiplies its own huber_loss by the weight: at d = +-inf the
+    gradient is +-delta w, not the NaN of a where() whose other branch is inf * 0."""
+    inf = float("inf")
+    x = torch.tensor([inf, -inf, 1.0, 0.1, -3.0], dtype=F64, device=device, requires_grad=True)
+    y = torch.zeros(5, dtype=F64, device=device)
+    weight = torch.tensor([0.5, 2.0, 1.5, 0.25, 3.0], dtype=F64, device=device)
+    for reduction in REDUCTIONS:
+        expected = loss_and_grads(lambda r=reduction: F.huber_loss(x, y, reduction=r, delta=0.7, weight=weight), (x,))
+        actual = loss_and_grads(lambda r=reduction: FF.huber_loss(x, y, reduction=r, delta=0.7, weight=weight), (x,))
+        check_same(actual, expected, F64, f"weighted huber {reduction}")
+        assert torch.isfinite(actual[1][0]).all()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -340,6 +340,8 @@ def pointwise_loss(
     Under torch.compile the torch.library custom ops are traced (no graph break); in eager mode an
     autograd.Function calls the same launchers directly.
     """
+    if loss == "bce_with_logits":  # its param1 says whether a pos_weight was given (see its terms)
+        param1 = 1.0 if pos_weight is not None else 0.0
     return _run(input, target, weight, pos_weight, loss, [1.0, float(param1), float(param2)], reduction)
 
 
