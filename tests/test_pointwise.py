@@ -383,6 +383,67 @@ def test_no_grad_forward_matches_torch(device):
     assert_close(loss, F.mse_loss(x.detach(), y.detach()), torch.float32, "mse under no_grad")
 
 
+FLOAT64_SCALAR_CASES = [
+    pytest.param(F.huber_loss, FF.huber_loss, {"delta": 0.1 + 1e-12}, id="huber_delta0.1+1e-12"),
+    pytest.param(F.smooth_l1_loss, FF.smooth_l1_loss, {"beta": 0.1 + 1e-12}, id="smooth_l1_beta0.1+1e-12"),
+    pytest.param(F.mse_loss, FF.mse_loss, {}, id="mse"),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("torch_fn, fast_fn, kwargs", FLOAT64_SCALAR_CASES)
+def test_float64_kernels_take_scalars_at_float64_precision(torch_fn, fast_fn, kwargs, reduction, device):
+    """delta, beta and the 1/n of "mean" reach a float64 kernel unrounded (Triton types a plain
+    Python float argument as fp32, which would cost ~1e-8 relatively): the loss and gradients equal
+    torch.nn's in float64 to 1e-15 for n = 3, with |d| on both sides of the threshold."""
+    x = torch.tensor([0.1 + 5e-13, -0.3, 0.0999999999], dtype=F64, device=device, requires_grad=True)
+    y = torch.zeros(3, dtype=F64, device=device, requires_grad=True)
+    go = None if reduction != "none" else torch.tensor([0.7, -1.3, 2.1], dtype=F64, device=device)
+    expected = loss_and_grads(lambda: torch_fn(x, y, reduction=reduction, **kwargs), (x, y), go)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        actual = loss_and_grads(lambda: fast_fn(x, y, reduction=reduction, **kwargs), (x, y), go)
+    for what, a, e in zip(("loss", "grad input", "grad target"), (actual[0], *actual[1]), (expected[0], *expected[1])):
+        torch.testing.assert_close(a, e, rtol=1e-15, atol=0.0, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_float_kernel_arguments_are_bound_as_fp64(monkeypatch):
+    """What the interpreter cannot show (it passes Python floats as they are): the float arguments
+    the launchers pass (coefficients, delta, alpha, gamma, ...) are typed fp64 by Triton's JIT, as
+    a GPU launch would bind them, so a float64 kernel gets them unrounded (the kernels cast them to
+    the accumulation dtype, so float32 kernels do not compute in float64)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernels, terms, tl_dtypes = ops._kernels()
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
+
+    fake = type("FakeKernels", (), {name: Recorder(getattr(kernels, name))
+                                   for name in ("pointwise_fwd_kernel", "pointwise_bwd_kernel")})()
+    monkeypatch.setattr(ops, "_kernels", lambda: (fake, terms, tl_dtypes))
+    x, y = torch.randn(5, dtype=F64), torch.rand(5, dtype=F64)
+    ops._fwd(x, y, None, None, "sigmoid_focal", [1.0, 0.25, 2.0], "mean", True, True)
+    ops._bwd(x, y, None, None, torch.ones(()), "huber,mse", [0.3, 0.1 + 1e-12, 0.0, 0.7, 0.0, 0.0], 1 / 3,
+             True, True)
+    ops._rescale(x.half(), y.half(), None, None, torch.tensor(0.3), x.half(), None, "mse", [1.0, 0.0, 0.0], 0.2)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for kernel, args, kwargs in calls:
+        jit = JITFunction(kernel.fn)
+        meta = {k: v for k, v in kwargs.items() if k != "num_warps"}
+        bound, specialization, _ = create_function_from_signature(jit.signature, jit.params, backend)(*args, **meta)
+        floats = [name for name, value in bound.items() if isinstance(value, float)]
+        assert floats, "no float arguments recorded"
+        types = {name: ty for name, (ty, _) in zip(bound, specialization) if name in floats}
+        assert set(types.values()) == {"fp64"}, f"{kernel.fn.__name__}: {types}"
+
+
 # --------------------------------------------------------------------------------------------
 # torch.nn behaviour: layouts, broadcasting, empty, NaN, scalars, dtypes (both backends)
 # --------------------------------------------------------------------------------------------
