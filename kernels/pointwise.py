@@ -219,8 +219,8 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     a_t = tl.where(use_alpha, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
     loss = a_t * ce * m_gamma
     grad_x = a_t * (dce_dx * m_gamma + focus_dx)
-    # da_t/dy f / a_t as autograd forms it, alpha f - (1 - alpha) f (NaN for an infinite ce, as
-    # torch's), and no term at all without alpha
+    # da_t/dy ce m^gamma formed as autograd does, alpha cm - (1 - alpha) cm (NaN for an infinite
+    # ce, as torch's); no term at all without alpha
     cm = ce * m_gamma
     grad_y = a_t * (dce_dy * m_gamma + focus_dy) + tl.where(use_alpha, alpha * cm - (1.0 - alpha) * cm, 0.0)
     return loss, grad_x, grad_y
@@ -395,8 +395,9 @@ def pointwise_bwd_kernel(
     SCALE: tl.constexpr,  # grad_*_ptr hold a reduced 16-bit loss's forward-made gradients
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Gradients times grad_output, recomputed from input and target (reduction="none"); with
-    SCALE, the forward's gradients rounded once more only where that is exact (grid-stride loop)."""
+    """Gradients times grad_output, recomputed from input and target (reduction="none", a second
+    backward); with SCALE, a reduced 16-bit loss's forward-made gradients times the scalar
+    grad_output, rounded once more only where that is exact, else recomputed (grid-stride loop)."""
     pid = tl.program_id(0).to(tl.int64)
     if SCALE:
         go = tl.load(grad_output_ptr).to(ACC_DTYPE)
