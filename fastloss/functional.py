@@ -60,6 +60,13 @@ def _floating_operands(name: str, input: Tensor, target: Tensor) -> tuple[Tensor
     return input.to(dtype), target.to(dtype)
 
 
+def _torch_only(input: Tensor, target: Tensor) -> bool:
+    """Whether mse/l1 operands are integer or complex tensors, for which torch's own function runs
+    (torch computes some of these: |complex|, integer losses with reduction="none"/"sum")."""
+    return (isinstance(input, Tensor) and isinstance(target, Tensor)
+            and not _result_dtype(input, target).is_floating_point)
+
+
 def _broadcast(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """torch.nn's regression-loss broadcasting, with its warning."""
     if target.size() != input.size():
@@ -89,9 +96,14 @@ def mse_loss(
     """Mean squared error, as torch.nn.functional.mse_loss.
 
     ``weight`` (same size as input) scales each element; "mean" is then sum(w * l) / sum(w).
-    Weighted calls run the PyTorch reference.
+    Weighted calls run the PyTorch reference. Integer (and complex) operands run torch's mse_loss,
+    with its results and errors (an integer error times a floating weight is a floating loss).
     """
     reduction = _reduction_arg(size_average, reduce, reduction)
+    if _torch_only(input, target):
+        _check_weight(weight, input)
+        input, target = _broadcast(input, target)
+        return reference.mse_loss(input, target, reduction, weight)
     input, target = _floating_operands("mse_loss", input, target)
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
@@ -108,8 +120,16 @@ def l1_loss(
     reduction: str = "mean",
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Mean absolute error, as torch.nn.functional.l1_loss (weighted calls run the reference)."""
+    """Mean absolute error, as torch.nn.functional.l1_loss (weighted calls run the reference).
+
+    Complex operands give torch's real loss ``|input - target|``, and integer operands torch's own
+    results and errors: both run torch's l1_loss.
+    """
     reduction = _reduction_arg(size_average, reduce, reduction)
+    if _torch_only(input, target):
+        _check_weight(weight, input)
+        input, target = _broadcast(input, target)
+        return reference.l1_loss(input, target, reduction, weight)
     input, target = _floating_operands("l1_loss", input, target)
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
@@ -125,16 +145,26 @@ def huber_loss(
     delta: float = 1.0,
     weight: Tensor | None = None,
 ) -> Tensor:
-    """Huber loss, as torch.nn.functional.huber_loss; ``delta`` must be positive."""
+    """Huber loss, as torch.nn.functional.huber_loss; ``delta`` must be positive.
+
+    Unlike the other losses, torch.nn's huber_loss returns the input's dtype (computing in the
+    promoted one and rounding into it), times the weight's when one is given; fastloss does too.
+    """
     reduction = _reduction_arg(None, None, reduction)
     if not delta > 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
+    input_dtype = getattr(input, "dtype", None)
     input, target = _floating_operands("huber_loss", input, target)
+    if not input_dtype.is_floating_point:
+        raise RuntimeError(f"result type {_type_name(input.dtype)} can't be cast to the desired output "
+                           f"type {_type_name(input_dtype)}")
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
     if weight is None and use_triton(input, target):
-        return pointwise_loss("huber", input, target, param1=delta, reduction=reduction)
-    return reference.huber_loss(input, target, reduction, delta, weight)
+        loss = pointwise_loss("huber", input, target, param1=delta, reduction=reduction)
+    else:
+        loss = reference.huber_loss(input, target, reduction, delta, weight)
+    return loss.to(input_dtype if weight is None else torch.promote_types(input_dtype, weight.dtype))
 
 
 def smooth_l1_loss(
@@ -147,7 +177,7 @@ def smooth_l1_loss(
 ) -> Tensor:
     """Smooth L1 loss, as torch.nn.functional.smooth_l1_loss; ``beta`` = 0 is plain L1."""
     reduction = _reduction_arg(size_average, reduce, reduction)
-    if beta < 0:
+    if not beta >= 0:  # NaN too, as torch
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
     input, target = _floating_operands("smooth_l1_loss", input, target)
     input, target = _broadcast(input, target)
@@ -222,9 +252,12 @@ def sigmoid_focal_loss(
     """Sigmoid focal loss (Lin et al., 2017), exactly torchvision.ops.sigmoid_focal_loss.
 
     ``alpha_t (1 - p_t)^gamma * bce_with_logits(inputs, targets)``, where ``p_t`` is the probability
-    of the target and ``alpha_t = alpha`` for positives, ``1 - alpha`` for negatives; ``alpha < 0``
-    disables the weighting. Note torchvision's default ``reduction="none"``.
+    of the target and ``alpha_t = alpha`` for positives, ``1 - alpha`` for negatives; ``alpha = -1``
+    disables the weighting; any other alpha outside [0, 1] raises ValueError, as torchvision's.
+    Note torchvision's default ``reduction="none"``.
     """
+    if not 0 <= alpha <= 1 and alpha != -1:
+        raise ValueError(f"Invalid alpha value: {alpha}. alpha must be in the range [0,1] or -1 for ignore.")
     if reduction not in _REDUCTIONS:
         raise ValueError(
             f"Invalid Value for arg 'reduction': '{reduction} \n Supported reduction modes: "

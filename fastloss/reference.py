@@ -60,22 +60,33 @@ def _softplus_neg(x: Tensor) -> Tensor:
     return F.softplus(-x, beta=1.0, threshold=50.0)
 
 
+def _weighted_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
+    """torch.nn's weighted losses multiply by the weight, so its dtype promotes the result's."""
+    return torch.promote_types(input.dtype, weight.dtype)
+
+
 def mse_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
-    """Mean squared error: (input - target)^2, optionally weighted (weighted mean for "mean")."""
+    """Mean squared error: (input - target)^2, optionally weighted (weighted mean for "mean").
+    Integer and complex operands run torch.nn.functional.mse_loss itself (results and errors)."""
+    if not (input.is_floating_point() and target.is_floating_point()):
+        return F.mse_loss(input, target, reduction=reduction, weight=weight)
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.mse_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y) ** 2
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
+    return _reduce(loss * w, reduction, _weighted_dtype(input, weight), w)
 
 
 def l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", weight: Tensor | None = None) -> Tensor:
-    """Mean absolute error: |input - target|, optionally weighted."""
+    """Mean absolute error: |input - target|, optionally weighted. Complex operands (a real loss)
+    and integer ones run torch.nn.functional.l1_loss itself, with its results and errors."""
+    if not (input.is_floating_point() and target.is_floating_point()):
+        return F.l1_loss(input, target, reduction=reduction, weight=weight)
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.l1_loss(x, y, reduction=reduction).to(input.dtype)
     loss = (x - y).abs()
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype, w)
+    return _reduce(loss * w, reduction, _weighted_dtype(input, weight), w)
 
 
 def huber_loss(
@@ -85,11 +96,10 @@ def huber_loss(
     x, y, w = _upcast(input, target, weight)
     if w is None:
         return F.huber_loss(x, y, reduction=reduction, delta=delta).to(input.dtype)
-    d = x - y
-    a = d.abs()
-    loss = torch.where(a < delta, 0.5 * d * d, delta * (a - 0.5 * delta))
-    # unlike mse/l1, torch.nn's weighted huber "mean" is the plain mean of the weighted loss
-    return _reduce(loss if w is None else loss * w, reduction, input.dtype)
+    # torch.nn's weighted form (so the gradient at an infinite d is delta w, as torch's); unlike
+    # mse/l1, its "mean" is the plain mean of the weighted loss
+    loss = F.huber_loss(x, y, reduction="none", delta=delta) * w
+    return _reduce(loss, reduction, _weighted_dtype(input, weight))
 
 
 def smooth_l1_loss(input: Tensor, target: Tensor, reduction: str = "mean", beta: float = 1.0) -> Tensor:
@@ -119,12 +129,21 @@ def sigmoid_focal_loss(
     ce = (1.0 - y) * x + _softplus_neg(x)
     # 1 - p_t, written without the cancellation that rounds it to 0 for large |x| and hard targets
     m = p * (1.0 - y) + torch.sigmoid(-x) * y
-    # m ** gamma as exp(gamma log m): its gradient gamma m^gamma / m stays finite for tiny m, where
-    # autograd's gamma m^(gamma-1) overflows (gamma < 1); masked at m = 0, where dm/dx = ce = 0.
-    # (a NaN m is kept, so that its NaN reaches the gradients, as torchvision's)
-    pos = ~(m <= 0)
-    m_gamma = torch.exp(gamma * torch.log(torch.where(pos, m, 1.0)))
-    loss = ce * torch.where(pos, m_gamma, 0.0 if gamma > 0 else 1.0)
+    if gamma == 0:  # m ** 0 = 1 with gradient 0 (torch.pow's), even where ce is infinite
+        loss = ce
+    elif gamma == 1:
+        loss = ce * m
+    else:
+        # m ** gamma for m > 0 as exp(gamma log m): its gradient gamma m^gamma / m stays finite for
+        # tiny m, where autograd's gamma m^(gamma-1) overflows (gamma < 1). A negative m (targets
+        # outside [0, 1]) is torch.pow's, NaN unless gamma is an integer; a NaN m stays NaN, so
+        # that its NaN reaches the gradients. At m = 0, where dm/dx = ce = 0 for targets in
+        # [0, 1], it is 0 * m: the gradient ce * 0, not torch.pow's inf * 0 = NaN for gamma < 1
+        # (NaN only where ce is, as at x = -inf).
+        pos, zero = m > 0, m == 0
+        m_gamma = torch.where(pos, torch.exp(gamma * torch.log(torch.where(pos, m, 1.0))),
+                              torch.where(pos | zero, 1.0, m) ** gamma)
+        loss = ce * torch.where(zero, 0.0 * m, m_gamma)
     if alpha >= 0:
         loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
     return _reduce(loss, reduction, inputs.dtype)

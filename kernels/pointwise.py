@@ -7,7 +7,12 @@ the gradient stores.
 
 For a reduced loss (``mean``/``sum``) the forward kernel also writes ``w * df/dx`` (and ``df/dy``
 when the target needs a gradient), so backward only has to multiply by ``grad_output``:
-``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync.
+``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync. In
+float16/bfloat16 that product would round the stored (already rounded) gradient a second time, so
+``pointwise_bwd_kernel`` with SCALE does that backward instead: nothing when grad_output is 1; a
+power of two scales the stored gradient, which is exact while the result stays representable (a
+block where it does not is recomputed); any other grad_output recomputes the gradient from input
+and target, grad_output applied in fp32 before the one rounding.
 
 The drivers evaluate ``f = sum_k coef_k f_k`` over up to three member losses (``TERMS``,
 ``TERMS_B``, ``TERMS_C``; absent members are ``None`` and compile away): one loss is the case of one
@@ -26,22 +31,29 @@ Formulas (``d = x - y``):
     bce with logits, pos_weight p (1 when absent), L = 1 + (p - 1) y:
              f = (1 - y) x + L softplus(-x)  evaluated as  (1 - y) softplus(x) + p y softplus(-x)
              df/dx = (1 - y) - L sigmoid(-x) (x >= 0)  =  L sigmoid(x) - p y (x < 0)
-             df/dy = -x + (p - 1) softplus(-x)
+             df/dy = -x + (p - 1) softplus(-x)   (-x without a pos_weight)
     (sums of non-negative terms for hard targets: nothing cancels, so tiny losses and gradients
     at large |x| keep their relative accuracy; torch's float32 formula rounds them to 0).
     softplus(+-x) = max(+-x, 0) + log1p(exp(-|x|)), the log1p by a short series (_log1p_unit).
+    Where these forms make inf - inf (x = -inf, infinite targets) torch's own forms give its
+    values: f = (1 - y) x + L softplus(-x), df/dx = sigmoid(x) - y, or (p y + 1 - y) sigmoid(x) - p y
+    with a pos_weight (NaN for an infinite y), df/dy = p softplus(-x) - softplus(x).
 
     sigmoid focal (torchvision), s = sigmoid(x), ce = bce(x, y), p_t = s y + (1 - s)(1 - y),
     m = 1 - p_t = s (1 - y) + sigmoid(-x) y (no cancellation for hard targets),
     a_t = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0):
              f = a_t ce m^gamma
-             dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = 2 alpha - 1 (0 when alpha < 0)
+             dm/dx = -s (1 - s)(2 y - 1),  dm/dy = 1 - 2 s,  da_t/dy = alpha - (1 - alpha) (0 when alpha < 0)
              df/dx = a_t (dce/dx m^gamma + ce gamma m^(gamma-1) dm/dx)
              df/dy = a_t (dce/dy m^gamma + ce gamma m^(gamma-1) dm/dy) + da_t/dy ce m^gamma
     ``gamma m^(gamma-1) dm`` is evaluated as ``gamma m^gamma (dm/dx / m)`` and
     ``gamma m^gamma (ce / m) dm/dy``: ``|dm/dx| <= m`` and ``ce ~ m`` as m -> 0, so both stay finite
     for tiny m (where m^(gamma-1) overflows for gamma < 1). At m = 0 (saturated logit, hard target)
-    dm/dx = ce = 0 and the term is 0, so the gradient stays finite for every gamma >= 0.
+    dm/dx = ce = 0 and the term is 0, so the gradient stays finite for every gamma >= 0 (torch's
+    gamma 0^(gamma-1) is 1 at gamma = 1, kept; inf for gamma < 1, whose inf * 0 is taken as 0).
+    gamma = 0 drops the term altogether, as torch.pow's backward does (so an infinite ce at x =
+    +-inf leaves a finite df/dx). Targets outside [0, 1] can make m negative: m^gamma is then
+    torch.pow's, NaN unless gamma is an integer, (-1)^gamma |m|^gamma if it is.
 """
 
 import triton
@@ -90,13 +102,18 @@ def _softplus_neg(x):
 
 @triton.jit
 def _pow(m, gamma):
-    """m ** gamma for m >= 0, with 0 ** 0 = 1 like torch.pow (gamma a scalar). gamma == 2, the
-    focal losses' default, is one multiplication (a uniform branch: the other side is skipped)."""
+    """m ** gamma as torch.pow for a scalar gamma >= 0: x ** 0 = 1 for every x (NaN included), a
+    negative m gives NaN unless gamma is an integer (then (-1)**gamma |m|**gamma). gamma == 2, the
+    focal losses' default, is one multiplication (uniform branches: the others are skipped)."""
     if gamma == 2.0:
-        p = tl.where(m <= 0, 0.0, m * m)  # as the other branch for m <= 0 (a NaN m stays NaN)
+        p = m * m
+    elif gamma == 0.0:
+        p = tl.full(m.shape, 1.0, m.dtype)
     else:
-        safe = tl.where(m > 0, m, 1.0)
-        p = tl.where(m > 0, tl.exp2(gamma * tl.log2(safe)), tl.where(gamma == 0.0, 1.0, 0.0))
+        p = tl.exp2(gamma * tl.log2(tl.abs(m)))  # log2(0) = -inf: 0 ** gamma = 0 for gamma > 0
+        whole = gamma == tl.floor(gamma)
+        odd = whole & (2.0 * tl.floor(0.5 * gamma) != gamma)
+        p = tl.where(m < 0, tl.where(whole, tl.where(odd, -p, p), float("nan")), p)
     return p
 
 
@@ -139,8 +156,9 @@ def smooth_l1_terms(x, y, pos_weight, beta, param2):
 
 
 @triton.jit
-def bce_with_logits_terms(x, y, pos_weight, param1, param2):
-    """Binary cross-entropy on logits x, with pos_weight (1.0 when absent)."""
+def bce_with_logits_terms(x, y, pos_weight, has_pos_weight, param2):
+    """Binary cross-entropy on logits x, with pos_weight (1.0 when absent; has_pos_weight != 0 when
+    one was given, which changes torch's results for infinite targets)."""
     e = tl.exp(-tl.abs(x))
     r = 1.0 / (1.0 + e)
     log1p_e = _log1p_unit(e)
@@ -156,9 +174,16 @@ def bce_with_logits_terms(x, y, pos_weight, param1, param2):
     py = pos_weight * y
     lw = 1.0 + (pos_weight - 1.0) * y
     loss = (1.0 - y) * sp_pos + py * sp_neg
-    loss = tl.where(x == float("-inf"), (1.0 - y) * x + lw * sp_neg, loss)  # torch's NaN there
     grad_x = tl.where(x >= 0, (1.0 - y) - lw * sig_neg, lw * sig_pos - py)
-    return loss, grad_x, (pos_weight - 1.0) * sp_neg - x
+    # torch's own forms where those make inf - inf (x = -inf, infinite targets): its values, NaN
+    # included; without a pos_weight torch has no (p - 1) y term (0 * inf for an infinite y)
+    with_pw = has_pos_weight != 0.0
+    y_inf = tl.abs(y) == float("inf")
+    loss = tl.where((x == float("-inf")) | y_inf, (1.0 - y) * x + tl.where(with_pw, lw, 1.0) * sp_neg, loss)
+    grad_x = tl.where(y_inf, tl.where(with_pw, (py + 1.0 - y) * sig_pos - py, sig_pos - y), grad_x)
+    grad_y = tl.where(with_pw, tl.where(x == float("-inf"), pos_weight * sp_neg, (pos_weight - 1.0) * sp_neg - x),
+                      -x)
+    return loss, grad_x, grad_y
 
 
 @triton.jit
@@ -174,22 +199,30 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     ce = tl.where(x == float("-inf"), (1.0 - y) * x + tl.maximum(-x, 0.0), ce)  # torch's NaN there
     dce_dx = tl.where(x >= 0, (1.0 - y) - s_neg, s - y)  # s - y, cancelling only as it must
     dce_dy = -x
-    m = s * (1.0 - y) + s_neg * y
+    m = s * (1.0 - y) + s_neg * y  # 1 - p_t; negative for some targets outside [0, 1]
     m_gamma = _pow(m, gamma)
     dm_dx = -s * s_neg * (2.0 * y - 1.0)
     dm_dy = 1.0 - 2.0 * s
     # gamma m^(gamma-1) overflows for tiny m when gamma < 1 (and 0 * inf at gamma = 0), so use
     # gamma m^gamma (dm/dx / m) and gamma m^gamma (ce / m): |dm/dx| <= m and ce ~ m as m -> 0.
-    # (Divisions, not one reciprocal: 1 / m overflows for a subnormal m.)
-    m_safe = tl.where(m > 0, m, 1.0)
-    dpow_dx = gamma * m_gamma * (dm_dx / m_safe)
-    dpow_dy = gamma * m_gamma * (ce / m_safe) * dm_dy
+    # (Divisions, not one reciprocal: 1 / m overflows for a subnormal m.) At m = 0, m^gamma / m
+    # stands for 0^(gamma-1): 1 at gamma = 1, else 0 (see the module docstring).
+    nonzero = m != 0
+    m_safe = tl.where(nonzero, m, 1.0)
+    m_gamma_m = tl.where(nonzero, m_gamma, tl.where(gamma == 1.0, 1.0, 0.0))
+    dpow_dx = gamma * m_gamma_m * (dm_dx / m_safe)
+    dpow_dy = gamma * m_gamma_m * (ce / m_safe) * dm_dy
+    # gamma = 0: no term at all, as torch.pow's backward (ce may be infinite at x = +-inf)
+    focus_dx = tl.where(gamma == 0.0, 0.0, ce * dpow_dx)
+    focus_dy = tl.where(gamma == 0.0, 0.0, dpow_dy)
     use_alpha = alpha >= 0
     a_t = tl.where(use_alpha, alpha * y + (1.0 - alpha) * (1.0 - y), 1.0)
-    da_dy = tl.where(use_alpha, 2.0 * alpha - 1.0, 0.0)
     loss = a_t * ce * m_gamma
-    grad_x = a_t * (dce_dx * m_gamma + ce * dpow_dx)
-    grad_y = a_t * (dce_dy * m_gamma + dpow_dy) + da_dy * ce * m_gamma
+    grad_x = a_t * (dce_dx * m_gamma + focus_dx)
+    # da_t/dy ce m^gamma formed as autograd does, alpha cm - (1 - alpha) cm (NaN for an infinite
+    # ce, as torch's); no term at all without alpha
+    cm = ce * m_gamma
+    grad_y = a_t * (dce_dy * m_gamma + focus_dy) + tl.where(use_alpha, alpha * cm - (1.0 - alpha) * cm, 0.0)
     return loss, grad_x, grad_y
 
 
@@ -346,9 +379,9 @@ def pointwise_bwd_kernel(
     target_ptr,           # [n_elements] contiguous, same dtype as input
     weight_ptr,           # broadcast weight, read iff HAS_WEIGHT
     pos_weight_ptr,       # broadcast pos_weight, read iff HAS_POS_WEIGHT
-    grad_output_ptr,      # [n_elements] (stride_grad_output = 1) or a scalar (stride 0)
-    grad_input_ptr,       # [n_elements] input dtype, written iff GRAD_INPUT
-    grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET
+    grad_output_ptr,      # [n_elements] (stride_grad_output = 1) or a scalar (stride 0; SCALE: a scalar)
+    grad_input_ptr,       # [n_elements] input dtype, written iff GRAD_INPUT (SCALE: read first)
+    grad_target_ptr,      # [n_elements] input dtype, written iff GRAD_TARGET (SCALE: read first)
     n_elements, stride_grad_output,
     weight_inner, weight_period, pos_weight_inner, pos_weight_period,
     coef: tl.float64,     # member coefficients and parameters, as in pointwise_fwd_kernel
@@ -359,11 +392,42 @@ def pointwise_bwd_kernel(
     TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    SCALE: tl.constexpr,  # grad_*_ptr hold a reduced 16-bit loss's forward-made gradients
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Gradients recomputed from input and target, times grad_output (reduction="none")."""
+    """Gradients times grad_output, recomputed from input and target (reduction="none", a second
+    backward); with SCALE, a reduced 16-bit loss's forward-made gradients times the scalar
+    grad_output, rounded once more only where that is exact, else recomputed (grid-stride loop)."""
     pid = tl.program_id(0).to(tl.int64)
-    if (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
+    if SCALE:
+        go = tl.load(grad_output_ptr).to(ACC_DTYPE)
+        if go != 1.0:
+            # a power of two (a normal float: the mantissa bits are 0) scales a rounded gradient
+            # into the rounding of the scaled one, while the result stays representable
+            bits = go.to(tl.float32).to(tl.int32, bitcast=True)
+            exponent = (bits >> 23) & 0xFF
+            power_of_two = ((bits & 0x7FFFFF) == 0) & (exponent != 0) & (exponent != 0xFF)
+            step = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
+            for start in range(pid * BLOCK_SIZE, n_elements, step):
+                if start + BLOCK_SIZE <= n_elements:
+                    _rescale_block(
+                        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr,
+                        grad_target_ptr, go, power_of_two, start, n_elements, weight_inner,
+                        weight_period, pos_weight_inner, pos_weight_period, coef, param1, param2,
+                        coef_b, param1_b, param2_b, coef_c, param1_c, param2_c, TERMS, TERMS_B,
+                        TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+                        BLOCK_SIZE, FULL=True,
+                    )
+                else:
+                    _rescale_block(
+                        input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr,
+                        grad_target_ptr, go, power_of_two, start, n_elements, weight_inner,
+                        weight_period, pos_weight_inner, pos_weight_period, coef, param1, param2,
+                        coef_b, param1_b, param2_b, coef_c, param1_c, param2_c, TERMS, TERMS_B,
+                        TERMS_C, HAS_WEIGHT, HAS_POS_WEIGHT, GRAD_INPUT, GRAD_TARGET, ACC_DTYPE,
+                        BLOCK_SIZE, FULL=False,
+                    )
+    elif (pid + 1) * BLOCK_SIZE <= n_elements:  # every block but a partial last one
         _bwd_block(
             input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_output_ptr, grad_input_ptr,
             grad_target_ptr, pid, n_elements, stride_grad_output, weight_inner, weight_period,
@@ -409,6 +473,67 @@ def _bwd_block(
         tl.store(grad_input_ptr + offs, (dx * w).to(grad_input_ptr.dtype.element_ty), mask=mask)
     if GRAD_TARGET:
         tl.store(grad_target_ptr + offs, (dy * w).to(grad_target_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_exactly(grad_ptr, offs, mask, go, ACC_DTYPE: tl.constexpr):
+    """(g * go, whether that is the one rounding of the exact gradient times go) for the stored
+    16-bit gradients g of a block, go a power of two: it is while g * go is representable, unless
+    go > 1 lifts a subnormal (or zero) g, whose lost digits would then show."""
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    scaled = g * go
+    if grad_ptr.dtype.element_ty == tl.float16:
+        min_normal = 6.103515625e-05           # 2**-14
+    else:
+        min_normal = 1.1754943508222875e-38    # 2**-126, bfloat16
+    representable = scaled.to(grad_ptr.dtype.element_ty).to(ACC_DTYPE) == scaled
+    smallest = tl.where(tl.abs(go) <= 1.0, 0.0, min_normal)  # of the g that go may scale
+    exact = representable & (tl.abs(g) >= smallest)  # (NaN: recomputed, NaN again)
+    return scaled, exact | ~mask
+
+
+@triton.jit
+def _rescale_block(
+    input_ptr, target_ptr, weight_ptr, pos_weight_ptr, grad_input_ptr, grad_target_ptr,
+    go, power_of_two, start, n_elements,
+    weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+    coef, param1, param2, coef_b, param1_b, param2_b, coef_c, param1_c, param2_c,
+    TERMS: tl.constexpr, TERMS_B: tl.constexpr, TERMS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
+    GRAD_INPUT: tl.constexpr, GRAD_TARGET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
+):
+    """The block at start of pointwise_bwd_kernel with SCALE: the stored gradients times go where
+    that rounds exactly (go a power of two), the rest recomputed (FULL as in _fwd_block)."""
+    offs, mask = _block(start, n_elements, BLOCK_SIZE, FULL)
+    gi = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
+    gt = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
+    exact = tl.zeros((BLOCK_SIZE,), tl.int1)
+    if power_of_two:
+        exact = tl.full((BLOCK_SIZE,), 1, tl.int1)
+        if GRAD_INPUT:
+            gi, exact_i = _scaled_exactly(grad_input_ptr, offs, mask, go, ACC_DTYPE)
+            exact = exact & exact_i
+        if GRAD_TARGET:
+            gt, exact_t = _scaled_exactly(grad_target_ptr, offs, mask, go, ACC_DTYPE)
+            exact = exact & exact_t
+    if tl.sum((~exact).to(tl.int32), axis=0) > 0:
+        x, y, w, pw = _load_operands(
+            input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
+            weight_inner, weight_period, pos_weight_inner, pos_weight_period,
+            HAS_WEIGHT, HAS_POS_WEIGHT, ACC_DTYPE,
+        )
+        _, dx, dy = _terms(
+            x, y, pw, TERMS, coef, param1, param2, TERMS_B, coef_b, param1_b, param2_b,
+            TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE,
+        )
+        w = w * go  # grad_output applied in ACC_DTYPE, before the one rounding
+        gi = tl.where(exact, gi, dx * w)
+        gt = tl.where(exact, gt, dy * w)
+    if GRAD_INPUT:
+        tl.store(grad_input_ptr + offs, gi.to(grad_input_ptr.dtype.element_ty), mask=mask)
+    if GRAD_TARGET:
+        tl.store(grad_target_ptr + offs, gt.to(grad_target_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

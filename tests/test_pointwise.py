@@ -231,12 +231,15 @@ def test_reference_matches_torch_float64(case, api, reduction, device):
 # --------------------------------------------------------------------------------------------
 
 
-def _kernels_for(reduction: str, numel: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(forward kernels, backward kernels) that must run for this call."""
+def _kernels_for(reduction: str, numel: int, dtype: torch.dtype) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(forward kernels, backward kernels) that must run for this call: a reduced loss's backward
+    scales the forward-made gradients (pointwise_bwd_kernel in float16/bfloat16, which must not
+    round them twice)."""
     if numel == 0:
         return (), ()
-    backward = ("pointwise_bwd_kernel",) if reduction == "none" else ("scale_grad_kernel",)
-    return ("pointwise_fwd_kernel",), backward
+    if reduction == "none" or dtype in HALF_DTYPES:
+        return ("pointwise_fwd_kernel",), ("pointwise_bwd_kernel",)
+    return ("pointwise_fwd_kernel",), ("scale_grad_kernel",)
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=shape_id)
@@ -245,7 +248,7 @@ def _kernels_for(reduction: str, numel: int) -> tuple[tuple[str, ...], tuple[str
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_kernel_matches_reference(case, dtype, reduction, shape, device):
     x, y, extra = make_operands(case, shape, dtype, device)
-    fwd_kernels, bwd_kernels = _kernels_for(reduction, x.numel())
+    fwd_kernels, bwd_kernels = _kernels_for(reduction, x.numel(), dtype)
 
     def run_kernel():
         with fastloss.use_backend("triton"), assert_launched(*fwd_kernels):
@@ -278,6 +281,58 @@ def test_half_precision_never_less_accurate_than_torch(case, dtype, reduction, b
         (exact[0], *exact[1]),
     ):
         assert_no_less_accurate(fast, torch_result, ref, f"{case.name} {reduction} {what}")
+
+
+def _ulps(actual: Tensor, exact: Tensor) -> Tensor:
+    """|actual - exact| in units in the last place of exact in actual's dtype (the subnormal
+    spacing below its normal range)."""
+    info = torch.finfo(actual.dtype)
+    exact = exact.double()
+    spacing = info.eps * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(info.tiny))))
+    return (actual.double() - exact).abs() / spacing
+
+
+#: (reduction, grad_output): ``(loss * 0.3).backward()``, gradient accumulation's ``loss / 7``-like
+#: factors, powers of two (the stored gradient scales exactly, except where the result leaves the
+#: normal range or lifts a subnormal one) and a random per-element grad_output for "none".
+ROUNDED_ONCE_GRAD_OUTPUTS = [("mean", 0.3), ("mean", 0.25), ("sum", 3 / 7), ("sum", 4.0), ("none", None)]
+
+
+@pytest.mark.parametrize("reduction, grad_output", ROUNDED_ONCE_GRAD_OUTPUTS,
+                         ids=lambda v: v if isinstance(v, str) else f"go{v:.3g}" if v else "random")
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_half_precision_gradients_are_rounded_once(case, dtype, reduction, grad_output, device):
+    """With grad_output != 1 a reduced loss's gradient (made by the forward, stored in the input
+    dtype) must not be rounded a second time when scaled: every element is within half a unit in
+    the last place of float64 torch.nn's (one rounding; a whole unit on CPU in bfloat16, where
+    Triton's interpreter truncates instead of rounding), and never less accurate than torch.nn."""
+    x, y, extra = make_operands(case, (3, 1000), dtype, device)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    extra64 = {k: v.double() for k, v in extra.items()}
+    loss64 = case.torch(x64, y64, reduction, **extra64)
+    if grad_output is None:
+        go = random_grad_output(loss64).to(dtype)
+    else:
+        go = torch.tensor(grad_output, dtype=dtype, device=device)
+    exact = torch.autograd.grad(loss64, (x64, y64), go.double())
+    in_torch = torch.autograd.grad(case.torch(x, y, reduction, **extra), (x, y), go)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel", "pointwise_bwd_kernel"):
+        in_fast = torch.autograd.grad(case.fast(x, y, reduction, **extra), (x, y), go)
+    # one rounding: half a unit (a whole one where the interpreter truncates), plus an eighth for
+    # the float32 evaluation of the formulas (terms that cancel for soft targets); a second
+    # rounding adds up to another half unit
+    bound = (1.0 if dtype == torch.bfloat16 and device == "cpu" else 0.5) + 0.125
+    for name, fast, torch_result, ref in zip(("input", "target"), in_fast, in_torch, exact):
+        what = f"{case.name} {reduction} grad_output={grad_output} grad {name}"
+        assert_no_less_accurate(fast, torch_result, ref, what)
+        if case.name.startswith("focal") and name == "target":
+            continue  # a difference of terms, whose float32 error may reach a 16-bit unit itself
+        ulps = _ulps(fast, ref)
+        worst = int(ulps.argmax())
+        assert ulps.max() <= bound, (
+            f"{what}: {ulps.max():.3f} ulp at {worst}: {fast.flatten()[worst].item()!r} vs float64 "
+            f"{ref.flatten()[worst].item()!r}")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -326,6 +381,67 @@ def test_no_grad_forward_matches_torch(device):
         loss = FF.mse_loss(x, y)
     assert not loss.requires_grad
     assert_close(loss, F.mse_loss(x.detach(), y.detach()), torch.float32, "mse under no_grad")
+
+
+FLOAT64_SCALAR_CASES = [
+    pytest.param(F.huber_loss, FF.huber_loss, {"delta": 0.1 + 1e-12}, id="huber_delta0.1+1e-12"),
+    pytest.param(F.smooth_l1_loss, FF.smooth_l1_loss, {"beta": 0.1 + 1e-12}, id="smooth_l1_beta0.1+1e-12"),
+    pytest.param(F.mse_loss, FF.mse_loss, {}, id="mse"),
+]
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("torch_fn, fast_fn, kwargs", FLOAT64_SCALAR_CASES)
+def test_float64_kernels_take_scalars_at_float64_precision(torch_fn, fast_fn, kwargs, reduction, device):
+    """delta, beta and the 1/n of "mean" reach a float64 kernel unrounded (Triton types a plain
+    Python float argument as fp32, which would cost ~1e-8 relatively): the loss and gradients equal
+    torch.nn's in float64 to 1e-15 for n = 3, with |d| on both sides of the threshold."""
+    x = torch.tensor([0.1 + 5e-13, -0.3, 0.0999999999], dtype=F64, device=device, requires_grad=True)
+    y = torch.zeros(3, dtype=F64, device=device, requires_grad=True)
+    go = None if reduction != "none" else torch.tensor([0.7, -1.3, 2.1], dtype=F64, device=device)
+    expected = loss_and_grads(lambda: torch_fn(x, y, reduction=reduction, **kwargs), (x, y), go)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        actual = loss_and_grads(lambda: fast_fn(x, y, reduction=reduction, **kwargs), (x, y), go)
+    for what, a, e in zip(("loss", "grad input", "grad target"), (actual[0], *actual[1]), (expected[0], *expected[1])):
+        torch.testing.assert_close(a, e, rtol=1e-15, atol=0.0, msg=lambda m, w=what: f"{w}: {m}")
+
+
+def test_float_kernel_arguments_are_bound_as_fp64(monkeypatch):
+    """What the interpreter cannot show (it passes Python floats as they are): the float arguments
+    the launchers pass (coefficients, delta, alpha, gamma, ...) are typed fp64 by Triton's JIT, as
+    a GPU launch would bind them, so a float64 kernel gets them unrounded (the kernels cast them to
+    the accumulation dtype, so float32 kernels do not compute in float64)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kernels, terms, tl_dtypes = ops._kernels()
+    calls = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.fn, args, kwargs))
+
+    fake = type("FakeKernels", (), {name: Recorder(getattr(kernels, name))
+                                   for name in ("pointwise_fwd_kernel", "pointwise_bwd_kernel")})()
+    monkeypatch.setattr(ops, "_kernels", lambda: (fake, terms, tl_dtypes))
+    x, y = torch.randn(5, dtype=F64), torch.rand(5, dtype=F64)
+    ops._fwd(x, y, None, None, "sigmoid_focal", [1.0, 0.25, 2.0], "mean", True, True)
+    ops._bwd(x, y, None, None, torch.ones(()), "huber,mse", [0.3, 0.1 + 1e-12, 0.0, 0.7, 0.0, 0.0], 1 / 3,
+             True, True)
+    ops._rescale(x.half(), y.half(), None, None, torch.tensor(0.3), x.half(), None, "mse", [1.0, 0.0, 0.0], 0.2)
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for kernel, args, kwargs in calls:
+        jit = JITFunction(kernel.fn)
+        meta = {k: v for k, v in kwargs.items() if k != "num_warps"}
+        bound, specialization, _ = create_function_from_signature(jit.signature, jit.params, backend)(*args, **meta)
+        floats = [name for name, value in bound.items() if isinstance(value, float)]
+        assert floats, "no float arguments recorded"
+        types = {name: ty for name, (ty, _) in zip(bound, specialization) if name in floats}
+        assert set(types.values()) == {"fp64"}, f"{kernel.fn.__name__}: {types}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,19 +523,59 @@ def test_sigmoid_focal_gradient_at_zero_logit(gamma, backend, device):
     assert_close(actual, expected, F64, f"gamma={gamma}")
 
 
-@pytest.mark.parametrize("gamma", [2.0, 2.0001, 0.5])
-def test_sigmoid_focal_targets_outside_unit_interval_match_reference(gamma, device, triton_backend):
-    """Targets outside [0, 1] make 1 - p_t negative; kernel and reference both take m**gamma as 0
-    there (gamma == 2 runs a shortcut in the kernel, which must agree)."""
-    x = torch.linspace(-10.0, 10.0, 41, dtype=F64, device=device)
-    for value in (-0.2, 1.3):
+@pytest.mark.parametrize("alpha", [0.25, -1.0], ids=lambda a: f"alpha{a:g}")
+@pytest.mark.parametrize("gamma", [2.0, 3.0, 1.0, 0.5, 2.0001, 0.0], ids=lambda g: f"gamma{g:g}")
+def test_sigmoid_focal_targets_outside_unit_interval_match_torchvision(gamma, alpha, backend, device):
+    """Targets outside [0, 1] can make 1 - p_t negative: torchvision's formula then gives
+    (1 - p_t)**gamma as torch.pow does (NaN for a fractional gamma, the signed power for an integer
+    one), in the loss and both gradients (x = -1.877, y = -0.275 gave 0 instead of 5e-4)."""
+    x = torch.cat([torch.linspace(-10.0, 10.0, 41, dtype=F64), torch.tensor([-1.877, -1.536], dtype=F64)])
+    for value in (-0.275, 1.3, -2.0, 2.5):
         y = torch.full_like(x, value)
-        with assert_launched("pointwise_fwd_kernel"):
-            actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(xs, ys, 0.25, gamma, "mean"),
-                                    (xs := x.clone().requires_grad_(), ys := y.clone().requires_grad_()))
-        expected = loss_and_grads(lambda: R.sigmoid_focal_loss(xr, yr, 0.25, gamma, "mean"),
-                                  (xr := x.clone().requires_grad_(), yr := y.clone().requires_grad_()))
+        xs, ys = x.to(device).requires_grad_(), y.to(device).requires_grad_()
+        expected = loss_and_grads(lambda a=xs, b=ys: torchvision_sigmoid_focal_loss(a, b, alpha, gamma, "none"),
+                                  (xs, ys))
+        with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+            actual = loss_and_grads(lambda a=xs, b=ys: FF.sigmoid_focal_loss(a, b, alpha, gamma, "none"), (xs, ys))
         check_same(actual, expected, F64, f"y={value} gamma={gamma}")
+        assert (actual[0].nan_to_num() != 0).any()
+
+
+@pytest.mark.parametrize("alpha", [1.5, -0.5, -2.0, 1.0 + 1e-9, float("nan")], ids=str)
+def test_sigmoid_focal_alpha_outside_unit_interval_raises_value_error(alpha, backend, device):
+    """torchvision (pytorch/vision#8882): alpha in [0, 1], or -1 to disable the weighting."""
+    x, y = torch.randn(3, 4, device=device), torch.rand(3, 4, device=device)
+    with pytest.raises(ValueError, match=r"Invalid alpha value: .*\. alpha must be in the range \[0,1\] or -1 "
+                                         r"for ignore\."):
+        FF.sigmoid_focal_loss(x, y, alpha=alpha)
+    with pytest.raises(ValueError, match="Invalid alpha value"):
+        fastloss.SigmoidFocalLoss(alpha=alpha)(x, y)
+    for ok in (0.0, 1.0, -1.0, -1):
+        FF.sigmoid_focal_loss(x, y, alpha=ok)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 0.5])
+@pytest.mark.parametrize("alpha", [0.25, -1.0], ids=lambda a: f"alpha{a:g}")
+def test_sigmoid_focal_infinite_logits_gradients_like_torchvision(alpha, gamma, backend, device):
+    """x = +-inf: the loss is torch's (inf, or NaN where its BCE is NaN); at gamma = 0
+    (1 - p_t)**0 = 1 drops out of the gradient (torch.pow's backward gives 0 for exponent 0), so
+    the input gradient is finite where the loss is inf, not inf * 0 = NaN. The target gradient
+    is compared at gamma = 0, where no product of autograd's own 0 * inf enters."""
+    inf = float("inf")
+    x = torch.tensor([inf, -inf] * 3 + [3.0], dtype=F64, device=device, requires_grad=True)
+    y = torch.tensor([0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 0.3], dtype=F64, device=device, requires_grad=True)
+    expected = loss_and_grads(lambda: torchvision_sigmoid_focal_loss(x, y, alpha, gamma, "none"), (x, y))
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        actual = loss_and_grads(lambda: FF.sigmoid_focal_loss(x, y, alpha, gamma, "none"), (x, y))
+    (loss, (gx, gy)), (loss_e, (gx_e, gy_e)) = actual, expected
+    assert_close(loss, loss_e, F64, "loss")
+    # where the loss is not NaN, the input gradient is torchvision's
+    valid = ~loss_e.isnan()
+    assert_close(gx[valid], gx_e[valid], F64, "grad input")
+    if gamma == 0:
+        assert torch.isfinite(gx[valid]).all()
+        assert_close(gx, gx_e, F64, "grad input")
+        assert_close(gy, gy_e, F64, "grad target")
 
 
 @pytest.mark.parametrize("case", BCE_CASES + FOCAL_CASES, ids=case_id)
@@ -434,6 +590,37 @@ def test_infinite_logits_give_torchs_loss(case, backend, device):
         actual = case.fast(x, y, "none", **extra)
     assert torch.equal(actual.isnan(), expected.isnan()), f"{case.name}: {actual} vs torch {expected}"
     assert_close(actual, expected, torch.float32, case.name)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 2.0, 1.0, 0.5, 0.0], ids=lambda p: f"pos_weight{p}")
+def test_bce_infinite_operands_give_torchs_values(pos_weight, backend, device):
+    """Targets (and logits) of +-inf: torch's loss and both gradients, +-inf where its formula
+    gives them and NaN where it gives NaN (with a pos_weight, every infinite target's input
+    gradient is NaN in torch, also for pos_weight 1), though the kernels evaluate another form."""
+    inf = float("inf")
+    values = [(a, b) for a in (2.0, -3.0, 0.0, inf, -inf, 50.0, -50.0) for b in (inf, -inf, 0.0, 1.0, 0.5, 1.5)]
+    x = torch.tensor([a for a, _ in values], dtype=F64, device=device, requires_grad=True)
+    y = torch.tensor([b for _, b in values], dtype=F64, device=device, requires_grad=True)
+    extra = {} if pos_weight is None else {"pos_weight": torch.full_like(y.detach(), pos_weight)}
+    expected = loss_and_grads(lambda: F.binary_cross_entropy_with_logits(x, y, reduction="none", **extra), (x, y))
+    with assert_launched("pointwise_fwd_kernel") if backend == "triton" else contextlib.nullcontext():
+        actual = loss_and_grads(lambda: FF.binary_cross_entropy_with_logits(x, y, reduction="none", **extra),
+                                (x, y))
+    check_same(actual, expected, F64, f"pos_weight={pos_weight}")
+
+
+def test_weighted_huber_infinite_difference_gradient_like_torch(backend, device):
+    """torch's weighted huber multiplies its own huber_loss by the weight: at d = +-inf the
+    gradient is +-delta w, not the NaN of a where() whose other branch is inf * 0."""
+    inf = float("inf")
+    x = torch.tensor([inf, -inf, 1.0, 0.1, -3.0], dtype=F64, device=device, requires_grad=True)
+    y = torch.zeros(5, dtype=F64, device=device)
+    weight = torch.tensor([0.5, 2.0, 1.5, 0.25, 3.0], dtype=F64, device=device)
+    for reduction in REDUCTIONS:
+        expected = loss_and_grads(lambda r=reduction: F.huber_loss(x, y, reduction=r, delta=0.7, weight=weight), (x,))
+        actual = loss_and_grads(lambda r=reduction: FF.huber_loss(x, y, reduction=r, delta=0.7, weight=weight), (x,))
+        check_same(actual, expected, F64, f"weighted huber {reduction}")
+        assert torch.isfinite(actual[1][0]).all()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -471,31 +658,67 @@ def test_scalar_operands(case, reduction, backend, device):
     assert loss.shape == ()
 
 
+def _mixed_dtype_oracle(case: Case) -> Case:
+    """torch.nn on explicitly promoted operands, differentiable (huber_loss's backward fails on mixed
+    dtypes); huber_loss's result rounded into the input's dtype, as its forward does."""
+
+    def oracle(a, b, r):
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        out = case.torch(a.to(dtype), b.to(dtype), r)
+        return out.to(a.dtype) if case.name.startswith("huber") else out
+
+    return Case(case.name, torch=oracle, fast=case.fast, ref=case.ref)
+
+
 @pytest.mark.parametrize("case", REGRESSION_CASES + BCE_CASES[:1], ids=case_id)
 def test_float32_input_float64_target_promotes_like_torch(case, backend, device):
+    """float64 results, but huber_loss's, which torch.nn gives in the input's dtype."""
     x, y, _ = make_operands(case, (4, 9), torch.float32, device, requires_grad=False)
     x, y = x.requires_grad_(), y.double().requires_grad_()
-    # torch.nn's huber_loss keeps the input dtype here and its backward fails, unlike every other
-    # loss: fastloss promotes for huber too, and the oracle promotes explicitly
-    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
     for reduction in REDUCTIONS:  # gradient dtypes (float32, float64) are checked against torch's
-        if not case.name.startswith("huber"):
-            assert case.torch(x, y, reduction).dtype == torch.float64
-        assert _compare_with_torch(oracle, x, y, reduction).dtype == torch.float64
+        dtype = case.torch(x, y, reduction).dtype
+        assert dtype == (torch.float32 if case.name.startswith("huber") else torch.float64)
+        assert _compare_with_torch(_mixed_dtype_oracle(case), x, y, reduction).dtype == dtype
 
 
 @pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
 def test_zero_dim_float64_target_promotes_like_torch(case, backend, device):
-    """torch.nn broadcasts before computing, so a 0-dim float64 target promotes a float32 input."""
+    """torch.nn broadcasts before computing, so a 0-dim float64 target promotes a float32 input
+    (huber_loss: computes in float64, returns float32)."""
     x = torch.randn(6, device=device, requires_grad=True)
     y = torch.tensor(0.25, dtype=torch.float64, device=device, requires_grad=True)
-    if not case.name.startswith("huber"):  # torch.nn's huber_loss keeps float32 (see above)
-        with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
-            assert case.torch(x, y, "mean").dtype == torch.float64
-    # torch.nn's huber_loss backward fails on mixed dtypes, so the oracle promotes explicitly
-    oracle = Case(case.name, torch=lambda a, b, r: case.torch(a.double(), b, r), fast=case.fast, ref=case.ref)
-    loss = _compare_with_torch(oracle, x, y, "mean", warns=True)
-    assert loss.dtype == torch.float64
+    with pytest.warns(UserWarning, match=TARGET_SIZE_WARNING):
+        dtype = case.torch(x, y, "mean").dtype
+    assert dtype == (torch.float32 if case.name.startswith("huber") else torch.float64)
+    loss = _compare_with_torch(_mixed_dtype_oracle(case), x, y, "mean", warns=True)
+    assert loss.dtype == dtype
+
+
+MIXED_FLOAT_DTYPES = [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.bfloat16),
+                      (torch.bfloat16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.float64)]
+
+
+@pytest.mark.parametrize("dtypes", MIXED_FLOAT_DTYPES, ids=lambda d: f"{dtype_id(d[0])}-{dtype_id(d[1])}")
+@pytest.mark.parametrize("case", REGRESSION_CASES, ids=case_id)
+def test_mixed_float_dtypes_give_torchs_dtype_and_values(case, dtypes, backend, device):
+    """torch.nn's result dtype (the promoted one; huber_loss: the input's, e.g. float32 for a
+    float64 target, float16 for bfloat16) and its values, rounded once into that dtype."""
+    x, y, _ = make_operands(case, (4, 9), dtypes[0], device, requires_grad=False)
+    y = y.to(dtypes[1])
+    for reduction in REDUCTIONS:
+        expected = case.torch(x, y, reduction)
+        actual = case.fast(x, y, reduction)
+        assert actual.dtype == expected.dtype, f"{reduction}: {actual.dtype} != torch's {expected.dtype}"
+        exact = case.torch(x.double(), y.double(), reduction)
+        assert_no_less_accurate(actual, expected, exact, f"{case.name} {dtypes} {reduction}")
+    x, y = x.requires_grad_(), y.requires_grad_()
+    grads = torch.autograd.grad(case.fast(x, y, "sum"), (x, y))
+    expected = torch.autograd.grad(_mixed_dtype_oracle(case).torch(x, y, "sum"), (x, y))
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    exact = torch.autograd.grad(case.torch(x64, y64, "sum"), (x64, y64))
+    for name, g, e, ex in zip(("input", "target"), grads, expected, exact):
+        assert g.dtype == e.dtype, f"grad {name}: {g.dtype} != torch's {e.dtype}"
+        assert_no_less_accurate(g, e, ex, f"{case.name} {dtypes} grad {name}")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -533,6 +756,26 @@ def test_weighted_regression_matches_torch(torch_fn, fast_fn, reduction, shapes,
     _compare_with_torch(case, x, y, reduction, warns=shapes[0] != shapes[1])
     with pytest.raises(ValueError, match="Weights and input must have the same size"):
         fast_fn(x, y, weight=weight[:1])
+
+
+WEIGHT_DTYPES = [(torch.float32, torch.float32, torch.float64), (torch.float16, torch.float16, torch.float32),
+                 (torch.bfloat16, torch.float16, torch.float64), (torch.float32, torch.float64, torch.float16),
+                 (torch.float64, torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("dtypes", WEIGHT_DTYPES, ids=lambda d: "-".join(map(dtype_id, d)))
+@pytest.mark.parametrize("torch_fn, fast_fn", WEIGHTED_REGRESSION)
+def test_weighted_regression_dtype_follows_the_weight_like_torch(torch_fn, fast_fn, dtypes, backend, device):
+    """torch.nn multiplies by the weight, so its dtype promotes the result's (huber: the input's
+    dtype with the weight's; mse, l1: input's, target's and weight's)."""
+    g = torch.Generator().manual_seed(11)
+    x, y, w = (torch.randn(4, 6, generator=g, dtype=F64).to(device, dt) for dt in dtypes)
+    w = w.abs() + 0.5
+    for reduction in REDUCTIONS:
+        expected = torch_fn(x, y, reduction=reduction, weight=w)
+        actual = fast_fn(x, y, reduction=reduction, weight=w)
+        assert actual.dtype == expected.dtype, f"{reduction}: {actual.dtype} != torch's {expected.dtype}"
+        assert_close(actual, expected, max(dtypes, key=lambda d: torch.finfo(d).eps), reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -991,14 +1234,69 @@ def test_non_positive_delta_raises_runtime_error(delta, backend, device):
         fastloss.HuberLoss(delta=delta)(x, y)
 
 
-def test_negative_beta_raises_runtime_error(backend, device):
+@pytest.mark.parametrize("beta", [-0.5, float("nan")])
+def test_negative_or_nan_beta_raises_runtime_error(beta, backend, device):
     x, y = torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)
-    with pytest.raises(RuntimeError, match="beta"):
-        F.smooth_l1_loss(x, y, beta=-0.5)
-    with pytest.raises(RuntimeError, match="beta"):
-        FF.smooth_l1_loss(x, y, beta=-0.5)
-    with pytest.raises(RuntimeError, match="beta"):
-        fastloss.SmoothL1Loss(beta=-0.5)(x, y)
+    message = "smooth_l1_loss does not support negative values for beta"
+    with pytest.raises(RuntimeError, match=message):
+        F.smooth_l1_loss(x, y, beta=beta)
+    with pytest.raises(RuntimeError, match=message):
+        FF.smooth_l1_loss(x, y, beta=beta)
+    with pytest.raises(RuntimeError, match=message):
+        fastloss.SmoothL1Loss(beta=beta)(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=dtype_id)
+def test_huber_integer_input_with_float_target_raises_like_torch(dtype, backend, device):
+    """torch.nn's huber_loss returns the input's dtype, into which the float result cannot be cast."""
+    x, y = torch.ones(3, 4, dtype=dtype, device=device), torch.randn(3, 4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError) as expected:
+        F.huber_loss(x, y)
+    with pytest.raises(RuntimeError) as actual:
+        FF.huber_loss(x, y)
+    assert type(actual.value) is type(expected.value)
+    assert str(actual.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtypes", [(torch.complex64, torch.complex64), (torch.complex128, torch.float32),
+                                    (torch.float64, torch.complex64)], ids=lambda d: "-".join(map(dtype_id, d)))
+def test_l1_complex_operands_match_torch(dtypes, reduction, backend, device):
+    """torch.nn's l1_loss takes complex operands: a real loss |input - target| and complex gradients."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4, 5, generator=g, dtype=torch.complex128).to(device)
+    y = torch.randn(4, 5, generator=g, dtype=torch.complex128).to(device)
+    x = (x if dtypes[0].is_complex else x.real).to(dtypes[0]).requires_grad_()
+    y = (y if dtypes[1].is_complex else y.real).to(dtypes[1]).requires_grad_()
+    for go in (None, torch.tensor(0.75, device=device) if reduction != "none" else None):
+        expected = loss_and_grads(lambda: F.l1_loss(x, y, reduction=reduction), (x, y), go)
+        actual = loss_and_grads(lambda: FF.l1_loss(x, y, reduction=reduction), (x, y), go)
+        assert not actual[0].is_complex()
+        check_same(actual, expected, torch.float32, f"l1 {dtypes} {reduction}")
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("fns", [(F.l1_loss, FF.l1_loss), (F.mse_loss, FF.mse_loss)], ids=["l1", "mse"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_integer_operands_give_torchs_results_and_errors(reduction, fns, weighted, backend, device):
+    """Integer l1_loss: torch computes "none" and "sum" (integer results) and raises RuntimeError
+    for "mean"; integer mse_loss raises NotImplementedError, unless a floating weight makes the
+    loss floating. fastloss gives the same results, exception types and messages."""
+    torch_fn, fast_fn = fns
+    x = torch.randint(-5, 6, (3, 4), device=device)
+    y = torch.randint(-5, 6, (3, 4), device=device)
+    kwargs = {"weight": torch.rand(3, 4, device=device) + 0.5} if weighted else {}
+    try:
+        expected = torch_fn(x, y, reduction=reduction, **kwargs)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError) as actual:
+            fast_fn(x, y, reduction=reduction, **kwargs)
+        assert type(actual.value) is type(error)
+        assert str(actual.value) == str(error)
+    else:
+        actual = fast_fn(x, y, reduction=reduction, **kwargs)
+        assert actual.dtype == expected.dtype
+        assert torch.equal(actual, expected)
 
 
 def test_negative_gamma_raises_value_error(backend, device):
@@ -1095,6 +1393,32 @@ def test_custom_ops_pass_opcheck(device):
     torch.library.opcheck(ops.pointwise_bwd, (x.detach(), y.detach(), None, w, go, "sigmoid_focal",
                                                [1.0, 0.25, 2.0], 1.0, True, True))
     torch.library.opcheck(ops.scale_grad_, (torch.randn(5, 7, device=device), torch.tensor(2.0, device=device)))
+    # a reduced 16-bit loss's backward (scaled or recomputed in place; either gradient may be None)
+    xh, yh = x.detach().half(), y.detach().half()
+    for go in (0.3, 2.0):
+        torch.library.opcheck(ops.pointwise_rescale_, (xh, yh, None, w.half(), torch.tensor(go, device=device),
+                                                       torch.randn(5, 7, device=device).half(), None,
+                                                       "bce_with_logits", [1.0, 1.0, 0.0], 1 / 35))
+
+
+def test_torch_compile_half_precision_backward(device):
+    """Under torch.compile a reduced 16-bit loss's backward runs the rescaling custom op: the
+    gradients of ``loss * 0.3`` are the eager kernels' (which round once). (AOT autograd without
+    inductor: inductor's on-disk cache keeps a compiled backward across changes to an op's
+    registered autograd formula, which would hide one here.)"""
+    torch._dynamo.reset()
+    x, y, _ = make_operands(MSE, (7, 33), torch.float16, device)
+
+    def step(a, b):
+        return FF.huber_loss(a, b, delta=0.5) * 0.3 + FF.mse_loss(a, b, reduction="sum") * 0.25
+
+    with fastloss.use_backend("triton"):
+        expected = loss_and_grads(lambda: step(x, y), (x, y))
+        with assert_launched("pointwise_fwd_kernel", "pointwise_bwd_kernel"):
+            actual = loss_and_grads(lambda: torch.compile(step, fullgraph=True, backend="aot_eager")(x, y), (x, y))
+    for a, e in zip((actual[0], *actual[1]), (expected[0], *expected[1])):
+        assert torch.equal(a, e)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -2,8 +2,10 @@
 
 ``pointwise_fwd`` is one torch.library custom op for every loss of the family: it returns the loss
 and, for reduced losses, the gradients computed in the same pass. Backward of a reduced loss only
-scales those gradients by ``grad_output`` in place (a no-op on device when it is 1); backward of
-``reduction="none"`` recomputes the gradients from input and target in one pass.
+scales those gradients by ``grad_output`` in place (a no-op on device when it is 1; in float16 and
+bfloat16, where that product would round the gradient twice, ``pointwise_rescale_`` recomputes it
+instead unless grad_output is a power of two); backward of ``reduction="none"`` recomputes the
+gradients from input and target in one pass.
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def _bwd(
         k.pointwise_bwd_kernel[(cdiv(n, block),)](
             x, y, w, pw, go, gi, gt, n, stride, *layout, **_member_args(losses, params, scale),
             HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
-            GRAD_INPUT=grad_input, GRAD_TARGET=grad_target,
+            GRAD_INPUT=grad_input, GRAD_TARGET=grad_target, SCALE=False,
             ACC_DTYPE=tl_dtype[acc], BLOCK_SIZE=block, num_warps=warps,
         )
         count_launch("pointwise_bwd_kernel")
@@ -200,6 +202,58 @@ def _(input, target, weight, pos_weight, grad_output, losses, params, scale, gra
     gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
     gt = input.new_empty(input.shape) if grad_target else input.new_empty(0)
     return gi, gt
+
+
+#: Dtypes whose forward-made gradients ``_rescale`` scales (or recomputes) so that they are rounded once.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _rescale(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    grad_output: Tensor,
+    grad_input: Tensor | None,
+    grad_target: Tensor | None,
+    losses: str,
+    params: list[float],
+    scale: float,
+) -> None:
+    """grad_input and grad_target (a reduced 16-bit loss's forward-made gradients, either may be
+    None) times the scalar grad_output in place, rounded once: nothing when grad_output is 1, the
+    stored values scaled when it is a power of two (exact where the result is representable), else
+    recomputed from input and target with grad_output applied before the rounding. One launch."""
+    k, _, tl_dtype = _kernels()
+    x, y = input.contiguous(), target.contiguous()
+    n = x.numel()
+    if n == 0 or (grad_input is None and grad_target is None):
+        return
+    w, pw, layout = _launch_args(x, weight, pos_weight)
+    block, warps = _block_config(n)
+    grid = min(cdiv(n, block), _max_programs(x.device))
+    k.pointwise_bwd_kernel[(grid,)](
+        # pointers: operands, grad_output (a scalar), the gradients scaled in place
+        x, y, w, pw, grad_output,
+        grad_input if grad_input is not None else x, grad_target if grad_target is not None else x,
+        # sizes, broadcast layouts, members
+        n, 0, *layout, **_member_args(losses, params, scale),
+        # options
+        HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None,
+        GRAD_INPUT=grad_input is not None, GRAD_TARGET=grad_target is not None, SCALE=True,
+        ACC_DTYPE=tl_dtype[acc_dtype(x.dtype)], BLOCK_SIZE=block, num_warps=warps,
+    )
+    count_launch("pointwise_bwd_kernel")
+
+
+# The custom-op form of _rescale, for torch.compile (same signature; eager autograd calls _rescale)
+pointwise_rescale_ = torch.library.custom_op(
+    "fastloss::pointwise_rescale_", mutates_args=("grad_input", "grad_target"))(_rescale)
+
+
+@pointwise_rescale_.register_fake
+def _(input, target, weight, pos_weight, grad_output, grad_input, grad_target, losses, params, scale):
+    return None
 
 
 def _scale_grad(grad: Tensor, grad_output: Tensor) -> None:
@@ -236,20 +290,23 @@ def _setup_context(ctx, inputs, output):
     ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
 
 
-def _backward(ctx, grad_loss, scale_grad, recompute):
+def _backward(ctx, grad_loss, scale_grad, recompute, rescale):
     input, target, weight, pos_weight = ctx.saved_tensors
     losses, params, reduction = ctx.args
     need_gi, need_gt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
     if reduction != "none" and ctx.grads is not None:
         gi, gt = ctx.grads
         ctx.grads = None
-        for g in (gi, gt):
-            if g is not None:
-                scale_grad(g, grad_loss)
+        if input.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
+            rescale(input, target, weight, pos_weight, grad_loss, gi, gt, losses, params, scale)
+        else:
+            for g in (gi, gt):
+                if g is not None:
+                    scale_grad(g, grad_loss)
     else:
         # reduction="none", or a second backward through a reduced loss (retain_graph=True),
         # whose forward-made gradients were already handed out: recompute from input and target.
-        scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
         gi, gt = recompute(input, target, weight, pos_weight, grad_loss, losses, params, scale, need_gi, need_gt)
     return (gi if need_gi else None, gt if need_gt else None) + (None,) * 7
 
@@ -274,8 +331,8 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
 
 _apply = autograd_pair(
     pointwise_fwd, _fwd, _setup_context,
-    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, pointwise_bwd),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, pointwise_bwd, pointwise_rescale_),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd, _rescale),
     reference=_reference,
 )
 
@@ -303,6 +360,8 @@ def pointwise_loss(
     Under torch.compile the torch.library custom ops are traced (no graph break); in eager mode an
     autograd.Function calls the same launchers directly.
     """
+    if loss == "bce_with_logits":  # its param1 says whether a pos_weight was given (see its terms)
+        param1 = 1.0 if pos_weight is not None else 0.0
     return _run(input, target, weight, pos_weight, loss, [1.0, float(param1), float(param2)], reduction)
 
 
