@@ -1198,49 +1198,114 @@ def format_markdown(records: Sequence[dict], title: str | None = None) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
-def plot(records: Sequence[dict], path: str, meta: dict | None = None) -> None:
-    """Bar chart per (family, shape, dtype) panel: achieved GB/s under the family's byte model (TFLOP/s
-    for InfoNCE) per loss and implementation, with the copy bandwidth as a dashed line. Needs matplotlib."""
-    plt = _pyplot()
+#: Bar colours of the implementations in the bench plot.
+_PLOT_COLORS = {"fastloss": "#d62728", "fastloss_inplace": "#ff9896", "torch": "#7f7f7f",
+                "torch.compile": "#1f77b4", "liger": "#2ca02c"}
+#: A panel whose largest bar is more than this many times its smallest gets a log scale.
+LOG_SCALE_RANGE = 10.0
+
+
+def _plot_value(rec: dict, quantity: str) -> float | None:
+    """The plotted value of a record ("ms", "gbps" or "tflops"), None when it was not measured."""
+    if not rec or rec.get("status") != "ok" or not rec.get("median_s"):
+        return None
+    if quantity == "ms":
+        return rec["median_s"] * 1e3
+    if quantity == "tflops":
+        return rec["flops_model"] / rec["median_s"] / 1e12 if rec.get("flops_model") else None
+    return rec.get("gbps")
+
+
+def _bar_label(value: float) -> str:
+    return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
+
+
+_QUANTITY_LABEL = {"ms": "median time, ms (lower is better)",
+                   "gbps": "GB/s under the bytes model (higher is better)",
+                   "tflops": "TFLOP/s of 6 B^2 D (higher is better)"}
+
+
+def make_bench_figure(records: Sequence[dict], meta: dict | None, plt):
+    """The bench figure: one panel per (family, shape, dtype), a group of bars per loss, one bar per
+    implementation measured there, each labelled with its value.
+
+    On CUDA the bars are achieved GB/s under the family's bytes model (TFLOP/s for InfoNCE) with the
+    copy bandwidth as a dashed line; elsewhere they are median times in ms (a CPU's copy bandwidth,
+    measured on a buffer larger than its caches, is no ceiling for inputs that fit in them). A panel
+    whose values span more than LOG_SCALE_RANGE gets a log scale. Implementations with no measurement
+    in a panel get no legend entry; a skipped measurement is marked "skipped" where its bar would be.
+    """
     panels: dict[tuple[str, str, str, str], dict[str, dict[str, dict]]] = {}
     for r in sort_records(records):
         key = (r["family"], _metric(r), r.get("shape_label") or "?", r["dtype"])
         panels.setdefault(key, {}).setdefault(r["loss"], {})[r["impl"]] = r
+    cuda = any(r.get("device") == "cuda" for r in records)
     k = max(1, len(panels))
     cols = min(3, k)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 3.8 * rows), squeeze=False)
-    colors = {"fastloss": "#d62728", "fastloss_inplace": "#ff9896", "torch": "#7f7f7f",
-              "torch.compile": "#1f77b4", "liger": "#2ca02c"}
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.5 * cols, 8.5), 4.2 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    handles: dict[str, Any] = {}  # one legend for the figure: an entry per implementation with a bar
     for ax, ((family, metric, label, dtype), by_loss) in zip(axes.flat, panels.items()):
+        quantity = metric if cuda else "ms"
         losses = list(by_loss)
-        impls = [i for i in ALL_IMPLS if any(i in by for by in by_loss.values())]
-        width = 0.8 / max(1, len(impls))
-        for j, impl in enumerate(impls):
-            vals = []
-            for lo in losses:
-                r = by_loss[lo].get(impl) or {}
-                ok = r.get("status") == "ok"
-                if metric == "tflops":
-                    vals.append(r["flops_model"] / r["median_s"] / 1e12 if ok and r.get("flops_model") else 0.0)
-                else:
-                    vals.append((r.get("gbps") or 0.0) if ok else 0.0)
-            xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(losses))]
-            ax.bar(xs, vals, width, label=impl, color=colors.get(impl))
+        measured = [i for i in ALL_IMPLS if any(_plot_value(by.get(i), quantity) is not None
+                                                for by in by_loss.values())]
+        width = 0.8 / max(1, len(measured))
+        values = []
+        for j, impl in enumerate(measured):
+            xs, heights, skipped = [], [], []
+            for i, lo in enumerate(losses):
+                x = i + (j - (len(measured) - 1) / 2) * width
+                v = _plot_value(by_loss[lo].get(impl), quantity)
+                if v is not None:
+                    xs.append(x)
+                    heights.append(v)
+                elif impl in by_loss[lo]:
+                    skipped.append(x)
+            bars = ax.bar(xs, heights, width, label=impl, color=_PLOT_COLORS.get(impl))
+            handles.setdefault(impl, bars)
+            ax.bar_label(bars, labels=[_bar_label(v) for v in heights], fontsize=7, padding=2,
+                         rotation=90 if len(measured) * len(losses) > 8 else 0)
+            for x in skipped:
+                ax.annotate("skipped", (x, 0), xytext=(0, 3), textcoords="offset points", xycoords=("data", "axes fraction"),
+                            rotation=90, fontsize=6, ha="center", va="bottom", color="0.4")
+            values += heights
         copy = next((r.get("copy_gbps") for lo in losses for r in by_loss[lo].values()
                      if r.get("copy_gbps")), None)
-        if copy and metric == "gbps":
-            ax.axhline(copy, ls="--", color="k", lw=1, label=f"copy {copy:.0f} GB/s")
-        ax.set_xticks(range(len(losses)), losses, rotation=20, fontsize=8)
-        ax.set_ylabel("TFLOP/s (6 B^2 D / median)" if metric == "tflops" else "GB/s (bytes model / median)")
+        if cuda and copy and quantity == "gbps":
+            line = ax.axhline(copy, ls="--", color="k", lw=1, label=f"copy {copy:.0f} GB/s")
+            handles.setdefault(f"device-to-device copy ({copy:.0f} GB/s)", line)
+            values.append(copy)
+        absent = {i: r.get("reason") for by in by_loss.values() for i, r in by.items() if i not in measured}
+        if absent:
+            ax.text(0.01, 0.98, "not measured: " + "; ".join(f"{i} ({why})" for i, why in absent.items()),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=7, color="0.35")
+        if values and max(values) / min(values) > LOG_SCALE_RANGE:
+            ax.set_yscale("log")
+            ax.set_ylim(min(values) / 2, max(values) * 6)
+        elif values:
+            ax.set_ylim(0, max(values) * 1.3)
+        ax.set_xticks(range(len(losses)), losses, rotation=20 if len(losses) > 3 else 0, fontsize=8)
+        ax.set_ylabel(_QUANTITY_LABEL[quantity], fontsize=8)
         ax.set_title(f"{family}: {_DIM_HEADER.get(family, 'shape')} = {label}, {dtype}", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     dev = (meta or {}).get("device", {})
-    fig.suptitle(f"fastloss fwd+bwd, reduction='mean' on {dev.get('name', '?')} "
-                 f"(torch {dev.get('torch', '?')}, triton {dev.get('triton', '?')})", fontsize=11)
-    fig.tight_layout()
+    what = "achieved GB/s (TFLOP/s for InfoNCE)" if cuda else "median time per step"
+    fig.suptitle(f"fastloss fwd+bwd, reduction='mean': {what}\non {dev.get('name', '?')} "
+                 f"(torch {dev.get('torch', '?')}, triton {dev.get('triton', '?')})", fontsize=10)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=len(handles),
+                   fontsize=9, frameon=False)
+    return fig
+
+
+def plot(records: Sequence[dict], path: str, meta: dict | None = None) -> None:
+    """Write :func:`make_bench_figure` to ``path`` (PNG). Needs matplotlib."""
+    plt = _pyplot()
+    fig = make_bench_figure(records, meta, plt)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
