@@ -8,7 +8,7 @@ counterpart from the same initial weights:
 * binary classification: BCE with logits, accuracy;
 * siamese embedding: contrastive loss, mean distance of similar and dissimilar pairs.
 
-The data is made at run time; the whole demo runs in well under a minute on a laptop CPU and uses
+The data is made at run time; the whole demo takes about 35-45 s on a shared 2-core CPU and uses
 CUDA (and so the Triton kernels) when present. It writes a PNG (``loss_curves.png``: top, each
 loss's training curve with fastloss as a line and its counterpart as open markers on it; bottom,
 each problem's test metric per epoch) and, when the tensorboard package is installed, TensorBoard
