@@ -140,10 +140,6 @@ def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.stack(list(norms))
 
 
-#: The guide's keyword names and fastloss's.
-_GUIDE_KEYWORDS = {"l1_lambda": "l1", "l2_lambda": "l2", "base_criterion": "criterion", "model": "model_or_params"}
-
-
 class RegularizedLoss(nn.Module):
     """``criterion(...) + l1 * sum |w| + l2 * sum w^2`` over a model's weights.
 
@@ -224,6 +220,10 @@ class RegularizedLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"l1={self.l1}, l2={self.l2}, exclude_bias_and_norm={self.exclude_bias_and_norm}, "
                 f"l2_squared={self.l2_squared}")
+
+
+#: The guide's keyword names and fastloss's.
+_GUIDE_KEYWORDS = {"l1_lambda": "l1", "l2_lambda": "l2", "base_criterion": "criterion", "model": "model_or_params"}
 
 
 def _reject_guide_keywords(keywords: dict) -> None:
