@@ -25,7 +25,7 @@ from fastloss.modules import (
     TripletMarginLoss,
 )
 from fastloss.monitor import LossMonitor
-from fastloss.selector import select_loss
+from fastloss.selector import evaluate_losses, select_loss
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "SigmoidFocalLoss",
     "SmoothL1Loss",
     "TripletMarginLoss",
+    "evaluate_losses",
     "functional",
     "get_backend",
     "reference",

@@ -2,7 +2,9 @@
 
     bench   time fwd+bwd of every loss family (pointwise, cross-entropy / focal, contrastive /
             triplet / InfoNCE): fastloss vs torch.nn eager vs torch.compile (see --help)
-    check   run each loss once on this device against torch.nn and print OK / FAIL
+    check   run every loss once on this device against torch.nn (or the naive formula where torch.nn
+            lacks the loss), print OK / FAIL and which implementation ran (kernels or PyTorch
+            path); exit status 1 when any loss disagrees
     demo    train small models on synthetic data with fastloss and torch.nn losses (see --help)
 """
 
@@ -25,7 +27,14 @@ def _parser() -> argparse.ArgumentParser:
                     "cross-entropy when installed).",
     )
     _bench.add_bench_arguments(bench)
-    check = sub.add_parser("check", help="run each loss once against torch.nn; print OK / FAIL")
+    check = sub.add_parser(
+        "check", help="run every loss once against torch.nn or its naive formula; print OK / FAIL",
+        description="Every loss (pointwise, cross-entropy with its options, focal, contrastive, triplet, "
+                    "InfoNCE, CombinedLoss, RegularizedLoss) once in float32 on this device: loss and "
+                    "gradients against torch.nn, or the naive formula where torch.nn lacks the loss. Each "
+                    "line names the implementation that ran (the Triton kernels launched, or the PyTorch "
+                    "path). Exit status 1 when any loss disagrees or fails.",
+    )
     _bench.add_check_arguments(check)
     from fastloss import _demo
 

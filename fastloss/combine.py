@@ -143,22 +143,40 @@ def _stack(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 class RegularizedLoss(modules.NotScriptable, nn.Module):
     """``criterion(...) + l1 * sum |w| + l2 * sum w^2`` over a model's weights.
 
-    ``l2`` multiplies the *squared* L2 norm (what weight decay adds), not the norm itself: the
-    gradient is ``2 * l2 * w``. Adding ``l2 * ||w||`` instead would give a gradient ``l2 * w / ||w||``
-    of fixed size and a kink at zero.
+    ``l2`` multiplies the *squared* L2 norm by default (what weight decay adds), not the norm itself:
+    the gradient is ``2 * l2 * w``. Adding ``l2 * ||w||`` instead would give a gradient
+    ``l2 * w / ||w||`` of fixed size and a kink at zero.
+
+    The loss-function guide's ``RegularizedLoss(base_criterion, model, l1_lambda, l2_lambda)`` adds
+    the *unsquared* L2 norm of every parameter tensor, biases and normalisation parameters included
+    (``sum_p ||p||_2``). That exact value is::
+
+        RegularizedLoss(criterion, model, l1=0.01, l2=0.01, l2_squared=False,
+                        exclude_bias_and_norm=False)
+
+    or ``RegularizedLoss.from_guide(criterion, model, l1_lambda=0.01, l2_lambda=0.01)``. The guide's
+    keyword names passed to the constructor raise a TypeError that names fastloss's.
 
     Args:
         criterion: the data loss (any callable returning a scalar tensor).
-        model_or_params: an nn.Module, or an iterable of parameters.
+        model_or_params: an nn.Module, or an iterable of parameters (parameters with
+            ``requires_grad=False`` are not regularised).
         l1, l2: coefficients (>= 0).
         exclude_bias_and_norm: skip biases and normalisation-layer parameters (for a plain
             parameter list: skip 1-d tensors).
+        l2_squared: True (default): ``l2 * sum_p ||p||_2**2`` (= ``l2 * sum w^2``); False:
+            ``l2 * sum_p ||p||_2``, the norm of each parameter tensor, unsquared (the guide's).
 
     The norms use multi-tensor (foreach) kernels: one launch for all parameters, not a loop.
     """
 
-    def __init__(self, criterion, model_or_params, l1: float = 0.0, l2: float = 0.0,
-                 exclude_bias_and_norm: bool = True) -> None:
+    def __init__(self, criterion=None, model_or_params=None, l1: float = 0.0, l2: float = 0.0,
+                 exclude_bias_and_norm: bool = True, *, l2_squared: bool = True, **guide_keywords) -> None:
+        if guide_keywords:
+            _reject_guide_keywords(guide_keywords)
+        if criterion is None or model_or_params is None:
+            raise TypeError("RegularizedLoss() needs criterion and model_or_params: "
+                            "RegularizedLoss(criterion, model_or_params, l1=0.0, l2=0.0, ...)")
         super().__init__()
         if l1 < 0 or l2 < 0:
             raise ValueError(f"l1 and l2 must be non-negative, got l1={l1}, l2={l2}")
@@ -166,11 +184,22 @@ class RegularizedLoss(modules.NotScriptable, nn.Module):
         self.l1 = float(l1)
         self.l2 = float(l2)
         self.exclude_bias_and_norm = exclude_bias_and_norm
+        self.l2_squared = bool(l2_squared)
         # plain list, not registered: the parameters belong to the model
         self._params = _regularized_parameters(model_or_params, exclude_bias_and_norm)
 
+    @classmethod
+    def from_guide(cls, base_criterion, model, l1_lambda: float = 0.01, l2_lambda: float = 0.01
+                   ) -> RegularizedLoss:
+        """The guide's ``RegularizedLoss(base_criterion, model, l1_lambda=0.01, l2_lambda=0.01)``:
+        ``base + l1_lambda * sum_p ||p||_1 + l2_lambda * sum_p ||p||_2`` over every parameter,
+        biases included, the L2 norm unsquared."""
+        return cls(base_criterion, model, l1=l1_lambda, l2=l2_lambda, exclude_bias_and_norm=False,
+                   l2_squared=False)
+
     def penalty(self) -> Tensor:
-        """l1 * sum|w| + l2 * sum w^2 over the regularised parameters."""
+        """l1 * sum|w| + l2 * sum w^2 (or l2 * sum_p ||p||_2 with ``l2_squared=False``) over the
+        regularised parameters."""
         params = self._params
         if not params or (self.l1 == 0 and self.l2 == 0):
             p = params[0] if params else None
@@ -180,12 +209,32 @@ class RegularizedLoss(modules.NotScriptable, nn.Module):
         if self.l1:
             total = total + self.l1 * _stack(torch._foreach_norm(params, 1)).sum()
         if self.l2:
-            # squared L2 norm; norm backward is defined (zero) at w = 0
-            total = total + self.l2 * _stack(torch._foreach_norm(params, 2)).square().sum()
+            # norm backward is defined (zero) at p = 0
+            norms = _stack(torch._foreach_norm(params, 2))
+            total = total + self.l2 * (norms.square() if self.l2_squared else norms).sum()
         return total
 
     def forward(self, *args, **kwargs) -> Tensor:
         return self.criterion(*args, **kwargs) + self.penalty()
 
     def extra_repr(self) -> str:
-        return f"l1={self.l1}, l2={self.l2}, exclude_bias_and_norm={self.exclude_bias_and_norm}"
+        return (f"l1={self.l1}, l2={self.l2}, exclude_bias_and_norm={self.exclude_bias_and_norm}, "
+                f"l2_squared={self.l2_squared}")
+
+
+#: The guide's keyword names and fastloss's.
+_GUIDE_KEYWORDS = {"l1_lambda": "l1", "l2_lambda": "l2", "base_criterion": "criterion", "model": "model_or_params"}
+
+
+def _reject_guide_keywords(keywords: dict) -> None:
+    """TypeError for unknown keywords, naming fastloss's keyword for each of the guide's."""
+    names = ", ".join(repr(k) for k in keywords)
+    hints = [f"{k}= is {_GUIDE_KEYWORDS[k]}=" for k in keywords if k in _GUIDE_KEYWORDS]
+    msg = f"RegularizedLoss() got unexpected keyword argument(s) {names}"
+    if hints:
+        msg += (f"; fastloss's names: {', '.join(hints)}. Note that fastloss's l2 multiplies the squared "
+                "L2 norm and skips biases and normalisation parameters by default; the guide's formula "
+                "exactly is RegularizedLoss(criterion, model, l1=..., l2=..., l2_squared=False, "
+                "exclude_bias_and_norm=False), or RegularizedLoss.from_guide(base_criterion, model, "
+                "l1_lambda=..., l2_lambda=...)")
+    raise TypeError(msg)

@@ -497,6 +497,26 @@ def _floating_dtype(name: str, *tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+_label_column_warned = False
+
+
+def _warn_label_column(shape: tuple[int, ...]) -> None:
+    """Warn, once per process, that a (B, 1) contrastive label is read as one label per pair."""
+    global _label_column_warned
+    if _label_column_warned or torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn
+        return
+    _label_column_warned = True
+    warnings.warn(
+        f"contrastive_loss(): label of shape {shape} is read as one label per pair, shape "
+        f"{shape[:-1]}: the loss is the mean over the {shape[0]} pairs. (The classic ContrastiveLoss "
+        f"snippet broadcasts a {shape} label against the {shape[:-1]} distances into a "
+        f"{shape[0]} x {shape[0]} matrix and averages that, a different value; fastloss does not.) "
+        "Pass label.squeeze(-1) to silence this warning, shown once.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def contrastive_loss(
     output1: Tensor,
     output2: Tensor,
@@ -510,9 +530,10 @@ def contrastive_loss(
 
     ``label`` is 1 for a dissimilar pair and 0 for a similar one (any real value interpolates).
     Shapes: ``output1`` and ``output2`` ``(B, D)`` (or one unbatched pair ``(D,)``), ``label``
-    ``(B,)``; a ``(B, 1)`` label is accepted and read as one label per pair (the classic snippet,
-    whose ``torch.mean`` would broadcast it against ``(B,)`` into a B x B matrix, is not reproduced
-    there). Any other label shape raises ValueError. Integer / bool labels are converted to the
+    ``(B,)``; a ``(B, 1)`` label is accepted and read as one label per pair, with a UserWarning the
+    first time (the classic snippet, the guide's, broadcasts a ``(B, 1)`` label against the ``(B,)``
+    distances into a B x B matrix and averages that: a different value, which fastloss does not
+    reproduce). Any other label shape raises ValueError. Integer / bool labels are converted to the
     embeddings' dtype; a floating label that requires grad receives its gradient
     ``clamp(margin - d, min=0)**2 - d**2``. ``reduction``: "mean" (over pairs, the default),
     "sum" or "none" (shape ``(B,)``).
@@ -529,6 +550,8 @@ def contrastive_loss(
     batch = output1.shape[:-1]
     if label.shape != batch:
         if label.shape == (*batch, 1) or (not batch and label.shape == (1,)):
+            if batch:
+                _warn_label_column(tuple(label.shape))
             label = label.reshape(batch)
         else:
             raise ValueError(f"contrastive_loss(): label must have shape {tuple(batch)} (one label per "

@@ -23,7 +23,9 @@ import itertools
 import math
 import os
 import warnings
-from typing import Literal
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar, Literal
 
 import torch
 
@@ -31,7 +33,19 @@ __all__ = ["EpochReport", "LossMonitor", "LossMonitorWarning", "NonFiniteLossErr
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A recorded loss was NaN or infinite (``LossMonitor(on_nonfinite="raise")``)."""
+    """A recorded loss was NaN or infinite (``LossMonitor(on_nonfinite="raise")``).
+
+    Attributes:
+        steps: the indices of the non-finite steps just read.
+        report: when raised by ``end_epoch``, the EpochReport of the epoch it closed (the epoch is
+            recorded before the error is raised); None when raised by ``flush`` mid-epoch (the steps
+            are kept and reported by the next ``end_epoch``).
+    """
+
+    def __init__(self, message: str, steps: list[int] | None = None, report: EpochReport | None = None) -> None:
+        super().__init__(message)
+        self.steps = list(steps or [])
+        self.report = report
 
 
 class LossMonitorWarning(UserWarning):
@@ -73,7 +87,18 @@ class LossMonitor:
             ``loss/val``); needs the tensorboard package (``pip install fastloss[tensorboard]``).
             None (default) writes none.
         warn: emit a LossMonitorWarning when "diverging" or "overfitting" fires.
+        tags: TensorBoard tag names, a mapping with any of the keys "step", "train", "val" (the
+            others keep their defaults ``loss/step``, ``loss/train``, ``loss/val``). The guide's
+            ``TrainerWithTensorBoard`` names: ``tags={"step": "Loss/Train", "train": "Loss/Epoch"}``.
+
+    With ``on_nonfinite="raise"``, the error raised in ``end_epoch`` comes after the epoch is
+    closed and recorded (``error.report``); one raised by ``flush`` mid-epoch keeps the non-finite
+    steps for the next ``end_epoch`` to report. Nothing is lost either way.
     """
+
+    #: Default TensorBoard tag of each scalar.
+    DEFAULT_TAGS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"step": "loss/step", "train": "loss/train", "val": "loss/val"})
 
     def __init__(
         self,
@@ -81,7 +106,12 @@ class LossMonitor:
         on_nonfinite: Literal["warn", "raise"] = "warn",
         log_dir: str | os.PathLike | None = None,
         warn: bool = True,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
+        unknown = sorted(set(tags or {}) - set(self.DEFAULT_TAGS))
+        if unknown:
+            raise ValueError(f"tags: unknown key(s) {unknown}; expected among {sorted(self.DEFAULT_TAGS)}")
+        self.tags = {**self.DEFAULT_TAGS, **(tags or {})}
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         if on_nonfinite not in ("warn", "raise"):
@@ -137,13 +167,14 @@ class LossMonitor:
         bad = [first + i for i, v in enumerate(values) if not math.isfinite(v)]
         if self._writer is not None:
             for i, v in enumerate(values):
-                self._writer.add_scalar("loss/step", v, first + i)
+                self._writer.add_scalar(self.tags["step"], v, first + i)
+        # kept before raising: the epoch's report names them whether or not this read raised
+        self._nonfinite.extend(bad)
         if bad:
             msg = f"non-finite loss at step(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}"
             if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(msg)
+                raise NonFiniteLossError(msg, steps=bad)
             warnings.warn(msg, LossMonitorWarning, stacklevel=2)
-        self._nonfinite.extend(bad)
         return values
 
     def end_epoch(self, val_loss: torch.Tensor | float | None = None, train_loss: float | None = None) -> EpochReport:
@@ -153,8 +184,15 @@ class LossMonitor:
             val_loss: the epoch's validation loss, if any.
             train_loss: the epoch's training loss; default: the mean of the finite step losses of
                 this epoch (NaN when there are none).
+
+        With ``on_nonfinite="raise"``, a non-finite step of this epoch raises NonFiniteLossError
+        after the epoch is recorded; its ``report`` attribute is this epoch's EpochReport.
         """
-        self.flush()
+        error = None
+        try:
+            self.flush()
+        except NonFiniteLossError as exc:  # close the epoch first, then raise
+            error = exc
         steps = self.step_losses[self._epoch_start:]
         self._epoch_start = len(self.step_losses)
         if train_loss is None:
@@ -176,9 +214,9 @@ class LossMonitor:
         self._nonfinite = []
         self.reports.append(report)
         if self._writer is not None:
-            self._writer.add_scalar("loss/train", train_loss, epoch)
+            self._writer.add_scalar(self.tags["train"], train_loss, epoch)
             if val is not None:
-                self._writer.add_scalar("loss/val", val, epoch)
+                self._writer.add_scalar(self.tags["val"], val, epoch)
             self._writer.flush()
         if self.warn and report.diverging:
             warnings.warn(f"epoch {epoch}: training loss has risen for {self.patience} epochs in a row "
@@ -186,6 +224,9 @@ class LossMonitor:
         if self.warn and report.overfitting:
             warnings.warn(f"epoch {epoch}: validation loss rose while training loss fell for "
                           f"{self.patience} epochs in a row (overfitting)", LossMonitorWarning, stacklevel=2)
+        if error is not None:
+            error.report = report
+            raise error
         return report
 
     # detections -------------------------------------------------------------------------------

@@ -83,6 +83,72 @@ def test_regularized_rejects_negative() -> None:
         RegularizedLoss(nn.MSELoss(), _model(), l1=-1.0)
 
 
+class GuideRegularizedLoss(nn.Module):
+    """The loss-function guide's RegularizedLoss, verbatim (unsquared L2 norm, every parameter)."""
+
+    def __init__(self, base_criterion, model, l1_lambda=0.01, l2_lambda=0.01):
+        super().__init__()
+        self.base_criterion = base_criterion
+        self.model = model
+        self.l1_lambda = l1_lambda
+        self.l2_lambda = l2_lambda
+
+    def forward(self, predictions, targets):
+        base_loss = self.base_criterion(predictions, targets)
+        l1_reg = torch.tensor(0.0, dtype=predictions.dtype)
+        for param in self.model.parameters():
+            l1_reg += torch.norm(param, 1)
+        l2_reg = torch.tensor(0.0, dtype=predictions.dtype)
+        for param in self.model.parameters():
+            l2_reg += torch.norm(param, 2)
+        return base_loss + self.l1_lambda * l1_reg + self.l2_lambda * l2_reg
+
+
+def _guide_model() -> nn.Module:
+    """The guide's SimpleNet(10, 20, 1) shape: Linear(10, 20), ReLU, Linear(20, 1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 1)).double()
+
+
+@pytest.mark.parametrize("how", ["keywords", "from_guide"])
+def test_regularized_reproduces_the_guide(how) -> None:
+    """l2_squared=False with biases included is the guide's formula, value and gradients."""
+    model = _guide_model()
+    x, y = torch.randn(32, 10, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64)
+    if how == "keywords":
+        crit = RegularizedLoss(nn.MSELoss(), model, l1=0.01, l2=0.01, l2_squared=False,
+                               exclude_bias_and_norm=False)
+    else:
+        crit = RegularizedLoss.from_guide(nn.MSELoss(), model, l1_lambda=0.01, l2_lambda=0.01)
+    loss = crit(model(x), y)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    expected = GuideRegularizedLoss(nn.MSELoss(), model, l1_lambda=0.01, l2_lambda=0.01)(model(x), y)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    assert_close(loss, expected)
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e)
+    # the default (squared norm, biases excluded) is a different, documented value
+    default = RegularizedLoss(nn.MSELoss(), model, l1=0.01, l2=0.01)(model(x), y)
+    assert abs(default.item() - expected.item()) > 1e-3
+
+
+def test_regularized_unsquared_norm_is_finite_at_zero() -> None:
+    w = torch.zeros(3, 3, requires_grad=True)
+    crit = RegularizedLoss(lambda: torch.zeros(()), [w], l2=0.5, l2_squared=False)
+    (gw,) = torch.autograd.grad(crit(), [w])
+    assert torch.equal(gw, torch.zeros(3, 3))
+
+
+def test_regularized_guide_keywords_name_fastloss_keywords() -> None:
+    model = _guide_model()
+    with pytest.raises(TypeError, match=r"l1_lambda= is l1=.*l2_lambda= is l2=.*l2_squared=False"):
+        RegularizedLoss(nn.MSELoss(), model, l1_lambda=0.01, l2_lambda=0.01)
+    with pytest.raises(TypeError, match=r"base_criterion= is criterion=.*model= is model_or_params="):
+        RegularizedLoss(base_criterion=nn.MSELoss(), model=model)
+    with pytest.raises(TypeError, match="unexpected keyword argument.*'l3'"):
+        RegularizedLoss(nn.MSELoss(), model, l3=1.0)
+
+
 FUSABLE = [
     (fastloss.MSELoss(), 0.7),
     (fastloss.HuberLoss(delta=0.5), 0.2),

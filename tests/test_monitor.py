@@ -86,11 +86,47 @@ def test_nonfinite_raises_when_asked() -> None:
         m.flush()
 
 
+def test_nonfinite_raise_in_end_epoch_closes_the_epoch() -> None:
+    """After end_epoch raises, the epoch is recorded with its non-finite step; the next epoch is
+    its own (nothing merged, nothing lost)."""
+    m = LossMonitor(on_nonfinite="raise", warn=False)
+    m.step(torch.tensor(1.0))
+    m.step(torch.tensor(float("nan")))
+    m.step(torch.tensor(3.0))
+    with pytest.raises(NonFiniteLossError) as info:
+        m.end_epoch(val_loss=0.5)
+    assert info.value.steps == [1]
+    assert info.value.report.epoch == 0
+    assert info.value.report.nonfinite_steps == [1]
+    assert info.value.report.problems == ["nonfinite"]
+    assert m.train_losses == [2.0] and m.val_losses == [0.5]
+    m.step(torch.tensor(5.0))
+    report = m.end_epoch()
+    assert report.epoch == 1 and report.train_loss == 5.0 and report.nonfinite_steps == []
+    assert [r.nonfinite_steps for r in m.reports] == [[1], []]
+
+
+def test_nonfinite_raise_in_flush_keeps_the_steps_for_end_epoch() -> None:
+    m = LossMonitor(on_nonfinite="raise", warn=False)
+    m.step(torch.tensor(1.0))
+    m.step(torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError) as info:
+        m.flush()
+    assert info.value.steps == [1] and info.value.report is None
+    m.step(torch.tensor(2.0))
+    report = m.end_epoch()  # the steps read before the error belong to this epoch
+    assert report.nonfinite_steps == [1]
+    assert report.train_loss == 1.5
+    assert m.step_losses[0] == 1.0 and math.isinf(m.step_losses[1]) and m.step_losses[2] == 2.0
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         LossMonitor(patience=0)
     with pytest.raises(ValueError):
         LossMonitor(on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="unknown key"):
+        LossMonitor(tags={"epoch": "Loss/Epoch"})
 
 
 def test_csv_and_png(tmp_path) -> None:
@@ -129,6 +165,22 @@ def test_tensorboard_events_read_back(tmp_path) -> None:
     assert [e.value for e in acc.Scalars("loss/train")] == pytest.approx([1.0, 0.5])
     assert [e.value for e in acc.Scalars("loss/val")] == pytest.approx([1.2, 0.7])
     assert not math.isnan(acc.Scalars("loss/train")[0].wall_time)
+
+
+def test_tensorboard_tags_are_chosen_by_the_user(tmp_path) -> None:
+    """The guide's TrainerWithTensorBoard tags: Loss/Train per step, Loss/Epoch per epoch."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    m = LossMonitor(log_dir=tmp_path, warn=False, tags={"step": "Loss/Train", "train": "Loss/Epoch"})
+    run_curve(m, [1.0, 0.5], [1.2, 0.7], steps_per_epoch=2)
+    m.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == {"Loss/Train", "Loss/Epoch", "loss/val"}
+    assert [e.value for e in acc.Scalars("Loss/Train")] == pytest.approx([1.0, 1.0, 0.5, 0.5])
+    assert [e.step for e in acc.Scalars("Loss/Train")] == [0, 1, 2, 3]
+    assert [e.value for e in acc.Scalars("Loss/Epoch")] == pytest.approx([1.0, 0.5])
 
 
 def test_flush_reads_all_pending_steps_in_one_copy(monkeypatch) -> None:
