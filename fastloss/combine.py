@@ -35,7 +35,7 @@ def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
         return ("smooth_l1", float(module.beta), 0.0) if module.beta > 0 else ("l1", 0.0, 0.0)
     if kind is modules.BCEWithLogitsLoss and module.weight is None and module.pos_weight is None:
         return ("bce_with_logits", 0.0, 0.0)
-    if kind is modules.SigmoidFocalLoss and module.gamma >= 0:
+    if kind is modules.SigmoidFocalLoss and module.gamma >= 0 and (0 <= module.alpha <= 1 or module.alpha == -1):
         return ("sigmoid_focal", float(module.alpha), float(module.gamma))
     return None
 

@@ -85,7 +85,8 @@ class SigmoidFocalLoss(NotScriptable, nn.Module):
     default reduction is "mean".
 
     Args:
-        alpha: weight of positives in (0, 1), negatives get 1 - alpha; < 0 disables weighting.
+        alpha: weight of positives in [0, 1], negatives get 1 - alpha; -1 disables weighting
+            (any other value raises ValueError in forward, as torchvision's).
         gamma: focusing exponent, >= 0 (0 gives BCE with logits).
         reduction: "none" | "mean" | "sum".
     """

@@ -243,3 +243,12 @@ def test_combined_runs_member_hooks(device) -> None:
         expected = 0.5 * fastloss.functional.mse_loss(x, y) + fastloss.functional.l1_loss(x, y)
     assert len(calls) == 1
     assert_close(total, expected)
+
+
+@pytest.mark.parametrize("alpha", [1.5, -0.5])
+def test_sigmoid_focal_member_with_invalid_alpha_raises_like_the_function(alpha, backend):
+    """A fused pass must not run what the function itself rejects (torchvision's ValueError)."""
+    criterion = fastloss.CombinedLoss({fastloss.SigmoidFocalLoss(alpha=alpha): 1.0, fastloss.MSELoss(): 0.5})
+    x, y = torch.randn(4, 3), torch.rand(4, 3)
+    with pytest.raises(ValueError, match="alpha"):
+        criterion(x, y)
