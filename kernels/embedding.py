@@ -36,6 +36,16 @@ For a reduced loss the forward writes the gradients already multiplied by ``scal
 "mean", computed in the accumulation dtype from the integer ``count``); backward then only scales them
 by grad_output (fastloss.kernels.pointwise.scale_grad_kernel).
 For ``reduction="none"`` the backward kernels recompute them times a per-row grad_output.
+
+In float16 and bfloat16 that product would round the stored (already rounded) gradients a second
+time, so the backward kernels with ``SCALE`` do a reduced loss's backward instead: every program
+loads the scalar grad_output and
+    returns at once when it is 1 (the stored gradients are the answer);
+    scales its rows of the stored gradients when it is a power of two: round(g) 2^k is the rounding
+    of g 2^k while the result is representable and no digit of g was lost to a subnormal (which a
+    factor > 1 would bring back into the precision); a row with any other element is recomputed;
+    recomputes its rows from the operands otherwise, grad_output applied in the accumulation dtype
+    before the one rounding.
 """
 
 import triton
@@ -122,6 +132,53 @@ def _diff(x_ptr, y_ptr, offs, mask, eps, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _is_power_of_two(go):
+    """Whether the scalar go is +-2^k, a normal float32 (its mantissa bits are 0)."""
+    bits = go.to(tl.float32).to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF
+    return ((bits & 0x7FFFFF) == 0) & (exponent != 0) & (exponent != 0xFF)
+
+
+@triton.jit
+def _scale_stored(grad_ptr, offs, mask, go, ACC_DTYPE: tl.constexpr):
+    """Stored 16-bit gradients at offs times go (a power of two), in place; 1 where that is not the
+    one rounding of the exact gradient times go, else 0: where the product is not representable,
+    where go > 1 scales a subnormal (or zero) gradient, whose lost digits would then show, and
+    where the stored gradient overflowed to +-inf. A NaN gradient gives 1 (recomputed: NaN again)."""
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    scaled = g * go
+    tl.store(grad_ptr + offs, scaled.to(grad_ptr.dtype.element_ty), mask=mask)
+    if grad_ptr.dtype.element_ty == tl.float16:
+        min_normal = 6.103515625e-05           # 2**-14
+    else:
+        min_normal = 1.1754943508222875e-38    # 2**-126, bfloat16
+    representable = scaled.to(grad_ptr.dtype.element_ty).to(ACC_DTYPE) == scaled
+    smallest = tl.where(tl.abs(go) > 1.0, min_normal, 0.0)  # of the g that go may scale
+    exact = representable & (tl.abs(g) >= smallest) & (tl.abs(g) < float("inf"))
+    return tl.where(mask & ~exact, 1, 0)
+
+
+@triton.jit
+def _scale_stored_rows(
+    g1_ptr, g2_ptr, g3_ptr, rows, row_mask, n_cols, go,
+    G1: tl.constexpr, G2: tl.constexpr, G3: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """These rows of the stored [n_rows, n_cols] gradients g1..g3 (those flagged) times go (a power
+    of two) in place; per row, the number of elements that must be recomputed (see _scale_stored)."""
+    redo = tl.zeros((BLOCK_ROWS,), tl.int32)
+    for c0 in range(0, n_cols, BLOCK_COLS):
+        offs, mask = _tile(rows, row_mask, c0, n_cols, BLOCK_COLS)
+        if G1:
+            redo += tl.sum(_scale_stored(g1_ptr, offs, mask, go, ACC_DTYPE), axis=1)
+        if G2:
+            redo += tl.sum(_scale_stored(g2_ptr, offs, mask, go, ACC_DTYPE), axis=1)
+        if G3:
+            redo += tl.sum(_scale_stored(g3_ptr, offs, mask, go, ACC_DTYPE), axis=1)
+    return redo
+
+
+@triton.jit
 def _contrastive_rows(
     x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
     ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
@@ -202,32 +259,18 @@ def contrastive_fwd_kernel(
 
 
 @triton.jit
-def contrastive_bwd_kernel(
-    x1_ptr,               # [n_rows, n_cols] contiguous, floating
-    x2_ptr,               # [n_rows, n_cols] contiguous, same dtype
-    label_ptr,            # [n_rows] same dtype
-    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0)
-    grad_x1_ptr,          # [n_rows, n_cols] written iff GRAD_X1
-    grad_x2_ptr,          # [n_rows, n_cols] written iff GRAD_X2
-    grad_label_ptr,       # [n_rows] written iff GRAD_LABEL
-    n_rows, n_cols, stride_grad_output,
-    margin: tl.float64,   # cast to ACC_DTYPE below
-    eps: tl.float64,
-    count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
+def _contrastive_grads(
+    x1_ptr, x2_ptr, label_ptr, grad_x1_ptr, grad_x2_ptr, grad_label_ptr, rows, row_mask, n_cols,
+    margin, eps, go,
     GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-    SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
 ):
-    """Gradients of the contrastive loss recomputed from the operands, times grad_output."""
-    n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
-                                                       BLOCK_ROWS)
-    margin, eps = tl.full((), margin, ACC_DTYPE), tl.full((), eps, ACC_DTYPE)
+    """Gradients of these rows recomputed from the operands, times go (per row, or a scalar; the
+    1/count scale included), rounded once when stored."""
     _, coef, dlabel, v = _contrastive_rows(
         x1_ptr, x2_ptr, label_ptr, rows, row_mask, n_cols, margin, eps,
         ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
     )
-    go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
-    go = go.to(ACC_DTYPE) * scale
     if GRAD_X1 or GRAD_X2:
         _contrastive_store(
             x1_ptr, x2_ptr, grad_x1_ptr, grad_x2_ptr, rows, row_mask, v, coef * go, n_cols, eps,
@@ -235,6 +278,54 @@ def contrastive_bwd_kernel(
         )
     if GRAD_LABEL:
         tl.store(grad_label_ptr + rows, (dlabel * go).to(grad_label_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def contrastive_bwd_kernel(
+    x1_ptr,               # [n_rows, n_cols] contiguous, floating
+    x2_ptr,               # [n_rows, n_cols] contiguous, same dtype
+    label_ptr,            # [n_rows] same dtype
+    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0; SCALE: a scalar)
+    grad_x1_ptr,          # [n_rows, n_cols] written iff GRAD_X1 (SCALE: the forward's, read first)
+    grad_x2_ptr,          # [n_rows, n_cols] written iff GRAD_X2 (SCALE: the forward's, read first)
+    grad_label_ptr,       # [n_rows] written iff GRAD_LABEL (SCALE: the forward's, read first)
+    n_rows, n_cols, stride_grad_output,
+    margin: tl.float64,   # cast to ACC_DTYPE below
+    eps: tl.float64,
+    count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
+    GRAD_X1: tl.constexpr, GRAD_X2: tl.constexpr, GRAD_LABEL: tl.constexpr,
+    SCALE: tl.constexpr,  # the grad_*_ptr hold a reduced 16-bit loss's forward-made gradients
+    ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
+):
+    """Gradients of the contrastive loss recomputed from the operands, times grad_output; with
+    SCALE, the forward's gradients times grad_output, rounded once (see the module docstring)."""
+    n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
+                                                       BLOCK_ROWS)
+    margin, eps = tl.full((), margin, ACC_DTYPE), tl.full((), eps, ACC_DTYPE)
+    if SCALE:
+        go = tl.load(grad_output_ptr).to(ACC_DTYPE)
+        if go != 1.0:
+            redo = row_mask
+            if _is_power_of_two(go):
+                bad = _scale_stored_rows(grad_x1_ptr, grad_x2_ptr, grad_x2_ptr, rows, row_mask, n_cols,
+                                         go, GRAD_X1, GRAD_X2, False, ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
+                if GRAD_LABEL:
+                    bad += _scale_stored(grad_label_ptr, rows, row_mask, go, ACC_DTYPE)
+                redo = row_mask & (bad > 0)
+            if tl.max(redo.to(tl.int32), axis=0) > 0:
+                _contrastive_grads(
+                    x1_ptr, x2_ptr, label_ptr, grad_x1_ptr, grad_x2_ptr, grad_label_ptr, rows, redo,
+                    n_cols, margin, eps, go * scale, GRAD_X1, GRAD_X2, GRAD_LABEL,
+                    ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+                )
+    else:
+        go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
+        _contrastive_grads(
+            x1_ptr, x2_ptr, label_ptr, grad_x1_ptr, grad_x2_ptr, grad_label_ptr, rows, row_mask,
+            n_cols, margin, eps, go.to(ACC_DTYPE) * scale, GRAD_X1, GRAD_X2, GRAD_LABEL,
+            ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+        )
 
 
 @triton.jit
@@ -354,14 +445,35 @@ def triplet_fwd_kernel(
 
 
 @triton.jit
+def _triplet_grads(
+    a_ptr, p_ptr, n_ptr, grad_a_ptr, grad_p_ptr, grad_n_ptr, rows, row_mask, n_cols,
+    margin, norm_p, eps, go,
+    P_MODE: tl.constexpr, SWAP: tl.constexpr,
+    GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_COLS: tl.constexpr, SINGLE_PASS: tl.constexpr,
+):
+    """Gradients of these triplets recomputed from the operands, times go (per row, or a scalar;
+    the 1/count scale included), rounded once when stored."""
+    _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
+        a_ptr, p_ptr, n_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
+        P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+    _triplet_store(
+        a_ptr, p_ptr, n_ptr, grad_a_ptr, grad_p_ptr, grad_n_ptr,
+        rows, row_mask, v_ap, v_an, v_pn, d_ap, d_an, d_pn, w_ap * go, w_an * go, w_pn * go,
+        n_cols, norm_p, eps, P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+    )
+
+
+@triton.jit
 def triplet_bwd_kernel(
     anchor_ptr,           # [n_rows, n_cols] contiguous, floating
     positive_ptr,         # [n_rows, n_cols] contiguous, same dtype
     negative_ptr,         # [n_rows, n_cols] contiguous, same dtype
-    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0)
-    grad_anchor_ptr,      # [n_rows, n_cols] written iff GRAD_A
-    grad_positive_ptr,    # [n_rows, n_cols] written iff GRAD_P
-    grad_negative_ptr,    # [n_rows, n_cols] written iff GRAD_N
+    grad_output_ptr,      # [n_rows] (stride_grad_output = 1) or a scalar (stride 0; SCALE: a scalar)
+    grad_anchor_ptr,      # [n_rows, n_cols] written iff GRAD_A (SCALE: the forward's, read first)
+    grad_positive_ptr,    # [n_rows, n_cols] written iff GRAD_P (SCALE: the forward's, read first)
+    grad_negative_ptr,    # [n_rows, n_cols] written iff GRAD_N (SCALE: the forward's, read first)
     n_rows, n_cols, stride_grad_output,
     margin: tl.float64,   # cast to ACC_DTYPE below
     norm_p: tl.float64,
@@ -369,22 +481,35 @@ def triplet_bwd_kernel(
     count,                # grad_output is divided by it (n_rows when replaying a "mean" loss, else 1)
     P_MODE: tl.constexpr, SWAP: tl.constexpr,
     GRAD_A: tl.constexpr, GRAD_P: tl.constexpr, GRAD_N: tl.constexpr,
+    SCALE: tl.constexpr,  # the grad_*_ptr hold a reduced 16-bit loss's forward-made gradients
     ACC_DTYPE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
     SINGLE_PASS: tl.constexpr, COL_ALIGN: tl.constexpr,
 ):
-    """Gradients of the triplet margin loss recomputed from the operands, times grad_output."""
+    """Gradients of the triplet margin loss recomputed from the operands, times grad_output; with
+    SCALE, the forward's gradients times grad_output, rounded once (see the module docstring)."""
     n_cols, _, rows, row_mask, scale = _program_rows(n_rows, n_cols, count, COL_ALIGN, ACC_DTYPE,
                                                        BLOCK_ROWS)
     margin, norm_p = tl.full((), margin, ACC_DTYPE), tl.full((), norm_p, ACC_DTYPE)
     eps = tl.full((), eps, ACC_DTYPE)
-    _, d_ap, d_an, d_pn, w_an, w_pn, w_ap, v_ap, v_an, v_pn = _triplet_rows(
-        anchor_ptr, positive_ptr, negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps,
-        P_MODE, SWAP, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
-    )
-    go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
-    go = go.to(ACC_DTYPE) * scale
-    _triplet_store(
-        anchor_ptr, positive_ptr, negative_ptr, grad_anchor_ptr, grad_positive_ptr, grad_negative_ptr,
-        rows, row_mask, v_ap, v_an, v_pn, d_ap, d_an, d_pn, w_ap * go, w_an * go, w_pn * go,
-        n_cols, norm_p, eps, P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
-    )
+    if SCALE:
+        go = tl.load(grad_output_ptr).to(ACC_DTYPE)
+        if go != 1.0:
+            redo = row_mask
+            if _is_power_of_two(go):
+                bad = _scale_stored_rows(grad_anchor_ptr, grad_positive_ptr, grad_negative_ptr, rows,
+                                         row_mask, n_cols, go, GRAD_A, GRAD_P, GRAD_N,
+                                         ACC_DTYPE, BLOCK_ROWS, BLOCK_COLS)
+                redo = row_mask & (bad > 0)
+            if tl.max(redo.to(tl.int32), axis=0) > 0:
+                _triplet_grads(
+                    anchor_ptr, positive_ptr, negative_ptr, grad_anchor_ptr, grad_positive_ptr,
+                    grad_negative_ptr, rows, redo, n_cols, margin, norm_p, eps, go * scale,
+                    P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+                )
+    else:
+        go = tl.load(grad_output_ptr + rows * stride_grad_output, mask=row_mask, other=0.0)
+        _triplet_grads(
+            anchor_ptr, positive_ptr, negative_ptr, grad_anchor_ptr, grad_positive_ptr,
+            grad_negative_ptr, rows, row_mask, n_cols, margin, norm_p, eps, go.to(ACC_DTYPE) * scale,
+            P_MODE, SWAP, GRAD_A, GRAD_P, GRAD_N, ACC_DTYPE, BLOCK_COLS, SINGLE_PASS,
+        )

@@ -103,6 +103,20 @@ def embedding_case(n_rows: int, n_cols: int, dtype: torch.dtype, loss: str) -> l
     return results
 
 
+def embedding_rescale_case(n_rows: int, n_cols: int, dtype: torch.dtype, loss: str) -> list[dict]:
+    """The backward of a reduced 16-bit loss (SCALE: the forward's gradients rescaled in place)."""
+    from fastloss.kernels import embedding
+
+    results: list[dict] = []
+    ops_embedding._kernels = lambda: (_fake(embedding, results), TL_DTYPES)
+    x, y = (torch.empty(n_rows, n_cols, dtype=dtype, device="meta") for _ in range(2))
+    z = torch.empty(n_rows, dtype=dtype, device="meta") if loss == "contrastive" else y.clone()
+    grads = [torch.empty_like(t) for t in (x, y, z)]
+    go = torch.empty((), dtype=dtype, device="meta")
+    ops_embedding._rescale(loss, x, y, z, go, *grads, 1.0, 2.0, 1e-6, False, n_rows)
+    return results
+
+
 def pointwise_case(n: int, dtype: torch.dtype, loss: str) -> list[dict]:
     from fastloss.kernels import pointwise
 
@@ -127,10 +141,18 @@ CASES = {
     "triplet 4096x300": lambda dt: embedding_case(4096, 300, dt, "triplet"),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Launches that exist for 16-bit operands only, compiled in those dtypes
+HALF_CASES = {
+    "contrastive rescale 4096x300": lambda dt: embedding_rescale_case(4096, 300, dt, "contrastive"),
+    "triplet rescale 4096x300": lambda dt: embedding_rescale_case(4096, 300, dt, "triplet"),
+}
+HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 if __name__ == "__main__":
     warnings.simplefilter("ignore")  # triton 3.9's note about TRITON_DEFAULT_FP_FUSION
     # every case in both dtypes: {"<case> <dtype>": [{"kernel", "loads", "stores"}, ...]}
     out = {f"{case} {name}": run(dtype) for case, run in CASES.items() for name, dtype in DTYPES.items()}
+    out |= {f"{case} {name}": run(dtype) for case, run in HALF_CASES.items()
+            for name, dtype in HALF_DTYPES.items()}
     json.dump(out, sys.stdout)

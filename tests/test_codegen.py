@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from codegen_probe import CASES, DTYPES
+from codegen_probe import CASES, DTYPES, HALF_CASES, HALF_DTYPES
+
+import fastloss
 
 #: The main kernels whose rows are checked; small kernels (the cross-entropy denominator) are not.
 ROW_KERNELS = {"pointwise_fwd_kernel", "cross_entropy_fwd_kernel", "contrastive_fwd_kernel",
@@ -29,6 +31,9 @@ ODD_SIZES = {"mse 2**20+1", "cross_entropy 64x50257"}
 @pytest.fixture(scope="module")
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the probe compiles the fastloss these tests import (a checkout's, not an installed copy)
+    root = str(Path(fastloss.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (root, env.get("PYTHONPATH"))))
     probe = Path(__file__).with_name("codegen_probe.py")
     run = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
@@ -61,3 +66,17 @@ def test_full_blocks_of_odd_sizes_are_moved_in_vectors(case, dtype, compiled):
     k = _row_kernel(compiled, case, dtype)
     assert sum(".v" in op for op in k["loads"]) >= 2, f"input and target not vector-loaded: {k['loads']}"
     assert any(".v" in op for op in k["stores"]), f"no vector store: {k['stores']}"
+
+
+@pytest.mark.parametrize("dtype", list(HALF_DTYPES))
+@pytest.mark.parametrize("case", sorted(HALF_CASES))
+def test_half_precision_rescale_moves_rows_in_vectors(case, dtype, compiled):
+    """The backward kernel that rescales (or recomputes) a reduced 16-bit loss's gradients: one
+    launch whose row accesses (stored gradients, operands) are vectors; the element-wise ones are
+    per-row or scalar (grad_output, the contrastive label and its gradient)."""
+    kernels = compiled[f"{case} {dtype}"]
+    assert [k["kernel"] for k in kernels] == [case.split()[0] + "_bwd_kernel"]
+    loads, stores = kernels[0]["loads"], kernels[0]["stores"]
+    assert sum(".v" in op for op in loads) >= 8, f"operands and stored gradients not vector-loaded: {loads}"
+    assert sum(".v" in op for op in stores) >= 8, f"gradients not vector-stored: {stores}"
+    assert sum(".v" not in op for op in stores) <= 2, f"element-wise stores: {stores}"

@@ -261,7 +261,9 @@ def test_kernels_match_reference_per_dtype(kind, dtype, reduction, triton_backen
         ref_ts = _detached(ts)
         want = fn(ref_ts, reduction)
     assert_close(out, want, msg="loss")
-    with launched(f"{kind}_bwd_kernel" if reduction == "none" else "scale_grad_kernel"):
+    # reduced 16-bit losses rescale their forward-made gradients in the backward kernel (rounded once)
+    backward_kernel = reduction == "none" or dtype != torch.float32
+    with launched(f"{kind}_bwd_kernel" if backward_kernel else "scale_grad_kernel"):
         grads = _grads(out, ts)
     for g, w in zip(grads, _grads(want, ref_ts)):
         assert_close(g, w, msg="grad")
@@ -340,6 +342,211 @@ def test_inputs_are_not_modified(triton_backend):
         _loss_fn("triplet")(ts, "mean").backward()
     for t, b in zip(ts, before):
         assert torch.equal(t.detach(), b)
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 / bfloat16 gradients are rounded once, whatever grad_output is (issue #9)
+# ---------------------------------------------------------------------------------------------
+
+#: (loss, triplet options): contrastive; triplet with p = 2; p = 1.5 with swap
+ROUNDING_KINDS = [("contrastive", {}), ("triplet", {}), ("triplet", {"p": 1.5, "swap": True})]
+#: The share of gradient elements allowed to differ from the one rounding of the exact gradient
+#: (by one unit in the last place): exact values within float32 error of a rounding boundary.
+#: Rounding the stored gradient again after scaling by 0.3 changes about 25% (float16) or 50%
+#: (bfloat16, truncated by the interpreter) of them.
+ROUNDING_SLACK = 0.02
+
+
+def _rounding_operands(kind, options, b, d, dtype, scale=1.0):
+    """Operands whose gradients float32 arithmetic gets far finer than half a 16-bit ulp: pairs
+    with margin > 3 d (label gradient h^2 - d^2 without cancellation); triplets with the margin
+    active for about half of them. ``scale`` shrinks the embeddings (and the margin)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64) * scale
+    y = x + 0.7 * scale * torch.randn(b, d, generator=g, dtype=torch.float64)
+    if kind == "contrastive":
+        z = torch.randint(0, 2, (b,), generator=g).double()
+        margin = 3.0 * scale * d**0.5
+
+        def fn(ts, reduction):
+            return FL.contrastive_loss(ts[0], ts[1], ts[2], margin, reduction)
+    else:
+        z = x + 0.9 * scale * torch.randn(b, d, generator=g, dtype=torch.float64)
+        margin = scale * d ** (1 / options.get("p", 2.0))
+
+        def fn(ts, reduction):
+            return FL.triplet_margin_loss(ts[0], ts[1], ts[2], margin=margin, **options, reduction=reduction)
+    ts = [t.to(DEVICE, dtype).requires_grad_() for t in (x, y, z)]
+    return ts, fn
+
+
+def _rounded_once(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 ``exact`` rounded once to ``dtype`` as the kernels' stores round: to nearest, but
+    bfloat16 under Triton's interpreter truncates (float32 -> bfloat16 by dropping bits)."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        return (exact.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return exact.to(dtype)
+
+
+def _ulp(r: torch.Tensor) -> torch.Tensor:
+    """The spacing of r's dtype (float16 / bfloat16) at r, in float64 (subnormal spacing near 0)."""
+    mantissa_bits = {torch.float16: 10, torch.bfloat16: 7}[r.dtype]
+    min_exponent = {torch.float16: -14, torch.bfloat16: -126}[r.dtype]
+    _, e = torch.frexp(r.double())
+    e = torch.where(r == 0, min_exponent, torch.clamp(e - 1, min=min_exponent))
+    return torch.ldexp(torch.ones_like(e, dtype=torch.float64), e - mantissa_bits)
+
+
+def _assert_rounded_once(grads, exact_grads, dtype, msg=""):
+    """Nearly every gradient element is the one rounding of the float64 gradient, all within 1 ulp
+    (or float32's error, 2^-20 of the largest gradient, where a difference cancels: g_ap - g_an)."""
+    got = torch.cat([g.reshape(-1) for g in grads])
+    exact = torch.cat([e.reshape(-1) for e in exact_grads])
+    want = _rounded_once(exact, dtype)
+    assert got.dtype == dtype
+    differ = (got != want).double().mean().item()
+    assert differ <= ROUNDING_SLACK, f"{msg}: {differ:.1%} of the gradient elements rounded differently"
+    err = torch.where(got == want, 0.0, (got.double() - want.double()).abs())  # (inf == inf)
+    bound = _ulp(want) + 2.0**-20 * exact.abs().max()
+    assert (err <= bound).all(), f"{msg}: off by {(err / _ulp(want)).max().item():.3g} ulp"
+
+
+def _exact_grads(fn, ts, reduction, grad_output):
+    """float64 gradients on the same (rounded) operands, times the same (rounded) grad_output."""
+    exact_ts = _detached(ts, torch.float64)
+    with fastloss.use_backend("torch"):
+        return torch.autograd.grad(fn(exact_ts, reduction), exact_ts, grad_output.double())
+
+
+@pytest.mark.parametrize("grad_output", [0.3, 0.5, 1.0, -0.25, 4.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kind,options", ROUNDING_KINDS, ids=["contrastive", "triplet", "triplet-p1.5-swap"])
+@pytest.mark.parametrize("shape", [(37, 24), (3, 1030)], ids=str)  # 1030: the two-pass kernels
+def test_half_precision_gradients_rounded_once(shape, kind, options, dtype, reduction, grad_output,
+                                               triton_backend):
+    """A reduced 16-bit loss's backward with grad_output != 1 (loss * 0.3, loss / 4 for gradient
+    accumulation) gives the gradients rounded once, as torch's: recomputed with grad_output
+    applied in float32 (0.3), the stored ones scaled where that is exact (powers of two), the
+    stored ones as they are (1)."""
+    ts, fn = _rounding_operands(kind, options, *shape, dtype)
+    with launched(f"{kind}_fwd_kernel"):
+        out = fn(ts, reduction)
+    go = torch.full_like(out, grad_output)  # in the loss dtype
+    with launched(f"{kind}_bwd_kernel"):
+        grads = torch.autograd.grad(out, ts, go)
+    _assert_rounded_once(grads, _exact_grads(fn, ts, reduction, go), dtype, msg=f"grad_output {grad_output}")
+
+
+@pytest.mark.parametrize("grad_output", [4.0, 0.25, 0.3])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_half_precision_subnormal_gradients_rounded_once(reduction, grad_output, triton_backend):
+    """float16 gradients down to the subnormal range (small embeddings): a power of two > 1 must not
+    scale a stored subnormal gradient, whose lost digits would show (those rows are recomputed)."""
+    scale = 1e-3 if reduction == "mean" else 2e-5
+    ts, fn = _rounding_operands("contrastive", {}, 37, 24, torch.float16, scale=scale)
+    out = fn(ts, reduction)
+    go = torch.full_like(out, grad_output)
+    with launched("contrastive_bwd_kernel"):
+        grads = torch.autograd.grad(out, ts, go)
+    exact = _exact_grads(fn, ts, reduction, go)
+    stored = exact[0] / go.double()  # what the forward made
+    assert (stored.abs() < torch.finfo(torch.float16).tiny).double().mean() > 0.2
+    _assert_rounded_once(grads, exact, torch.float16, msg=f"grad_output {grad_output}")
+
+
+@pytest.mark.parametrize("grad_output", [0.5, 0.3])
+def test_half_precision_overflowed_gradient_recomputed(grad_output, triton_backend):
+    """A float16 gradient that overflowed to inf in the forward (2 (x1 - x2) > 65504) but is finite
+    times grad_output: recomputed, not inf * 0.5."""
+    g = torch.Generator().manual_seed(4)
+    x1 = 3e4 + 1e3 * torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x2 = -3e4 + 1e3 * torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x1[:, 0], x2[:, 0] = 1.0, 2.0  # finite stored gradients in the same rows
+    ts = [x1.to(DEVICE, torch.float16).requires_grad_(), x2.to(DEVICE, torch.float16).requires_grad_(),
+          torch.zeros(7, device=DEVICE, dtype=torch.float16)]
+
+    def fn(ts, reduction):
+        return FL.contrastive_loss(ts[0], ts[1], ts[2], 1.0, reduction)
+
+    out = fn(ts, "sum")
+    go = torch.full_like(out, grad_output)
+    with launched("contrastive_bwd_kernel"):
+        grads = torch.autograd.grad(out, ts[:2], go)
+    exact_ts = _detached(ts, torch.float64)
+    with fastloss.use_backend("torch"):
+        exact = torch.autograd.grad(fn(exact_ts, "sum"), exact_ts[:2], go.double())
+    stored = exact[0] / go.double()  # what the forward made
+    assert (stored[:, 1:].abs() > torch.finfo(torch.float16).max).all()  # overflowed to inf there
+    assert torch.isfinite(grads[0]).all() and torch.isfinite(grads[1]).all()
+    _assert_rounded_once(grads, exact, torch.float16, msg=f"grad_output {grad_output}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("kind,options", ROUNDING_KINDS, ids=["contrastive", "triplet", "triplet-p1.5-swap"])
+def test_half_precision_unreduced_and_second_backward_rounded_once(kind, options, dtype, triton_backend):
+    """reduction="none" (a grad_output per row) and a second backward through a reduced loss
+    (retain_graph=True) recompute the gradients: rounded once too."""
+    ts, fn = _rounding_operands(kind, options, 37, 24, dtype)
+    out = fn(ts, "none")
+    go = (0.2 + torch.rand(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+    go = go.to(out.device, dtype)
+    with launched(f"{kind}_bwd_kernel"):
+        grads = torch.autograd.grad(out, ts, go)
+    _assert_rounded_once(grads, _exact_grads(fn, ts, "none", go), dtype, msg="none")
+    out = fn(ts, "mean")
+    go = torch.full_like(out, 0.3)
+    exact = _exact_grads(fn, ts, "mean", go)
+    first = torch.autograd.grad(out, ts, go, retain_graph=True)
+    with launched(f"{kind}_bwd_kernel"):
+        second = torch.autograd.grad(out, ts, go)
+    _assert_rounded_once(first, exact, dtype, msg="first backward")
+    _assert_rounded_once(second, exact, dtype, msg="second backward")
+
+
+def test_half_precision_label_gradient_only(triton_backend):
+    """The contrastive label alone needing a gradient: rescaled in the same launch, rounded once."""
+    ts, fn = _rounding_operands("contrastive", {}, 37, 24, torch.float16)
+    ts = [ts[0].detach(), ts[1].detach(), ts[2]]
+    for grad_output in (0.3, 0.5):
+        out = fn(ts, "sum")
+        go = torch.full_like(out, grad_output)
+        with launched("contrastive_bwd_kernel"):
+            (grad,) = torch.autograd.grad(out, ts[2], go)
+        exact_ts = _detached(ts, torch.float64)
+        with fastloss.use_backend("torch"):
+            (exact,) = torch.autograd.grad(fn(exact_ts, "sum"), exact_ts[2], go.double())
+        _assert_rounded_once([grad], [exact], torch.float16, msg=f"grad_output {grad_output}")
+
+
+def test_rescale_op_passes_opcheck(device):
+    """The custom op that rescales a reduced 16-bit loss's gradients in place (torch.compile's path)."""
+    ts, _ = _rounding_operands("triplet", {}, 5, 7, torch.float16)
+    x, y, z = (t.detach() for t in ts)
+    grads = [torch.randn(5, 7, device=device).half() for _ in range(3)]
+    for go in (0.3, 0.5, 1.0):
+        args = (x, y, z, torch.tensor(go, device=device).half(), *[g.clone() for g in grads])
+        torch.library.opcheck(ops_embedding.embedding_rescale_,
+                              ("triplet", *args, 1.0, 2.0, 1e-6, True, 5))
+    label = torch.rand(5, device=device).half()
+    torch.library.opcheck(ops_embedding.embedding_rescale_,
+                          ("contrastive", x, y, label, torch.tensor(0.3, device=device).half(),
+                           grads[0].clone(), None, label.clone(), 2.0, 2.0, 1e-6, False, 1))
+
+
+def test_torch_compile_half_precision_backward(triton_backend):
+    """A compiled float16 backward through embedding_rescale_ gives the eager gradients."""
+    torch._dynamo.reset()
+    ts, _ = _rounding_operands("triplet", {}, 9, 6, torch.float16)
+
+    def step(a, p, n):
+        return FL.triplet_margin_loss(a, p, n, margin=2.0, swap=True) * 0.3
+
+    eager = torch.autograd.grad(step(*ts), ts)
+    with launched("triplet_fwd_kernel", "triplet_bwd_kernel"):
+        compiled = torch.autograd.grad(torch.compile(step, fullgraph=True)(*ts), ts)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@
 computed in the same pass. Operands are ``(x, y, z)`` = (output1, output2, label) for the
 contrastive loss and (anchor, positive, negative) for the triplet loss, each ``(n_rows, n_cols)``
 (the label ``(n_rows,)``). Backward of a reduced loss scales those gradients by ``grad_output`` in
-place (fastloss.ops.pointwise's scale kernel, a no-op on device when it is 1); backward of
-``reduction="none"`` recomputes them in one pass.
+place (fastloss.ops.pointwise's scale kernel, a no-op on device when it is 1; in float16 and
+bfloat16, where that product would round the gradients twice, ``embedding_rescale_`` instead keeps
+them, scales them when grad_output is a power of two, or recomputes them: one launch, rounded once);
+backward of ``reduction="none"`` recomputes them in one pass.
 """
 
 from __future__ import annotations
@@ -147,13 +149,14 @@ def _bwd(
         if loss == "contrastive":
             k.contrastive_bwd_kernel[grid](
                 x, y, z, go, gx, gy, gz, n_rows, n_cols, stride, margin, eps, count,
-                GRAD_X1=grad_x, GRAD_X2=grad_y, GRAD_LABEL=grad_z, **common,
+                GRAD_X1=grad_x, GRAD_X2=grad_y, GRAD_LABEL=grad_z, SCALE=False, **common,
             )
             count_launch("contrastive_bwd_kernel")
         else:
             k.triplet_bwd_kernel[grid](
                 x, y, z, go, gx, gy, gz, n_rows, n_cols, stride, margin, p, eps, count,
-                P_MODE=_p_mode(p), SWAP=swap, GRAD_A=grad_x, GRAD_P=grad_y, GRAD_N=grad_z, **common,
+                P_MODE=_p_mode(p), SWAP=swap, GRAD_A=grad_x, GRAD_P=grad_y, GRAD_N=grad_z, SCALE=False,
+                **common,
             )
             count_launch("triplet_bwd_kernel")
     return gx, gy, gz
@@ -170,6 +173,69 @@ def _(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, g
 
 
 
+#: Dtypes whose forward-made gradients ``_rescale`` scales (or recomputes) so that they are rounded once.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _rescale(
+    loss: str,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor,
+    grad_output: Tensor,
+    grad_x: Tensor | None,
+    grad_y: Tensor | None,
+    grad_z: Tensor | None,
+    margin: float,
+    p: float,
+    eps: float,
+    swap: bool,
+    count: int,
+) -> None:
+    """A reduced 16-bit loss's forward-made gradients (None where not made) times the scalar
+    grad_output in place, rounded once: kept when grad_output is 1, scaled when it is a power of
+    two (rows where that is not exact are recomputed), otherwise recomputed from the operands with
+    grad_output applied before the rounding. One launch, no host sync."""
+    k, tl_dtype = _kernels()
+    x, y, z = x.contiguous(), y.contiguous(), z.contiguous()
+    n_rows, n_cols = x.shape
+    want = (grad_x is not None, grad_y is not None, grad_z is not None)
+    if n_rows == 0 or not any(want):
+        return
+    gx, gy, gz = (g if g is not None else t for g, t in zip((grad_x, grad_y, grad_z), (x, y, z)))
+    block_rows, block_cols, single, warps = _block_config(n_cols)
+    common = {"SCALE": True, "ACC_DTYPE": tl_dtype[acc_dtype(x.dtype)], "BLOCK_ROWS": block_rows,
+              "BLOCK_COLS": block_cols, "SINGLE_PASS": single, "COL_ALIGN": pow2_align(n_cols),
+              "num_warps": warps}
+    grid = (cdiv(n_rows, block_rows),)
+    if loss == "contrastive":
+        k.contrastive_bwd_kernel[grid](
+            # pointers: operands, grad_output (a scalar), the gradients scaled in place
+            x, y, z, grad_output, gx, gy, gz,
+            # sizes, grad_output's stride, parameters
+            n_rows, n_cols, 0, margin, eps, count,
+            GRAD_X1=want[0], GRAD_X2=want[1], GRAD_LABEL=want[2], **common,
+        )
+        count_launch("contrastive_bwd_kernel")
+    else:
+        k.triplet_bwd_kernel[grid](
+            x, y, z, grad_output, gx, gy, gz,
+            n_rows, n_cols, 0, margin, p, eps, count,
+            P_MODE=_p_mode(p), SWAP=swap, GRAD_A=want[0], GRAD_P=want[1], GRAD_N=want[2], **common,
+        )
+        count_launch("triplet_bwd_kernel")
+
+
+# The custom-op form of _rescale, for torch.compile (same signature; eager autograd calls _rescale)
+embedding_rescale_ = torch.library.custom_op(
+    "fastloss::embedding_rescale_", mutates_args=("grad_x", "grad_y", "grad_z"))(_rescale)
+
+
+@embedding_rescale_.register_fake
+def _(loss, x, y, z, grad_output, grad_x, grad_y, grad_z, margin, p, eps, swap, count):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z = inputs
     ctx.save_for_backward(x, y, z)
@@ -179,21 +245,24 @@ def _setup_context(ctx, inputs, output):
     ctx.grads = tuple(g if want else None for g, want in zip(output[1:], (grad_x, grad_y, grad_z)))
 
 
-def _backward(ctx, grad_loss, scale_grad, recompute):
+def _backward(ctx, grad_loss, scale_grad, recompute, rescale):
     x, y, z = ctx.saved_tensors
     loss, margin, p, eps, swap, reduction = ctx.args
     needs = ctx.needs_input_grad[1:4]
+    n_rows = x.shape[0]
+    count = n_rows if reduction == "mean" and n_rows else 1
     if reduction != "none" and ctx.grads is not None:
         grads = ctx.grads
         ctx.grads = None
-        for g in grads:
-            if g is not None:
-                scale_grad(g, grad_loss)
+        if x.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
+            rescale(loss, x, y, z, grad_loss, *grads, margin, p, eps, swap, count)
+        else:
+            for g in grads:
+                if g is not None:
+                    scale_grad(g, grad_loss)
     else:
         # reduction="none", or a second backward through a reduced loss (retain_graph=True) whose
         # forward-made gradients were already handed out: recompute from the operands.
-        n_rows = x.shape[0]
-        count = n_rows if reduction == "mean" and n_rows else 1
         grads = recompute(loss, x, y, z, grad_loss, margin, p, eps, swap, count, *needs)
     return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
@@ -212,8 +281,8 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
 _apply = autograd_pair(
     embedding_fwd, _fwd, _setup_context,
     reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, embedding_bwd),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, embedding_bwd, embedding_rescale_),
+    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd, _rescale),
 )
 
 
