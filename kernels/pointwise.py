@@ -479,7 +479,7 @@ def _bwd_block(
 def _scaled_exactly(grad_ptr, offs, mask, go, ACC_DTYPE: tl.constexpr):
     """(g * go, whether that is the one rounding of the exact gradient times go) for the stored
     16-bit gradients g of a block, go a power of two: it is while g * go is representable, unless
-    go > 1 lifts a subnormal (or zero) g, whose lost digits would then show."""
+    go > 1 lifts a subnormal (or zero) g, whose lost digits would then show, or g is infinite."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     scaled = g * go
     if grad_ptr.dtype.element_ty == tl.float16:
@@ -488,7 +488,9 @@ def _scaled_exactly(grad_ptr, offs, mask, go, ACC_DTYPE: tl.constexpr):
         min_normal = 1.1754943508222875e-38    # 2**-126, bfloat16
     representable = scaled.to(grad_ptr.dtype.element_ty).to(ACC_DTYPE) == scaled
     smallest = tl.where(tl.abs(go) <= 1.0, 0.0, min_normal)  # of the g that go may scale
-    exact = representable & (tl.abs(g) >= smallest)  # (NaN: recomputed, NaN again)
+    # (NaN: recomputed, NaN again; an infinite g overflowed in the forward: recomputed, as g * go
+    # may be finite)
+    exact = representable & (tl.abs(g) >= smallest) & (tl.abs(g) < float("inf"))
     return scaled, exact | ~mask
 
 

@@ -1458,3 +1458,16 @@ def test_broadcast_grad_output_is_not_copied(device, monkeypatch):
         monkeypatch.undo()
     assert copied == []
     check_same((loss.detach(), (x.grad, y.grad)), expected, torch.float32, "huber none .sum()")
+
+
+@pytest.mark.parametrize("grad_output", [0.25, 0.3])
+def test_half_precision_gradient_that_overflowed_in_the_forward_is_recomputed(grad_output, device):
+    """The forward's float16 gradient 2 * 80000 overflows to inf; times grad_output it is finite,
+    so backward must not scale the stored inf."""
+    x = torch.tensor([40000.0], dtype=torch.float16, device=device, requires_grad=True)
+    y = torch.tensor([-40000.0], dtype=torch.float16, device=device)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        loss = FF.mse_loss(x, y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x, torch.tensor(grad_output, dtype=loss.dtype, device=device))
+    expected = (2 * 80000.0 * torch.tensor(grad_output, dtype=torch.float16).double()).to(torch.float16)
+    assert torch.equal(g, expected.reshape(1).to(device)), (g, expected)
