@@ -220,12 +220,14 @@ def _rows_kernel(z: Tensor, target: Tensor, weight: Tensor | None, p: _Params, g
 # --------------------------------------------------------------------------------------------
 
 def _finish(acc: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """An accumulated gradient times ``scale`` (in place), in ``dtype``."""
-    if acc is None:
-        return None
-    if scale is not None:
-        acc.mul_(scale)
-    return acc.to(dtype)
+    """An accumulated gradient times ``scale`` (0-dim, or None for 1), in ``dtype``: one pass."""
+    if acc is None or (scale is None and acc.dtype == dtype):
+        return acc
+    if scale is None:
+        return acc.to(dtype)
+    if acc.dtype == dtype:
+        return acc.mul_(scale)
+    return torch.mul(acc, scale, out=torch.empty(acc.shape, dtype=dtype, device=acc.device))
 
 
 def _sweep(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, class_weight: Tensor | None, p: _Params,
