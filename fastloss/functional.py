@@ -755,6 +755,7 @@ def linear_cross_entropy(
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_targets_cpu(target, n_classes, ignore_index)  # torch's IndexError
     chunk = getattr(options, "batch_chunk_size", None) or 0
+    target = target.long()  # uint8 class indices would index as masks
     kernel = use_triton(input, linear_weight, target, linear_bias, weight, token_weight)
     loss = linear_xent_loss(
         input.reshape(-1, in_features), linear_weight, linear_bias, target.reshape(-1), weight,

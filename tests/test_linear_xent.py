@@ -347,6 +347,14 @@ def test_unbatched_input(backend):
         check(got, want, F64, f"unbatched {reduction}")
 
 
+def test_uint8_targets(backend):
+    """Byte class indices, which torch accepts, give the int64 targets' loss and gradients."""
+    x, w, _, t = make((9,), ignore=False)
+    got = loss_and_grads(ours, x, w, t.to(torch.uint8), weight=class_weight(37))
+    want = loss_and_grads(oracle, x, w, t, weight=class_weight(37))
+    check(got, want, F64, "uint8 targets")
+
+
 def test_token_weight_mean_denominator(backend):
     """"mean" with token weights = sum(tw * w_t * loss) / sum(tw * w_t) over non-ignored tokens."""
     x, w, _, t = make((9,))
