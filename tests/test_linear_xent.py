@@ -302,6 +302,20 @@ def test_chunk_rows_from_budget(monkeypatch):
     assert ops.chunk_rows(10**6, 64, 1000, torch.float32, torch.device("cpu")) == 5
 
 
+@pytest.mark.parametrize("block", [3, 100])
+def test_fp32_accumulation_of_16bit_products(block):
+    """dW of 16-bit operands: the first chunk writes acc = a @ b, later ones add to it in fp32 (in
+    place where torch allows, else ``block`` rows of acc at a time)."""
+    g = torch.Generator().manual_seed(0)
+    a = [torch.randn(7, 5, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3)]
+    b = [torch.randn(5, 4, generator=g).to(DEVICE, torch.bfloat16) for _ in range(3)]
+    acc = torch.full((7, 4), float("nan"), device=DEVICE)
+    for i in range(3):
+        ops._accumulate_fp32(acc, a[i], b[i], block, first=i == 0)
+    expected = sum(ai.double() @ bi.double() for ai, bi in zip(a, b))
+    torch.testing.assert_close(acc.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_rows_ignored(reduction, backend, chunk):
     """torch: "mean" over no target is NaN with zero gradients; "sum" 0; "none" zeros."""

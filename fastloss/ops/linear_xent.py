@@ -105,20 +105,24 @@ def _addmm_into_fp32(device: torch.device) -> bool:
     return True
 
 
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b of 16-bit operands as an fp32 product."""
+def _mm_fp32(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """a @ b of 16-bit operands as an fp32 product (into ``out`` when given): written in fp32 by
+    the GEMM where torch can (aten::mm.dtype on CUDA), else the product of fp32 copies."""
     if _mixed_gemm(a.device.type):
-        return torch.ops.aten.mm.dtype(a, b, torch.float32)
-    return torch.mm(a.float(), b.float())
+        if out is None:
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        return torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor, block_rows: int, first: bool) -> None:
-    """acc += a @ b (acc = a @ b when ``first``), acc fp32 and a, b 16-bit on CUDA, accumulated in
+    """acc += a @ b (acc = a @ b when ``first``) for 16-bit a, b and an fp32 acc, accumulated in
     fp32: in place by cuBLAS where torch allows it, else ``block_rows`` rows of acc at a time (a
     bounded fp32 temporary)."""
     if first:
-        torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=acc)
-    elif _addmm_into_fp32(acc.device):
+        _mm_fp32(a, b, out=acc)
+        return
+    if _addmm_into_fp32(acc.device):
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
         return
     for r0 in range(0, acc.shape[0], block_rows):
@@ -246,10 +250,8 @@ def _sweep(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, class_weight:
     # 16-bit GEMM writing fp32).
     op = x.dtype if p.kernel else acc
     fp32_out = op in _HALF          # backward GEMMs of 16-bit operands write fp32 products
-    mixed = _mixed_gemm(device.type)
     w_op = w.to(op)
     b_op = b.to(op) if b is not None else None
-    w_f32 = w.float() if fp32_out and need_x and not mixed else None
     losses = empty((n,), acc, device)
     gx = empty((n, h), x.dtype, device) if need_x else None
     # dW: written by the first chunk's GEMM, accumulated by the others (zeros when there is none)
@@ -285,10 +287,7 @@ def _sweep(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, class_weight:
         if need_x:
             gx_c = gx[r0:r1]
             if fp32_out or op != x.dtype:
-                if fp32_out:
-                    prod = torch.ops.aten.mm.dtype(g, w, torch.float32) if mixed else torch.mm(g.float(), w_f32)
-                else:
-                    prod = torch.mm(g, w_op)
+                prod = _mm_fp32(g, w) if fp32_out else torch.mm(g, w_op)
                 if late is not None:
                     prod.mul_(late)
                 gx_c.copy_(prod)  # one rounding to the input's dtype
@@ -297,14 +296,12 @@ def _sweep(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, class_weight:
                 if late is not None:
                     gx_c.mul_(late)
         if need_w:
-            first = r0 == 0
-            if not fp32_out:
-                torch.mm(g.T, x_c, out=gw) if first else gw.addmm_(g.T, x_c)
-            elif mixed:
-                _accumulate_fp32(gw, g.T, x_c, block, first)
+            if fp32_out:
+                _accumulate_fp32(gw, g.T, x_c, block, first=r0 == 0)
+            elif r0 == 0:
+                torch.mm(g.T, x_c, out=gw)
             else:
-                g32, x32 = g.T.float(), x_c.float()
-                torch.mm(g32, x32, out=gw) if first else gw.addmm_(g32, x32)
+                gw.addmm_(g.T, x_c)
         if need_b:
             gb += g.sum(0, dtype=acc)
     return (losses, gx, _finish(gw, late, w.dtype), _finish(gb, late, b.dtype) if b is not None else None)
