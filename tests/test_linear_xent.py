@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 import fastloss
 from fastloss import functional as FL
 from fastloss import reference
+from fastloss.modules import _TorchLinearCrossEntropyLoss
 from fastloss.ops import _utils
 from fastloss.ops import linear_xent as ops
 from fastloss.ops import softmax as ops_softmax
@@ -592,7 +593,7 @@ def test_fallback_module_has_torchs_state():
     """The base used on torch < 2.13 has torch 2.13's constructor, parameters and state_dict keys."""
     cw = class_weight(11, torch.float32)
     for kw in ({}, {"bias": True, "weight": cw}):
-        fallback = __import__("fastloss.modules", fromlist=["x"])._TorchLinearCrossEntropyLoss(8, 11, **kw)
+        fallback = _TorchLinearCrossEntropyLoss(8, 11, **kw)
         theirs = nn.LinearCrossEntropyLoss(8, 11, **kw)
         assert fallback.state_dict().keys() == theirs.state_dict().keys()
         assert {n: p.shape for n, p in fallback.named_parameters()} == {
