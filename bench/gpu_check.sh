@@ -141,6 +141,7 @@ case "$GPU_NAME" in cpu-*) ;; *) export FASTLOSS_BENCH_SIZES=${FASTLOSS_BENCH_SI
 bench_file bench_pointwise bench/bench_pointwise.py "$BENCH_BUDGET"
 bench_file bench_softmax bench/bench_softmax.py "$SOFTMAX_BUDGET"
 bench_file bench_embedding bench/bench_embedding.py "$EMBED_BUDGET"
+bench_file bench_linear_xent bench/bench_linear_xent.py "${GPU_CHECK_LXENT_BUDGET:-90}"
 
 banner "python -m fastloss bench (time limit ${CLI_LIMIT}s)"
 PLOT=()

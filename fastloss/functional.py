@@ -10,9 +10,10 @@ from torch import Tensor
 from torch.nn import _reduction
 
 from fastloss import reference
-from fastloss._backend import use_triton
+from fastloss._backend import transforms_active, use_triton
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
+from fastloss.ops.linear_xent import linear_xent_loss
 from fastloss.ops.pointwise import pointwise_loss
 from fastloss.ops.softmax import _check_targets_cpu, softmax_loss
 
@@ -24,6 +25,7 @@ __all__ = [
     "huber_loss",
     "info_nce",
     "l1_loss",
+    "linear_cross_entropy",
     "mse_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
@@ -711,3 +713,152 @@ def info_nce(
     elif reduction == "sum":
         loss = loss.sum()
     return loss.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+# --------------------------------------------------------------------------------------------
+
+def _check_linear_xent(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Tensor | None,
+                       weight: Tensor | None, token_weight: Tensor | None, ignore_index: int | None) -> bool:
+    """torch 2.13's checks of linear_cross_entropy (input of any batch shape here, not only 1-D or
+    2-D), then cross_entropy's on the logits it implies. Returns whether target holds class
+    probabilities."""
+    for arg, t in (("input", input), ("linear_weight", linear_weight), ("target", target),
+                   ("linear_bias", linear_bias), ("weight", weight), ("token_weight", token_weight)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"linear_cross_entropy(): argument '{arg}' must be a Tensor, got {type(t).__name__}")
+    if input.dim() < 1:
+        raise RuntimeError(f"expected input with dimensionality at least 1, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    batch, in_features = tuple(input.shape[:-1]), input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError("expected equal input and linear_weight last dimensions (in_features), "
+                           f"got {in_features} and {linear_weight.shape[-1]}, respectively")
+    n_classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (n_classes, *out_features):
+        raise RuntimeError(f"expected linear_bias shape {(n_classes, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and not batch:
+        raise RuntimeError(f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} "
+                           f"requires batched input, (N, {in_features}), got unbatched input with shape "
+                           f"{tuple(input.shape)}")
+    devices = {t.device for t in (input, linear_weight, target, linear_bias, weight, token_weight) if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                           f"{', '.join(sorted(str(d) for d in devices))}!")
+    if not input.is_floating_point():
+        raise NotImplementedError(f"linear_cross_entropy(): expected a floating-point input, got {input.dtype}")
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {_type_name(input.dtype).lower()} "
+                           f"!= {_type_name(linear_weight.dtype).lower()}")
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise RuntimeError(f"self and mat2 must have the same dtype, but got {_type_name(linear_bias.dtype)} and "
+                           f"{_type_name(input.dtype)}")
+    if weight is not None and (weight.dim() != 1 or weight.numel() != n_classes):
+        raise RuntimeError(f"weight tensor should be defined either for all {n_classes} classes or no classes "
+                           f"but got weight tensor of shape: {list(weight.shape)}")
+    prob = tuple(target.shape) == (*batch, n_classes, *out_features)
+    if prob:
+        if ignore_index is not None and ignore_index >= 0:
+            raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+        if not target.is_floating_point():
+            raise RuntimeError(f"Expected floating point type for target with class probabilities, "
+                               f"got {_type_name(target.dtype)}")
+    loss_shape = (*batch, *out_features)
+    if not prob:
+        if tuple(target.shape) != loss_shape and not (not batch and tuple(target.shape) == (1,)):
+            if len(batch) == 1 and not out_features and target.dim() == 1:
+                raise ValueError(f"Expected input batch_size ({batch[0]}) to match target batch_size "
+                                 f"({target.shape[0]}).")
+            if len(batch) == 1 and not out_features:
+                raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+            raise RuntimeError(f"Expected target size {list(loss_shape)}, got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {_type_name(target.dtype)}")
+    if token_weight is not None:
+        if tuple(token_weight.shape) not in ((loss_shape,) if prob else (loss_shape, tuple(target.shape))):
+            raise ValueError(f"linear_cross_entropy(): token_weight must have the shape of the per-token "
+                             f"loss {list(loss_shape)}, got {list(token_weight.shape)}")
+        if not token_weight.is_floating_point():
+            raise ValueError(f"linear_cross_entropy(): token_weight must be floating-point, got {token_weight.dtype}")
+    return prob
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    token_weight: Tensor | None = None,
+    options: object | None = None,
+) -> Tensor:
+    """Cross-entropy of ``F.linear(input, linear_weight, linear_bias)`` against ``target``, as torch
+    2.13's ``F.linear_cross_entropy`` (same arguments), without ever forming the (N, V) logits or
+    their gradient: the rows go through in chunks (logits of a chunk, its loss and gradient in place,
+    then its share of every gradient), on the Triton row kernel for CUDA tensors and in PyTorch
+    elsewhere, so CPU gets the memory saving too.
+
+    - ``input`` ``(..., H)`` (any batch shape: ``(H,)``, ``(N, H)``, ``(B, T, H)``), ``linear_weight``
+      ``(V, H)``, ``linear_bias`` ``(V,)``, target class indices of the batch shape.
+    - ``ignore_index``: torch's default ``None`` means -100 for class indices; both are accepted.
+    - ``z_loss``, ``softcap``: as :func:`cross_entropy` (``z_loss * lse**2`` per token, weighted as
+      the cross-entropy term; logits become ``softcap * tanh(logits / softcap)``).
+    - ``token_weight`` (target's shape): multiplies each token's loss; "mean" divides by the sum of
+      token weight x class weight over the non-ignored tokens. It receives a gradient when it
+      requires one.
+    - ``options`` (``torch.nn.LinearCrossEntropyOptions``): its ``batch_chunk_size``, when set, gives
+      the rows per chunk; the rest is torch's own chunking policy and is ignored (fastloss always
+      chunks, from a byte budget: fastloss.ops.linear_xent.CHUNK_BYTES).
+
+    Reduced losses make their gradients in the forward, the "mean" denominator on device (no host
+    sync); ``reduction="none"`` sweeps again in backward. Under autocast the projection runs in the
+    autocast dtype and the loss is float32, as torch's. Probability targets, a K-dimensional
+    ``linear_weight``, a class ``weight`` that requires grad and ``torch.func`` transforms run
+    ``fastloss.reference.linear_cross_entropy`` instead, which forms the logits.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if label_smoothing < 0.0 or label_smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"linear_cross_entropy(): z_loss must be non-negative, got {z_loss}")
+    if softcap is not None and not softcap > 0.0:
+        raise ValueError(f"linear_cross_entropy(): softcap must be positive or None, got {softcap}")
+    prob = _check_linear_xent(input, linear_weight, target, linear_bias, weight, token_weight, ignore_index)
+    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    out_float32 = False
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type) and input.dtype != torch.float64:
+        # torch: F.linear in the autocast dtype, cross_entropy in float32
+        dtype = torch.get_autocast_dtype(device_type)
+        input, linear_weight = input.to(dtype), linear_weight.to(dtype)
+        linear_bias = linear_bias.to(dtype) if linear_bias is not None else None
+        out_float32 = True
+    n_classes, in_features = linear_weight.shape[0], linear_weight.shape[-1]
+    if prob or linear_weight.dim() > 2 or n_classes == 0 or _grad_wanted(weight) or transforms_active():
+        if out_float32:
+            input, linear_weight = input.float(), linear_weight.float()
+            linear_bias = linear_bias.float() if linear_bias is not None else None
+        return reference.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index,
+                                              reduction, label_smoothing, z_loss, softcap, token_weight)
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check_targets_cpu(target, n_classes, ignore_index)  # torch's IndexError
+    chunk = getattr(options, "batch_chunk_size", None) or 0
+    target = target.long()  # uint8 class indices would index as masks
+    kernel = use_triton(input, linear_weight, target, linear_bias, weight, token_weight)
+    loss = linear_xent_loss(
+        input.reshape(-1, in_features), linear_weight, linear_bias, target.reshape(-1), weight,
+        token_weight.reshape(-1) if token_weight is not None else None, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+        out_float32=out_float32, kernel=kernel, chunk_rows=chunk,
+    )
+    return loss.reshape(input.shape[:-1]) if reduction == "none" else loss
+

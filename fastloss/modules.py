@@ -7,6 +7,8 @@ raises a RuntimeError that says so; ``torch.compile`` and ``torch.export`` are s
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from fastloss import functional as F
@@ -19,6 +21,7 @@ __all__ = [
     "HuberLoss",
     "InfoNCELoss",
     "L1Loss",
+    "LinearCrossEntropyLoss",
     "MSELoss",
     "SigmoidFocalLoss",
     "SmoothL1Loss",
@@ -281,3 +284,91 @@ class InfoNCELoss(NotScriptable, nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, reduction={self.reduction!r}, "
                 f"symmetric={self.symmetric}, normalize={self.normalize}, gather={self.gather}")
+
+
+class _TorchLinearCrossEntropyLoss(nn.Module):
+    """torch 2.13's nn.LinearCrossEntropyLoss constructor and state, for older torch: the projection
+    in ``self.linear`` (an nn.Linear of ``num_classes`` outputs), the class weight as the buffer
+    ``weight``, and the attributes ``num_classes``, ``out_features``, ``reduction``,
+    ``ignore_index``, ``label_smoothing``, ``options``."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0, options=None) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__()
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.linear = nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                device=device, dtype=dtype)
+        self.options = options
+
+
+class LinearCrossEntropyLoss(getattr(nn, "LinearCrossEntropyLoss", _TorchLinearCrossEntropyLoss)):
+    """Drop-in torch.nn.LinearCrossEntropyLoss(in_features, num_classes, *, bias=False, device=None,
+    dtype=None, reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0): the
+    cross-entropy of ``self.linear(input)`` (the output projection it holds) against class indices,
+    never forming the logits (see fastloss.functional.linear_cross_entropy). Subclasses torch's
+    module where torch has it (torch >= 2.13: same parameters, buffers and state_dict); on older
+    torch the same constructor and state.
+
+    Args:
+        z_loss: coefficient of ``lse**2`` added per token (PaLM's z-loss); 0 disables it.
+        softcap: when set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        options: torch's LinearCrossEntropyOptions; only its ``batch_chunk_size`` is used.
+
+    ``forward(input, target, token_weight=None)``: input ``(..., in_features)``, target class indices
+    of the batch shape, optional per-token weights of the target's shape.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        options=None,
+    ) -> None:
+        super().__init__(in_features, num_classes, bias=bias, device=device, dtype=dtype, reduction=reduction,
+                         weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                         options=options)
+        if not z_loss >= 0.0:
+            raise ValueError(f"LinearCrossEntropyLoss: z_loss must be non-negative, got {z_loss}")
+        if softcap is not None and not softcap > 0.0:
+            raise ValueError(f"LinearCrossEntropyLoss: softcap must be positive or None, got {softcap}")
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input: Tensor, target: Tensor, token_weight: Tensor | None = None) -> Tensor:
+        return F.linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss, softcap=self.softcap, token_weight=token_weight, options=self.options,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                 f"bias={self.linear.bias is not None}", f"reduction={self.reduction}",
+                 f"ignore_index={self.ignore_index}", f"label_smoothing={self.label_smoothing}"]
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        return ", ".join(parts)
+

@@ -25,6 +25,7 @@ __all__ = [
     "info_nce",
     "info_nce_rows",
     "l1_loss",
+    "linear_cross_entropy",
     "mse_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
@@ -361,3 +362,49 @@ def info_nce(
     if symmetric:
         loss = 0.5 * (loss + info_nce_rows(k, q, scale))
     return _reduce(loss, reduction, query.dtype)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    token_weight: Tensor | None = None,
+) -> Tensor:
+    """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` (this module's
+    cross_entropy: z_loss and softcap as there), materialising the logits: the oracle of the
+    chunked fastloss.ops.linear_xent. Input ``(..., H)``; ``linear_weight`` (V, H), or
+    (V, d1, ..., dK, H) for a K-dimensional loss as torch's; target class indices of the input's
+    batch shape (times d1, ..., dK), or probabilities of the logits' shape. ``token_weight`` (the
+    shape of the per-token loss) multiplies each token's loss; "mean" then divides by the sum of
+    token weight x class weight of the non-ignored tokens (of the token weights, for
+    probabilities)."""
+    n_features = input.shape[-1]
+    n_classes, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    batch = tuple(input.shape[:-1])
+    n = math.prod(batch)
+    logits = F.linear(input.reshape(n, n_features), linear_weight.reshape(-1, n_features),
+                      linear_bias.reshape(-1) if linear_bias is not None else None)
+    logits = logits.reshape(n, n_classes, *out_features)
+    prob = target.is_floating_point()
+    t = target.reshape(n, n_classes, *out_features) if prob else target.reshape(n, *out_features)
+    loss_shape = (*batch, *out_features)
+    if token_weight is None:
+        loss = cross_entropy(logits, t, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+        return loss.reshape(loss_shape) if reduction == "none" else loss
+    x = logits.float() if logits.dtype in _HALF else logits
+    tw = token_weight.reshape(n, *out_features).to(x.dtype)
+    loss = cross_entropy(x, t, weight, ignore_index, "none", label_smoothing, z_loss, softcap) * tw
+    if reduction == "none":
+        return loss.reshape(loss_shape).to(input.dtype)
+    if reduction == "sum":
+        return loss.sum().to(input.dtype)
+    w_t = tw if prob else tw * _target_weight(t, weight, ignore_index, x.dtype)
+    return (loss.sum() / w_t.sum()).to(input.dtype)
+
