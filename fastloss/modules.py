@@ -312,7 +312,7 @@ class _TorchLinearCrossEntropyLoss(nn.Module):
         self.options = options
 
 
-class LinearCrossEntropyLoss(getattr(nn, "LinearCrossEntropyLoss", _TorchLinearCrossEntropyLoss)):
+class LinearCrossEntropyLoss(NotScriptable, getattr(nn, "LinearCrossEntropyLoss", _TorchLinearCrossEntropyLoss)):
     """Drop-in torch.nn.LinearCrossEntropyLoss(in_features, num_classes, *, bias=False, device=None,
     dtype=None, reduction="mean", weight=None, ignore_index=-100, label_smoothing=0.0): the
     cross-entropy of ``self.linear(input)`` (the output projection it holds) against class indices,

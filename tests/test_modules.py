@@ -13,6 +13,7 @@ import fastloss
 #: One instance of every fastloss nn.Module (constructor defaults where there are any).
 MODULES = {
     **{name: getattr(fastloss.modules, name) for name in fastloss.modules.__all__},
+    "LinearCrossEntropyLoss": lambda: fastloss.LinearCrossEntropyLoss(8, 5),
     "CombinedLoss": lambda: fastloss.CombinedLoss({fastloss.MSELoss(): 0.7, fastloss.L1Loss(): 0.3}),
     "RegularizedLoss": lambda: fastloss.RegularizedLoss(fastloss.MSELoss(), nn.Linear(3, 2), l2=0.1),
 }

@@ -209,12 +209,12 @@ def _rows_kernel(z: Tensor, target: Tensor, weight: Tensor | None, p: _Params, g
     dtype); with ``grad`` the kernel writes dloss/dlogits into z itself."""
     from fastloss.ops import softmax as softmax_ops
 
-    loss, gi, _ = softmax_ops._fwd(
+    loss, gi = softmax_ops._fwd(
         input=z, target=target, weight=weight, alpha_weight=None, kind="cross_entropy",
         ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, z_loss=p.z_loss,
         softcap=p.softcap, alpha=1.0, gamma=0.0, reduction="none", out_float32=z.dtype in _HALF,
         inplace=True, grad_input=grad, grad_target=False,
-    )
+    )[:2]
     if grad and gi is not z:  # the launcher declined to write in place
         z.copy_(gi)
     return loss
