@@ -11,11 +11,11 @@
 # --target directory put on PYTHONPATH, for the cross-entropy baseline; its rows are skipped without).
 # Expected time on one H100/H200: about 8 minutes; every step is time-boxed (seconds, override
 # by environment): GPU_CHECK_TESTS_TIMEOUT=150 (400 in a CPU dry run); pytest benchmarks, one run
-# per file, each skipping the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=60
+# per file, each skipping the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=50
 # (bench_pointwise.py, sizes
 # FASTLOSS_BENCH_SIZES=2**26,2**24 unless set),
-# GPU_CHECK_SOFTMAX_BUDGET=60 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
-# when present); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this);
+# GPU_CHECK_SOFTMAX_BUDGET=50 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
+# when present), GPU_CHECK_LXENT_BUDGET=45 (bench_linear_xent.py); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this);
 # GPU_CHECK_SWEEP_BUDGET=40 (bench/sweep_softmax.py, row-kernel launch configurations, CUDA only,
 # written to bench/results/<date>-<gpu>-sweep.json).
 # Other knobs: PYTHON (default python3), GPU_CHECK_MAXFAIL=10, GPU_CHECK_SKIP_INSTALL=1,
@@ -30,9 +30,10 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
 TESTS_TIMEOUT=${GPU_CHECK_TESTS_TIMEOUT:-150}
-BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-60}
+BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-50}
 
-SOFTMAX_BUDGET=${GPU_CHECK_SOFTMAX_BUDGET:-60}
+SOFTMAX_BUDGET=${GPU_CHECK_SOFTMAX_BUDGET:-50}
+LXENT_BUDGET=${GPU_CHECK_LXENT_BUDGET:-45}
 EMBED_BUDGET=${GPU_CHECK_EMBED_BUDGET:-40}
 CLI_LIMIT=${GPU_CHECK_CLI_LIMIT:-75}
 SWEEP_BUDGET=${GPU_CHECK_SWEEP_BUDGET:-40}
@@ -141,7 +142,7 @@ case "$GPU_NAME" in cpu-*) ;; *) export FASTLOSS_BENCH_SIZES=${FASTLOSS_BENCH_SI
 bench_file bench_pointwise bench/bench_pointwise.py "$BENCH_BUDGET"
 bench_file bench_softmax bench/bench_softmax.py "$SOFTMAX_BUDGET"
 bench_file bench_embedding bench/bench_embedding.py "$EMBED_BUDGET"
-bench_file bench_linear_xent bench/bench_linear_xent.py "${GPU_CHECK_LXENT_BUDGET:-90}"
+bench_file bench_linear_xent bench/bench_linear_xent.py "$LXENT_BUDGET"
 
 banner "python -m fastloss bench (time limit ${CLI_LIMIT}s)"
 PLOT=()
