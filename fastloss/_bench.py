@@ -26,11 +26,21 @@ Three families, each with its inputs, its step and its byte model (DESIGN.md, pe
                 FLOPs 6 * B**2 * D (the three B x B x D products any method does), reported as
                 TFLOP/s. An implementation that runs out of memory is recorded as skipped, "OOM".
 
-Timing: on CUDA a do_bench-style median of CUDA-event times, with L2 flushed before every
-repetition; elsewhere the median of ``time.perf_counter`` after warm-up. Peak memory on CUDA is
+Timing: the implementations of one (loss, size, dtype) take turns (:func:`interleave`): rounds
+in which each is timed for about ``round_time_s``, the order rotated every round, so that a busy
+spell of a shared machine falls on all of them. The timer chooses the number of calls: on CPU
+torch.utils.benchmark's ``blocked_autorange`` (samples are block averages), on CUDA CUDA events
+around each call with the L2 flushed before each (do_bench style). A record keeps the median, the
+quartiles and the median of each round; a ratio (other's time / fastloss's: > 1 means fastloss is
+faster) is the median of the per-round ratios, with their interquartile range, marked too noisy
+to read when that range is wider than NOISY_SPREAD of it. Peak memory on CUDA is
 ``torch.cuda.max_memory_allocated()`` during one step minus the memory allocated before it.
 Bandwidth: bytes of the family's model over the median, against a device-to-device copy measured
 in the same process (bytes read + bytes written).
+
+The size sweep (``--sweep``, :func:`run_sweep`, bench/bench_overhead.py): fastloss against torch.nn
+(or the naive composition) per loss of ``SWEEP_LOSSES``, forward + backward against the number of
+elements of each operand, the ratio per size, a PNG of the curves (:func:`make_sweep_figure`).
 
 Adding a loss of the row or embedding family is one entry of ``_SHAPED`` (its fastloss call, its
 torch baseline, its inputs and byte model) and one line of ``_DEFAULT_SHAPES``.
@@ -984,11 +994,16 @@ def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 def _summarise(rec: dict[str, Any], times: Sequence[float] | Sequence[Sequence[float]],
                device: torch.device) -> None:
-    """Median, quartiles, extremes, per-round medians (when ``times`` is a list of rounds), GB/s and
-    share of the copy bandwidth into ``rec``."""
+    """Median, quartiles, extremes, GB/s and share of the copy bandwidth into ``rec``.
+
+    When ``times`` is a list of rounds (:func:`interleave`), the median and quartiles are those of
+    the rounds' medians (each round weighs the same, however many samples the timer took in it:
+    a round slowed down by a busy machine counts once) and ``round_medians_s`` keeps them; the
+    extremes are over every sample.
+    """
     rounds = [list(r) for r in times] if times and isinstance(times[0], (list, tuple)) else None
     flat = [t for r in rounds for t in r] if rounds is not None else list(times)
-    q1, med, q3 = _quartiles(flat)
+    q1, med, q3 = _quartiles([statistics.median(r) for r in rounds] if rounds is not None else flat)
     copy = copy_bandwidth(device)
     rec.update(
         median_s=med, min_s=min(flat), max_s=max(flat), q1_s=q1, q3_s=q3, repeat=len(flat),
@@ -1330,7 +1345,11 @@ def header_notes(meta: dict) -> list[str]:
         lines.append(f"timer: {conf['timer']}; the implementations of a row take turns, "
                      f"{conf.get('repeat', '?')} interleaved rounds of ~{conf.get('round_time_s', '?')} s "
                      f"each{threads}")
-    lines.append("ms: median time per step, ±half the interquartile range as a % of the median")
+    lines.append("ms: median over the rounds of each round's median time per step, ±half their interquartile "
+                 "range as a % of the median")
+    if dev.get("type") == "cpu" and (dev.get("threads") or 1) > 1:
+        lines.append(f"(on a busy machine, --threads 1 steadies the times: with {dev['threads']} threads an op "
+                     "waits for its slowest thread)")
     if dev.get("type") and dev.get("type") != "cuda":
         path = ("the Triton kernels in Triton's interpreter" if dev.get("backend") == "triton"
                 else "fastloss's PyTorch path (the Triton kernels run on CUDA only)")
