@@ -1726,7 +1726,7 @@ def _us(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     us = seconds * 1e6
-    return f"{us:.3g}" if us < 1e4 else f"{us:.0f}"
+    return f"{us:.3g}" if us < 1e3 else f"{us:.0f}"
 
 
 def format_sweep(records: Sequence[dict], meta: dict | None = None) -> str:
@@ -1771,6 +1771,8 @@ def make_sweep_figure(records: Sequence[dict], meta: dict | None, plt):
     from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    # minor ticks: label 2 and 5 of each decade only (every one crowds a panel spanning decades)
+    sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else "")
     by_loss: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         if r.get("status") == "ok":
@@ -1794,7 +1796,7 @@ def make_sweep_figure(records: Sequence[dict], meta: dict | None, plt):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set_title(loss, fontsize=10)
         ax.set_xlabel("elements per operand", fontsize=8)
@@ -1817,7 +1819,7 @@ def make_sweep_figure(records: Sequence[dict], meta: dict | None, plt):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)  # ratios span a decade or so: label every tick
     ax.tick_params(axis="y", which="both", labelsize=7)
     ax.set_title("torch time / fastloss time (> 1: fastloss faster)", fontsize=10)
     ax.set_xlabel("elements per operand", fontsize=8)
