@@ -9,13 +9,16 @@
 # Uses when present: pytest-xdist (tests with -n 8), torchvision (focal baseline), matplotlib (plot),
 # a Liger-Kernel wheel in .whl/ at the repository root (installed with --no-deps into a temporary
 # --target directory put on PYTHONPATH, for the cross-entropy baseline; its rows are skipped without).
-# Expected time on one H100/H200: about 8 minutes; every step is time-boxed (seconds, override
+# Expected time on one H100/H200: about 8.5 minutes; every step is time-boxed (seconds, override
 # by environment): GPU_CHECK_TESTS_TIMEOUT=150 (400 in a CPU dry run); pytest benchmarks, one run
 # per file, each skipping the rest of its file after its budget: GPU_CHECK_BENCH_BUDGET=50
 # (bench_pointwise.py, sizes
 # FASTLOSS_BENCH_SIZES=2**26,2**24 unless set),
 # GPU_CHECK_SOFTMAX_BUDGET=50 (bench_softmax.py), GPU_CHECK_EMBED_BUDGET=40 (bench_embedding.py,
-# when present), GPU_CHECK_LXENT_BUDGET=45 (bench_linear_xent.py); GPU_CHECK_CLI_LIMIT=75 (CLI, row and embedding losses first: skip the rest after this);
+# when present), GPU_CHECK_LXENT_BUDGET=45 (bench_linear_xent.py), GPU_CHECK_OVERHEAD_BUDGET=20
+# (bench/bench_overhead.py: fwd+bwd time against size, fastloss vs torch.nn, its own JSON
+# bench/results/<date>-<gpu>-overhead.json); GPU_CHECK_CLI_LIMIT=60 (CLI, row and embedding losses
+# first: skip the rest after this);
 # GPU_CHECK_SWEEP_BUDGET=40 (bench/sweep_softmax.py, row-kernel launch configurations, CUDA only,
 # written to bench/results/<date>-<gpu>-sweep.json).
 # Other knobs: PYTHON (default python3), GPU_CHECK_MAXFAIL=10, GPU_CHECK_SKIP_INSTALL=1,
@@ -35,7 +38,8 @@ BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-50}
 SOFTMAX_BUDGET=${GPU_CHECK_SOFTMAX_BUDGET:-50}
 LXENT_BUDGET=${GPU_CHECK_LXENT_BUDGET:-45}
 EMBED_BUDGET=${GPU_CHECK_EMBED_BUDGET:-40}
-CLI_LIMIT=${GPU_CHECK_CLI_LIMIT:-75}
+OVERHEAD_BUDGET=${GPU_CHECK_OVERHEAD_BUDGET:-20}
+CLI_LIMIT=${GPU_CHECK_CLI_LIMIT:-60}
 SWEEP_BUDGET=${GPU_CHECK_SWEEP_BUDGET:-40}
 MAXFAIL=${GPU_CHECK_MAXFAIL:-10}
 export PYTHONUNBUFFERED=1
@@ -144,6 +148,16 @@ bench_file bench_softmax bench/bench_softmax.py "$SOFTMAX_BUDGET"
 bench_file bench_embedding bench/bench_embedding.py "$EMBED_BUDGET"
 bench_file bench_linear_xent bench/bench_linear_xent.py "$LXENT_BUDGET"
 
+# Per-call overhead and crossover (time against size, fastloss vs torch.nn): its own JSON, kept out of
+# the report's tables (it is a curve per loss, not a row).
+if [ -f bench/bench_overhead.py ]; then
+    banner "pytest bench/bench_overhead.py --benchmark-only (budget ${OVERHEAD_BUDGET}s)"
+    FASTLOSS_BENCH_BUDGET_S=$OVERHEAD_BUDGET timeout -s INT -k 20 $(( OVERHEAD_BUDGET + 60 )) \
+        "$PY" -m pytest bench/bench_overhead.py --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$RESULTS/$STAMP-overhead.json" --benchmark-columns=median,rounds
+    record overhead $?
+fi
+
 banner "python -m fastloss bench (time limit ${CLI_LIMIT}s)"
 PLOT=()
 if "$PY" -c "import matplotlib" 2>/dev/null; then PLOT=(--plot "$WORK/$STAMP.png"); fi
@@ -176,6 +190,7 @@ if [ "$RC" != 0 ]; then FAILED=1; echo ">>> report FAILED (rc $RC)"; else cat "$
 banner "done: $([ "$FAILED" = 0 ] && echo PASS || echo FAIL); results in $RESULTS/$STAMP.{json,md}"
 if [ -n "${OUT:-}" ]; then
     for f in "$RESULTS/$STAMP.json" "$RESULTS/$STAMP.md" "$RESULTS/$STAMP.png" "$RESULTS/$STAMP-sweep.json" \
+             "$RESULTS/$STAMP-overhead.json" \
              "$WORK/bench_pointwise.json" "$WORK/bench_softmax.json" "$WORK/bench_embedding.json" \
              "$WORK/bench-cli.json" "$WORK/tests.xml"; do
         [ -s "$f" ] && cp "$f" "$OUT/"

@@ -239,8 +239,8 @@ def render(doc: dict) -> str:
         out.append(_bench.format_markdown(records))
     if cli.get("results"):
         conf = cli.get("config") or {}
-        out.append(f"## python -m fastloss bench ({conf.get('timer', '')}, {conf.get('repeat')} "
-                   "repetitions)")
+        rounds = "interleaved rounds" if conf.get("interleaved") else "repetitions"
+        out.append(f"## python -m fastloss bench ({conf.get('timer', '')}, {conf.get('repeat')} {rounds})")
         out.append("")
         out.append(_bench.format_markdown(sort_records(list(cli["results"]))))
     return "\n".join(out).rstrip() + "\n"

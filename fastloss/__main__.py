@@ -1,7 +1,8 @@
 """``python -m fastloss bench | check | demo``.
 
     bench   time fwd+bwd of every loss family (pointwise, cross-entropy / focal, contrastive /
-            triplet / InfoNCE): fastloss vs torch.nn eager vs torch.compile (see --help)
+            triplet / InfoNCE): fastloss vs torch.nn eager vs torch.compile, interleaved (see
+            --help); ``bench --sweep``: fwd+bwd time against size, fastloss vs torch.nn
     check   run every loss once on this device against torch.nn (or the naive formula where torch.nn
             lacks the loss), print OK / FAIL and which implementation ran (kernels or PyTorch
             path); exit status 1 when any loss disagrees
@@ -24,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Median time, speed-up, peak memory and share of copy bandwidth of the forward "
                     "and backward of every loss family (pointwise, cross-entropy and focal, contrastive, "
                     "triplet and InfoNCE) for fastloss, torch.nn eager and torch.compile (and Liger-Kernel's "
-                    "cross-entropy when installed).",
+                    "cross-entropy when installed), timed in interleaved rounds; each ratio is the other's "
+                    "time over fastloss's (> 1: fastloss faster), marked '?' when too noisy to read. "
+                    "--sweep: fwd+bwd time against size, fastloss vs torch.nn, per loss.",
     )
     _bench.add_bench_arguments(bench)
     check = sub.add_parser(

@@ -26,11 +26,21 @@ Three families, each with its inputs, its step and its byte model (DESIGN.md, pe
                 FLOPs 6 * B**2 * D (the three B x B x D products any method does), reported as
                 TFLOP/s. An implementation that runs out of memory is recorded as skipped, "OOM".
 
-Timing: on CUDA a do_bench-style median of CUDA-event times, with L2 flushed before every
-repetition; elsewhere the median of ``time.perf_counter`` after warm-up. Peak memory on CUDA is
+Timing: the implementations of one (loss, size, dtype) take turns (:func:`interleave`): rounds
+in which each is timed for about ``round_time_s``, the order rotated every round, so that a busy
+spell of a shared machine falls on all of them. The timer chooses the number of calls: on CPU
+torch.utils.benchmark's ``blocked_autorange`` (samples are block averages), on CUDA CUDA events
+around each call with the L2 flushed before each (do_bench style). A record keeps the median, the
+quartiles and the median of each round; a ratio (other's time / fastloss's: > 1 means fastloss is
+faster) is the median of the per-round ratios, with their interquartile range, marked too noisy
+to read when that range is wider than NOISY_SPREAD of it. Peak memory on CUDA is
 ``torch.cuda.max_memory_allocated()`` during one step minus the memory allocated before it.
 Bandwidth: bytes of the family's model over the median, against a device-to-device copy measured
 in the same process (bytes read + bytes written).
+
+The size sweep (``--sweep``, :func:`run_sweep`, bench/bench_overhead.py): fastloss against torch.nn
+(or the naive composition) per loss of ``SWEEP_LOSSES``, forward + backward against the number of
+elements of each operand, the ratio per size, a PNG of the curves (:func:`make_sweep_figure`).
 
 Adding a loss of the row or embedding family is one entry of ``_SHAPED`` (its fastloss call, its
 torch baseline, its inputs and byte model) and one line of ``_DEFAULT_SHAPES``.
@@ -772,32 +782,151 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device: torch.device,
-            repeat: int, warmup: int = 3, inputs: tuple[Tensor, Tensor] | None = None) -> dict[str, Any]:
-    """Time and size one (loss, implementation, N, dtype). Never raises for a failing
-    implementation: the record then has status "skipped" and the reason."""
-    case = loss_case(case) if isinstance(case, str) else case
-    device = torch.device(device)
-    rec: dict[str, Any] = {
+# --------------------------------------------------------------------------------------------
+# Interleaved timing: every implementation of one (loss, size, dtype) in turn, round after round
+# --------------------------------------------------------------------------------------------
+
+#: Interleaved rounds per measurement (``--repeat``), by device type.
+DEFAULT_ROUNDS = {"cuda": 5, "cpu": 7}
+#: Seconds each implementation is timed in each round (``--round-time``): on CPU the
+#: ``min_run_time`` of torch.utils.benchmark's ``blocked_autorange``, which chooses how many calls
+#: make one timed block; on CUDA the time the event-timed calls of a round add up to (at least 5,
+#: at most 200 calls, counted from a 3-call probe).
+DEFAULT_ROUND_TIME_S = 0.05
+#: A ratio whose interquartile range over the rounds is wider than this fraction of its median is
+#: marked "?" in the tables: the machine was too noisy for that ratio to mean anything.
+NOISY_SPREAD = 0.2
+_CUDA_MIN_CALLS, _CUDA_MAX_CALLS = 5, 200
+
+
+def timer_name(device: torch.device) -> str:
+    """What times a round on this device, for reports."""
+    if device.type == "cuda":
+        return "CUDA events around each call, L2 flushed before each"
+    return "torch.utils.benchmark.Timer.blocked_autorange (block averages)"
+
+
+def time_round(step: Callable[[], Any], device: torch.device, round_time_s: float = DEFAULT_ROUND_TIME_S,
+               threads: int | None = None) -> list[float]:
+    """Seconds per call of ``step`` in one round of about ``round_time_s``; the timer chooses how
+    many calls.
+
+    CPU: torch.utils.benchmark ``Timer("step()").blocked_autorange(min_run_time=round_time_s)`` with
+    ``threads`` torch threads (default: the current number); each sample is a block's average.
+    CUDA: :func:`time_step` (CUDA events, L2 flushed before each call), as many calls as fit in
+    ``round_time_s`` by a 3-call probe (5 to 200).
+    """
+    if device.type == "cuda":
+        probe = statistics.median(time_step(step, device, repeat=3, warmup=0))
+        calls = int(min(_CUDA_MAX_CALLS, max(_CUDA_MIN_CALLS, round_time_s / max(probe, 1e-7))))
+        return time_step(step, device, repeat=calls, warmup=0)
+    from torch.utils import benchmark as torch_benchmark
+
+    timer = torch_benchmark.Timer(stmt="step()", globals={"step": step},
+                                  num_threads=threads or torch.get_num_threads())
+    return [float(t) for t in timer.blocked_autorange(min_run_time=round_time_s).times]
+
+
+def interleave(steps: dict[str, Callable[[], Any]], rounds: int,
+               run_round: Callable[[str, Callable[[], Any]], list[float]],
+               ) -> tuple[dict[str, list[list[float]]], dict[str, str]]:
+    """Time every step once per round, ``rounds`` times, starting each round one implementation
+    further on (a, b, c; b, c, a; c, a, b; ...), so that a slow spell of a shared machine falls on
+    all of them and none is always first after another's warm caches.
+
+    Returns ({name: [samples of each round]}, {name: reason} for steps that raised; a step that
+    raised is not run again).
+    """
+    names = list(steps)
+    samples: dict[str, list[list[float]]] = {n: [] for n in names}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            if name in errors:
+                continue
+            try:
+                samples[name].append(list(run_round(name, steps[name])))
+            except Exception as exc:  # noqa: BLE001 - OOM or failure while timed: record, go on
+                errors[name] = f"failed while timed: {error_reason(exc)}"
+    return samples, errors
+
+
+def measure_group(makers: dict[str, Callable[[], Any]], recs: dict[str, dict[str, Any]], device: torch.device,
+                  rounds: int, warmup: int = 3, round_time_s: float = DEFAULT_ROUND_TIME_S,
+                  threads: int | None = None,
+                  run_round: Callable[[str, Callable[[], Any]], list[float]] | None = None) -> None:
+    """Time the implementations of one (loss, size, dtype) against each other, into ``recs``.
+
+    ``makers[impl]()`` builds the step of ``impl`` (a :class:`FwdBwd` / :class:`GradStep`);
+    each step's first call (compiles) is timed, then ``warmup`` calls, its peak memory (CUDA),
+    then the steps are timed by :func:`interleave` (``run_round`` defaults to :func:`time_round`).
+    Never raises for a failing implementation: its record gets status "skipped" and the reason
+    (a NotImplementedError's message: it cannot run here).
+    """
+    steps: dict[str, Any] = {}
+    for impl, make in makers.items():
+        rec = recs[impl]
+        step = None
+        try:
+            step = make()
+            rec["first_call_s"] = first_call_s(step, device)
+            for _ in range(warmup):
+                step()
+            rec["peak_mem_bytes"] = peak_memory(step, device)
+            steps[impl] = step
+        except NotImplementedError as exc:  # cannot run here (Liger off CUDA or not installed)
+            rec.update(status="skipped", reason=str(exc) or error_reason(exc))
+        except Exception as exc:  # noqa: BLE001 - OOM, compile or backend failure: record, go on
+            rec.update(status="skipped", reason=error_reason(exc))
+        if rec.get("status") != "ok":
+            if step is not None and hasattr(step, "zero_grad"):
+                step.zero_grad()
+            step = None  # drop the failed step's tensors before returning memory
+            _release(device)
+    if run_round is None:
+        def run_round(_name: str, step: Callable[[], Any]) -> list[float]:
+            return time_round(step, device, round_time_s, threads)
+    samples, errors = interleave(steps, rounds, run_round)
+    for impl, step in steps.items():
+        if hasattr(step, "zero_grad"):
+            step.zero_grad()
+        rec = recs[impl]
+        if impl in errors:
+            rec.update(status="skipped", reason=errors[impl])
+        else:
+            _summarise(rec, samples[impl], device)
+            rec.update(timer=timer_name(device), round_time_s=round_time_s)
+    steps.clear()
+    _release(device)
+
+
+def pointwise_record(case: LossCase, impl: str, n: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """The fields of a pointwise record known before measuring (status "ok" until it fails)."""
+    return {
         "loss": case.name, "family": "pointwise", "impl": impl, "n": n, "shape": [n],
         "shape_label": size_label(n), "dtype": dtype_name(dtype), "device": device.type,
         "baseline": case.torch_label if impl != "fastloss" else "fastloss.functional",
         "bytes_moved": bytes_moved(n, dtype), "status": "ok", "reason": None,
     }
-    try:
+
+
+def measure(case: LossCase | str, impl: str, n: int, dtype: torch.dtype, device: torch.device,
+            repeat: int, warmup: int = 3, inputs: tuple[Tensor, Tensor] | None = None,
+            round_time_s: float = DEFAULT_ROUND_TIME_S) -> dict[str, Any]:
+    """Time and size one (loss, implementation, N, dtype) alone, over ``repeat`` rounds of
+    :func:`time_round`. Never raises for a failing implementation: the record then has status
+    "skipped" and the reason. (``python -m fastloss bench`` times the implementations interleaved:
+    :func:`measure_group`.)"""
+    case = loss_case(case) if isinstance(case, str) else case
+    device = torch.device(device)
+    rec = pointwise_record(case, impl, n, dtype, device)
+
+    def make() -> FwdBwd:
         x, y = inputs if inputs is not None else make_inputs(case, n, dtype, device)
-        step = FwdBwd(case.impl(impl), x, y)
-        rec["first_call_s"] = first_call_s(step, device)
-        times = time_step(step, device, repeat=repeat, warmup=warmup)
-        rec["peak_mem_bytes"] = peak_memory(step, device)
-        step.zero_grad()
-    except Exception as exc:  # noqa: BLE001 - OOM, compile or backend failure: record, go on
-        rec.update(status="skipped", reason=error_reason(exc))
-    if rec["status"] != "ok":
-        x = y = step = None  # drop the failed step's tensors before returning memory
-        _release(device)
-        return rec
-    _summarise(rec, times, device)
+        return FwdBwd(case.impl(impl), x, y)
+
+    measure_group({impl: make}, {impl: rec}, device, repeat, warmup, round_time_s)
     return rec
 
 
@@ -821,53 +950,68 @@ def shaped_record(case: ShapedCase, impl: str, shape: Sequence[int], dtype: torc
     return rec
 
 
-def measure_shaped(case: ShapedCase | str, impl: str, shape: Sequence[int], dtype: torch.dtype,
-                   device: torch.device, repeat: int, warmup: int = 3,
-                   inputs: tuple[Tensor, ...] | None = None) -> dict[str, Any]:
-    """Time and size one (row / embedding loss, implementation, shape, dtype). Never raises for a
-    failing implementation: the record then has status "skipped" and the reason ("OOM" when the
-    device ran out of memory)."""
-    case = shaped_case(case) if isinstance(case, str) else case
-    device = torch.device(device)
-    rec = shaped_record(case, impl, shape, dtype, device)
-    step = None
-    try:
+def _shaped_maker(case: ShapedCase, impl: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                  inputs: tuple[Tensor, ...] | None) -> Callable[[], GradStep]:
+    def make() -> GradStep:
         fn = case.impl(impl, device)
         ops = inputs if inputs is not None else case.make_inputs(tuple(shape), dtype, device)
         if impl == "liger":  # overwrites the logits with their gradient: keep the shared ones
             ops = (ops[0].detach().clone().requires_grad_(), *ops[1:])
-        step = GradStep(fn, ops, autograd_grad=case.autograd_grad)
-        rec["first_call_s"] = first_call_s(step, device)
-        times = time_step(step, device, repeat=repeat, warmup=warmup)
-        rec["peak_mem_bytes"] = peak_memory(step, device)
-        step.zero_grad()
-    except NotImplementedError as exc:  # cannot run here (Liger off CUDA or not installed)
-        rec.update(status="skipped", reason=str(exc) or error_reason(exc))
-    except Exception as exc:  # noqa: BLE001 - OOM, compile or backend failure: record, go on
-        rec.update(status="skipped", reason=error_reason(exc))
-    if rec["status"] != "ok":
-        if step is not None:
-            step.zero_grad()
-        ops = step = None  # drop the failed step's tensors before returning memory
-        _release(device)
-        return rec
-    del ops, step
-    _summarise(rec, times, device)
-    if rec.get("flops_model"):
-        rec["tflops"] = rec["flops_model"] / rec["median_s"] / 1e12
+        return GradStep(fn, ops, autograd_grad=case.autograd_grad)
+
+    return make
+
+
+def measure_shaped(case: ShapedCase | str, impl: str, shape: Sequence[int], dtype: torch.dtype,
+                   device: torch.device, repeat: int, warmup: int = 3,
+                   inputs: tuple[Tensor, ...] | None = None,
+                   round_time_s: float = DEFAULT_ROUND_TIME_S) -> dict[str, Any]:
+    """Time and size one (row / embedding loss, implementation, shape, dtype) alone, over
+    ``repeat`` rounds. Never raises for a failing implementation: the record then has status
+    "skipped" and the reason ("OOM" when the device ran out of memory)."""
+    case = shaped_case(case) if isinstance(case, str) else case
+    device = torch.device(device)
+    rec = shaped_record(case, impl, shape, dtype, device)
+    measure_group({impl: _shaped_maker(case, impl, shape, dtype, device, inputs)}, {impl: rec}, device,
+                  repeat, warmup, round_time_s)
+    _add_tflops(rec)
     return rec
 
 
-def _summarise(rec: dict[str, Any], times: Sequence[float], device: torch.device) -> None:
-    """Median, spread, GB/s and share of the copy bandwidth into ``rec``."""
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [med, med, med]
+def _add_tflops(rec: dict[str, Any]) -> None:
+    if rec.get("status") == "ok" and rec.get("flops_model"):
+        rec["tflops"] = rec["flops_model"] / rec["median_s"] / 1e12
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); the median three times for a single value."""
+    med = statistics.median(values)
+    if len(values) < 2:
+        return med, med, med
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], med, q[2]
+
+
+def _summarise(rec: dict[str, Any], times: Sequence[float] | Sequence[Sequence[float]],
+               device: torch.device) -> None:
+    """Median, quartiles, extremes, GB/s and share of the copy bandwidth into ``rec``.
+
+    When ``times`` is a list of rounds (:func:`interleave`), the median and quartiles are those of
+    the rounds' medians (each round weighs the same, however many samples the timer took in it:
+    a round slowed down by a busy machine counts once) and ``round_medians_s`` keeps them; the
+    extremes are over every sample.
+    """
+    rounds = [list(r) for r in times] if times and isinstance(times[0], (list, tuple)) else None
+    flat = [t for r in rounds for t in r] if rounds is not None else list(times)
+    q1, med, q3 = _quartiles([statistics.median(r) for r in rounds] if rounds is not None else flat)
     copy = copy_bandwidth(device)
     rec.update(
-        median_s=med, min_s=min(times), max_s=max(times), q1_s=q[0], q3_s=q[2], repeat=len(times),
-        gbps=rec["bytes_moved"] / med / 1e9, copy_gbps=copy / 1e9,
-        copy_share=rec["bytes_moved"] / med / copy,
+        median_s=med, min_s=min(flat), max_s=max(flat), q1_s=q1, q3_s=q3, repeat=len(flat),
+        gbps=rec["bytes_moved"] / med / 1e9 if rec.get("bytes_moved") else None, copy_gbps=copy / 1e9,
+        copy_share=rec["bytes_moved"] / med / copy if rec.get("bytes_moved") else None,
     )
+    if rounds is not None:
+        rec.update(rounds=len(rounds), round_medians_s=[statistics.median(r) for r in rounds])
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -903,7 +1047,14 @@ def device_info(device: torch.device) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 def _ms(rec: dict | None) -> str:
-    return f"{rec['median_s'] * 1e3:.3f}" if rec and rec.get("status") == "ok" else "-"
+    """The median in ms (3 significant digits), with half the interquartile range as a % of it."""
+    if not rec or rec.get("status") != "ok" or rec.get("median_s") is None:
+        return "-"
+    med = rec["median_s"]
+    text = f"{med * 1e3:.3g}"
+    if rec.get("q1_s") is not None and rec.get("q3_s") is not None and med > 0:
+        text += f" ±{50 * (rec['q3_s'] - rec['q1_s']) / med:.0f}%"
+    return text
 
 
 def _mib(rec: dict | None) -> str:
@@ -937,6 +1088,51 @@ def _ratio(num: dict | None, den: dict | None, key: str = "median_s") -> float |
 
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
+
+
+def ratio_stats(fl: dict | None, other: dict | None) -> tuple[float, float, float] | None:
+    """(median, q1, q3) of ``other``'s time over fastloss's time: > 1 means fastloss is faster.
+
+    When both records have per-round medians of the same rounds (timed interleaved), the ratio of
+    each round and their median and quartiles; otherwise the ratio of the medians, with the
+    extreme ratios of the quartiles (other's q1 / fastloss's q3, other's q3 / fastloss's q1) as its
+    spread (no spread when the records have no quartiles). None when either was not measured.
+    """
+    if not fl or not other or fl.get("status") != "ok" or other.get("status") != "ok":
+        return None
+    if not fl.get("median_s") or other.get("median_s") is None:
+        return None
+    a, b = fl.get("round_medians_s"), other.get("round_medians_s")
+    if a and b and len(a) == len(b) and all(x > 0 for x in a):
+        q1, med, q3 = _quartiles([y / x for x, y in zip(a, b)])
+        return med, q1, q3
+    med = other["median_s"] / fl["median_s"]
+    if fl.get("q1_s") and fl.get("q3_s") and other.get("q1_s") is not None and other.get("q3_s") is not None:
+        return med, other["q1_s"] / fl["q3_s"], other["q3_s"] / fl["q1_s"]
+    return med, med, med
+
+
+def is_noisy(stats: tuple[float, float, float] | None) -> bool:
+    """Whether a ratio's interquartile range is wider than NOISY_SPREAD of its median."""
+    return stats is not None and stats[0] > 0 and (stats[2] - stats[1]) / stats[0] > NOISY_SPREAD
+
+
+def _ratio_cell(stats: tuple[float, float, float] | None) -> str:
+    """``1.32x (1.28-1.35)``: the median ratio and its interquartile range; ``?`` appended when the
+    range is too wide for the ratio to mean anything (:func:`is_noisy`)."""
+    if stats is None:
+        return "-"
+    med, lo, hi = stats
+    text = f"{med:.2f}x" if lo == hi else f"{med:.2f}x ({lo:.2f}-{hi:.2f})"
+    return text + " ?" if is_noisy(stats) else text
+
+
+def _drop_empty_columns(header: list[str], rows: list[list[str]], keep: int = 2
+                        ) -> tuple[list[str], list[list[str]]]:
+    """The table without the columns (after the first ``keep``) that are "-" in every row."""
+    cols = [i for i in range(len(header))
+            if i < keep or not rows or any(row[i] not in ("-", "") for row in rows)]
+    return [header[i] for i in cols], [[row[i] for i in cols] for row in rows]
 
 
 #: Column names of each implementation: (in "<name> ms" and "vs <name>", in "a/b/c" columns).
@@ -1066,7 +1262,7 @@ def _table(groups: dict[tuple[str, tuple, str], dict[str, dict]], cuda: bool, ba
         fl = by.get("fastloss")
         recs = [by.get(i) for i in impls]
         label = size_label(shape[0]) if len(shape) == 1 else shape_label(shape)
-        row = [label, dtype] + [_ms(r) for r in recs] + [_x(_ratio(fl, by.get(i))) for i in others]
+        row = [label, dtype] + [_ms(r) for r in recs] + [_ratio_cell(ratio_stats(fl, by.get(i))) for i in others]
         row.append(" / ".join(_mib(r) for r in recs) if cuda else "-")
         if bandwidth:
             if metric == "tflops":
@@ -1074,7 +1270,7 @@ def _table(groups: dict[tuple[str, tuple, str], dict[str, dict]], cuda: bool, ba
             else:
                 row += [_gbps(fl), " / ".join(_pct(r) for r in recs)]
         rows.append(row)
-    return header, rows
+    return _drop_empty_columns(header, rows)
 
 
 def _skips(groups: dict[tuple[str, tuple, str], dict[str, dict]]) -> list[str]:
@@ -1139,6 +1335,31 @@ _MODEL_TEXT = {
 }
 
 
+def header_notes(meta: dict) -> list[str]:
+    """The lines that say how to read the tables: the timer, what the fastloss column is on this
+    device, what a ratio is and when it is marked too noisy."""
+    dev, conf = meta.get("device", {}), meta.get("config", {})
+    lines = []
+    if conf.get("timer"):
+        threads = f", {dev['threads']} torch thread(s)" if dev.get("threads") else ""
+        lines.append(f"timer: {conf['timer']}; the implementations of a row take turns, "
+                     f"{conf.get('repeat', '?')} interleaved rounds of ~{conf.get('round_time_s', '?')} s "
+                     f"each{threads}")
+    lines.append("ms: median over the rounds of each round's median time per step, ±half their interquartile "
+                 "range as a % of the median")
+    if dev.get("type") == "cpu" and (dev.get("threads") or 1) > 1:
+        lines.append(f"(on a busy machine, --threads 1 steadies the times: with {dev['threads']} threads an op "
+                     "waits for its slowest thread)")
+    if dev.get("type") and dev.get("type") != "cuda":
+        path = ("the Triton kernels in Triton's interpreter" if dev.get("backend") == "triton"
+                else "fastloss's PyTorch path (the Triton kernels run on CUDA only)")
+        lines.append(f"on {dev['type']} the fastloss column times {path}")
+    lines.append("vs X: X's time / fastloss's time, the median over rounds (its interquartile range): "
+                 "> 1 means fastloss is faster, < 1 slower; '?' marks a ratio whose range is wider "
+                 f"than {NOISY_SPREAD:.0%} of it: too noisy to read, re-run on a quieter machine")
+    return lines
+
+
 def format_text(records: Sequence[dict], meta: dict | None = None) -> str:
     """Plain-text tables, one per loss, for the terminal."""
     records = [normalize_record(r) for r in records]
@@ -1154,8 +1375,8 @@ def format_text(records: Sequence[dict], meta: dict | None = None) -> str:
                    f"{dev.get('torch')}, triton {dev.get('triton')}, copy bandwidth "
                    f"{copy:.0f} GB/s" if copy else "")
         families = [f for f in _FAMILY_ORDER if any(r["family"] == f for r in records)]
-        out.append("fwd+bwd, reduction='mean'; median times; bytes models: "
-                   + "; ".join(_MODEL_TEXT[f] for f in families))
+        out.append("fwd+bwd, reduction='mean'; bytes models: " + "; ".join(_MODEL_TEXT[f] for f in families))
+        out += header_notes(meta)
     for loss, recs in by_loss.items():
         groups = group_records(recs)
         family, metric = recs[0]["family"], _metric(recs[0])
@@ -1322,90 +1543,461 @@ def _pyplot():
 
 
 # --------------------------------------------------------------------------------------------
+# The size sweep: python -m fastloss bench --sweep, bench/bench_overhead.py
+# --------------------------------------------------------------------------------------------
+
+#: Classes per row of cross_entropy and focal_loss in the sweep (size = rows x classes).
+SWEEP_CLASSES = 8
+#: Embedding width of contrastive in the sweep (size = pairs x width).
+SWEEP_DIM = 16
+#: Default sweep sizes (elements per operand): every third power of two.
+SWEEP_SIZES = {"cpu": [2**k for k in range(5, 21, 3)], "cuda": [2**k for k in range(8, 27, 3)]}
+
+
+def _combined_weights() -> tuple[float, float]:
+    return 0.7, 0.3
+
+
+@functools.cache
+def _combined_module() -> torch.nn.Module:
+    w_mse, w_l1 = _combined_weights()
+    return fastloss.CombinedLoss({fastloss.MSELoss(): w_mse, fastloss.L1Loss(): w_l1})
+
+
+def _fl_combined(x: Tensor, y: Tensor) -> Tensor:
+    return _combined_module()(x, y)
+
+
+def _torch_combined(x: Tensor, y: Tensor) -> Tensor:
+    """The two torch.nn calls a CombinedLoss replaces: 0.7 * mse + 0.3 * l1."""
+    w_mse, w_l1 = _combined_weights()
+    return w_mse * F.mse_loss(x, y) + w_l1 * F.l1_loss(x, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepCase:
+    """A loss of the size sweep: its fastloss call, its torch.nn call (or the naive composition
+    where torch.nn has none), and how a size (elements per operand) becomes its operands."""
+
+    name: str
+    fastloss: Callable[..., Tensor]
+    torch: Callable[..., Tensor]
+    torch_label: str
+    shape: Callable[[int], tuple[int, ...]]                      # size -> operand shape
+    make_inputs: Callable[..., tuple[Tensor, ...]]               # (shape, dtype, device, seed) -> operands
+
+    def impl(self, impl: str) -> Callable[..., Tensor]:
+        if impl == "fastloss":
+            return self.fastloss
+        if impl == "torch":
+            return self.torch
+        raise ValueError(f"unknown sweep implementation {impl!r}; expected fastloss or torch")
+
+    def step(self, impl: str, size: int, dtype: torch.dtype, device: torch.device, sync: bool = False,
+             seed: int = 0) -> GradStep:
+        """A training step of ``impl`` at ``size``: ``.grad = None; loss(*operands).backward()``."""
+        ops = self.make_inputs(self.shape(size), dtype, torch.device(device), seed)
+        return GradStep(self.impl(impl), ops, sync=sync)
+
+
+def _flat(size: int) -> tuple[int, ...]:
+    return (size,)
+
+
+def _rows(width: int) -> Callable[[int], tuple[int, ...]]:
+    def shape(size: int) -> tuple[int, ...]:
+        return (max(1, size // width), width)
+
+    return shape
+
+
+def _pointwise_inputs(name: str) -> Callable[..., tuple[Tensor, ...]]:
+    def make(shape: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
+        return make_inputs(name, shape[0], dtype, device, seed)
+
+    return make
+
+
+def _sweep_cases() -> dict[str, SweepCase]:
+    cases = {}
+    for name in LOSSES:
+        lc = loss_case(name)
+        cases[name] = SweepCase(name, lc.fastloss, lc.torch, lc.torch_label, _flat, _pointwise_inputs(name))
+    cases["cross_entropy"] = SweepCase(
+        "cross_entropy", _fl_cross_entropy, _torch_cross_entropy, "torch.nn.functional.cross_entropy",
+        _rows(SWEEP_CLASSES), _row_inputs)
+    cases["focal_loss"] = SweepCase(
+        "focal_loss", _fl_softmax_focal, _classic_softmax_focal,
+        "ce = F.cross_entropy(reduction='none'); (0.25 (1 - exp(-ce))**2 ce).mean()",
+        _rows(SWEEP_CLASSES), _row_inputs)
+    cases["contrastive"] = SweepCase(
+        "contrastive", _fl_contrastive, _seed_contrastive, "seed ContrastiveLoss (F.pairwise_distance, margin 2)",
+        _rows(SWEEP_DIM), _embedding_inputs(2, label=True))
+    cases["combined"] = SweepCase(
+        "combined", _fl_combined, _torch_combined, "0.7 F.mse_loss + 0.3 F.l1_loss",
+        _flat, _pointwise_inputs("mse"))
+    return cases
+
+
+#: The sweep's default losses, in report order, with what each is (the fastloss side).
+SWEEP_LOSSES = {
+    "mse": "mse_loss", "l1": "l1_loss", "huber": "huber_loss(delta=1)",
+    "bce_with_logits": "binary_cross_entropy_with_logits",
+    "cross_entropy": f"cross_entropy, {SWEEP_CLASSES} classes",
+    "focal_loss": f"softmax focal_loss(alpha 0.25, gamma 2), {SWEEP_CLASSES} classes",
+    "contrastive": f"contrastive_loss(margin 2), width {SWEEP_DIM}",
+    "combined": "CombinedLoss(MSELoss 0.7, L1Loss 0.3)",
+}
+_SWEEP_ALIASES = {"focal": "focal_loss", "combinedloss": "combined", "combined_loss": "combined"}
+
+
+def resolve_sweep_loss(name: str) -> str:
+    """The sweep's name of a loss: "focal" is the softmax focal loss here, "combined" the
+    CombinedLoss; any pointwise loss of ``python -m fastloss bench`` is accepted too."""
+    key = name.strip().lower().replace("-", "_")
+    key = _SWEEP_ALIASES.get(key, key)
+    cases = _sweep_cases()
+    if key not in cases:
+        try:
+            key = resolve_loss(key)
+        except ValueError:
+            key = None
+    if key not in cases:
+        raise ValueError(f"unknown sweep loss {name!r}; expected one of {', '.join(cases)}")
+    return key
+
+
+def sweep_case(name: str) -> SweepCase:
+    """The SweepCase of a loss name (see :func:`resolve_sweep_loss`)."""
+    return _sweep_cases()[resolve_sweep_loss(name)]
+
+
+def sweep_record(case: SweepCase, impl: str, size: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    shape = case.shape(size)
+    return {"loss": case.name, "family": "sweep", "impl": impl, "size": size, "shape": list(shape),
+            "shape_label": "x".join(str(d) for d in shape), "dtype": dtype_name(dtype), "device": device.type,
+            "baseline": "fastloss" if impl == "fastloss" else case.torch_label, "status": "ok", "reason": None}
+
+
+def run_sweep(losses: Sequence[str], sizes: Sequence[int], dtype: torch.dtype, device: torch.device,
+              rounds: int, warmup: int = 3, round_time_s: float = DEFAULT_ROUND_TIME_S,
+              progress: Progress | None = None, time_limit: float | None = None) -> list[dict]:
+    """fastloss and torch.nn (or the naive composition), interleaved (:func:`measure_group`), per
+    (loss, size): records in that order. After ``time_limit`` seconds the rest are skipped."""
+    t0 = time.perf_counter()
+    records: list[dict] = []
+    for loss in losses:
+        case = sweep_case(loss)
+        for size in sizes:
+            recs = {impl: sweep_record(case, impl, size, dtype, device) for impl in ("fastloss", "torch")}
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                for rec in recs.values():
+                    rec.update(status="skipped", reason=f"time limit of {time_limit:g} s reached")
+            else:
+                makers = {impl: functools.partial(case.step, impl, size, dtype, device) for impl in recs}
+                measure_group(makers, recs, device, rounds, warmup, round_time_s)
+            records += recs.values()
+            if progress:
+                progress.update(f"{case.name} {size_label(size)}")
+    return records
+
+
+def sweep_ratios(records: Iterable[dict]) -> list[dict]:
+    """One entry per (loss, size, dtype): torch's time / fastloss's time (> 1: fastloss faster),
+    its quartiles over the rounds, whether it is too noisy to read, and the two medians."""
+    by: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        by.setdefault((r["loss"], r["size"], r["dtype"]), {})[r["impl"]] = r
+    out = []
+    for (loss, size, dtype), impls in by.items():
+        fl, tn = impls.get("fastloss"), impls.get("torch")
+        stats = ratio_stats(fl, tn)
+        out.append({
+            "loss": loss, "size": size, "dtype": dtype,
+            "ratio": stats[0] if stats else None, "ratio_q1": stats[1] if stats else None,
+            "ratio_q3": stats[2] if stats else None, "noisy": is_noisy(stats),
+            "fastloss_median_s": fl.get("median_s") if fl else None,
+            "torch_median_s": tn.get("median_s") if tn else None,
+        })
+    return out
+
+
+def _us(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    us = seconds * 1e6
+    return f"{us:.3g}" if us < 1e3 else f"{us:.0f}"
+
+
+def format_sweep(records: Sequence[dict], meta: dict | None = None) -> str:
+    """The sweep as text: the ratio (torch / fastloss, with its interquartile range) per size and
+    loss, then the two medians in microseconds."""
+    ratios = sweep_ratios(records)
+    losses = list(dict.fromkeys(r["loss"] for r in ratios))
+    sizes = sorted({r["size"] for r in ratios})
+    cell = {(r["loss"], r["size"]): r for r in ratios}
+    out = []
+    if meta:
+        dev = meta.get("device", {})
+        threads = f", {dev['threads']} thread(s)" if dev.get("threads") else ""
+        out.append(f"fastloss bench --sweep on {dev.get('name', '?')} ({dev.get('type', '?')}{threads}), "
+                   f"torch {dev.get('torch')}, triton {dev.get('triton')}, {meta.get('config', {}).get('dtype')}")
+        out.append("fwd+bwd (.grad = None; loss.backward()) against size = elements per operand; baselines: "
+                   + "; ".join(f"{lo}: {lab}" for lo, lab in (meta.get("baselines") or {}).items()))
+        out += header_notes(meta)
+    skipped = [r for r in records if r.get("status") != "ok"]
+
+    def table(title: str, fmt: Callable[[dict], str]) -> None:
+        rows = [["size"] + losses]
+        rows += [[size_label(n)] + [fmt(cell[(lo, n)]) if (lo, n) in cell else "-" for lo in losses]
+                 for n in sizes]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        out.extend(["", title])
+        out.extend("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+    table("torch time / fastloss time (> 1: fastloss faster), median over rounds (interquartile range)",
+          lambda r: _ratio_cell((r["ratio"], r["ratio_q1"], r["ratio_q3"]) if r["ratio"] is not None else None))
+    table("median us, fastloss / torch", lambda r: f"{_us(r['fastloss_median_s'])} / {_us(r['torch_median_s'])}")
+    if skipped:
+        out.append("")
+        out.extend(f"skipped: {r['loss']} {size_label(r['size'])} {r['impl']}: {r['reason']}" for r in skipped)
+    return "\n".join(out).lstrip("\n")
+
+
+def make_sweep_figure(records: Sequence[dict], meta: dict | None, plt):
+    """One log-log panel per loss (median time against size, fastloss and torch, the interquartile
+    range shaded) and a last panel with every loss's ratio torch / fastloss against size (> 1:
+    fastloss faster; bars: interquartile range over the rounds; hollow markers: too noisy)."""
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    # minor ticks: label 2 and 5 of each decade only (every one crowds a panel spanning decades)
+    sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if v > 0 and f"{v:.0e}"[0] in "25" else "")
+    by_loss: dict[str, dict[str, list[dict]]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            by_loss.setdefault(r["loss"], {}).setdefault(r["impl"], []).append(r)
+    ratios = sweep_ratios(records)
+    k = len(by_loss) + 1
+    cols = min(3, k)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    flat = list(axes.flat)
+    for ax, (loss, impls) in zip(flat, by_loss.items()):
+        for impl, recs in impls.items():
+            recs = sorted(recs, key=lambda r: r["size"])
+            xs = [r["size"] for r in recs]
+            label = "fastloss" if impl == "fastloss" else recs[0].get("baseline", impl)
+            ax.plot(xs, [r["median_s"] * 1e6 for r in recs], "o-", ms=3, label=label[:48],
+                    color=_PLOT_COLORS.get(impl))
+            ax.fill_between(xs, [r["q1_s"] * 1e6 for r in recs], [r["q3_s"] * 1e6 for r in recs],
+                            color=_PLOT_COLORS.get(impl), alpha=0.2, lw=0)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(sparse)
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_title(loss, fontsize=10)
+        ax.set_xlabel("elements per operand", fontsize=8)
+        ax.set_ylabel("median fwd+bwd, us", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ax = flat[len(by_loss)]
+    for i, loss in enumerate(by_loss):
+        pts = sorted((r for r in ratios if r["loss"] == loss and r["ratio"] is not None), key=lambda r: r["size"])
+        if not pts:
+            continue
+        color = f"C{i % 10}"
+        xs = [r["size"] for r in pts]
+        ys = [r["ratio"] for r in pts]
+        err = [[y - r["ratio_q1"] for y, r in zip(ys, pts)], [r["ratio_q3"] - y for y, r in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="-", color=color, lw=1, capsize=2, label=loss)
+        for x, y, r in zip(xs, ys, pts):
+            ax.plot([x], [y], "o", ms=4, color=color, mfc="none" if r["noisy"] else color)
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)  # ratios span a decade or so: label every tick
+    ax.tick_params(axis="y", which="both", labelsize=7)
+    ax.set_title("torch time / fastloss time (> 1: fastloss faster)", fontsize=10)
+    ax.set_xlabel("elements per operand", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncols=2)
+    for extra in flat[k:]:
+        extra.axis("off")
+    dev = (meta or {}).get("device", {})
+    fig.suptitle(f"fastloss vs torch.nn, forward + backward against size, on {dev.get('name', '?')} "
+                 f"({dev.get('type', '?')}, torch {dev.get('torch', '?')})", fontsize=10)
+    return fig
+
+
+def plot_sweep(records: Sequence[dict], path: str, meta: dict | None = None) -> None:
+    """Write :func:`make_sweep_figure` to ``path`` (PNG). Needs matplotlib."""
+    plt = _pyplot()
+    fig = make_sweep_figure(records, meta, plt)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_main(args: argparse.Namespace, device: torch.device) -> int:
+    """``python -m fastloss bench --sweep``: the ratio table on stdout, progress on stderr."""
+    try:
+        losses = [resolve_sweep_loss(s) for s in _split_list(args.losses)] or list(SWEEP_LOSSES)
+        sizes = [parse_size(s) for s in _split_list(args.sizes)] or SWEEP_SIZES[
+            "cuda" if device.type == "cuda" else "cpu"]
+        dtypes = [parse_dtype(s) for s in _split_list(args.dtypes)] or [torch.float32]
+        losses, sizes = list(dict.fromkeys(losses)), sorted(set(sizes))
+        if len(set(dtypes)) > 1:
+            raise ValueError("--sweep takes one dtype")
+        if getattr(args, "shapes", None) or getattr(args, "embed_shapes", None) or args.impls:
+            raise ValueError("--sweep sets its own shapes and implementations (fastloss, torch)")
+    except ValueError as exc:
+        raise SystemExit(f"fastloss bench --sweep: {exc}") from None
+    rounds = args.repeat if args.repeat is not None else DEFAULT_ROUNDS["cuda" if device.type == "cuda" else "cpu"]
+    warmup = args.warmup if args.warmup is not None else 3
+    round_time_s = getattr(args, "round_time", None) or DEFAULT_ROUND_TIME_S
+    if rounds < 1 or warmup < 0 or round_time_s <= 0:
+        raise SystemExit("fastloss bench: --repeat must be >= 1, --warmup >= 0 and --round-time > 0")
+    if args.plot:
+        _pyplot()  # fail before measuring, not after
+    progress = None if args.quiet else Progress(len(losses) * len(sizes), desc="fastloss sweep")
+    started = time.perf_counter()
+    records = run_sweep(losses, sizes, dtypes[0], device, rounds, warmup, round_time_s, progress,
+                        time_limit=args.time_limit)
+    if progress:
+        progress.close()
+    cases = {lo: sweep_case(lo) for lo in losses}
+    meta = {
+        "schema": "fastloss-sweep/1",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_info(device),
+        "baselines": {lo: c.torch_label for lo, c in cases.items()},
+        "config": {"losses": losses, "sizes": sizes, "shapes": {lo: {str(n): list(c.shape(n)) for n in sizes}
+                                                                for lo, c in cases.items()},
+                   "dtype": dtype_name(dtypes[0]), "repeat": rounds, "rounds": rounds,
+                   "round_time_s": round_time_s, "warmup": warmup, "interleaved": True,
+                   "timer": timer_name(device), "noisy_spread": NOISY_SPREAD, "reduction": "mean",
+                   "step": ".grad = None; loss(*operands).backward()", "time_limit_s": args.time_limit},
+        "elapsed_s": time.perf_counter() - started,
+    }
+    print(format_sweep(records, meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**meta, "results": records, "ratios": sweep_ratios(records)}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        plot_sweep(records, args.plot, meta)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # The CLI: python -m fastloss bench
 # --------------------------------------------------------------------------------------------
 
 def default_plan(device: torch.device) -> tuple[list[int], list[torch.dtype], int, int]:
-    """(sizes, dtypes, repeat, warmup) suited to the device."""
+    """(sizes, dtypes, interleaved rounds, warmup calls) suited to the device."""
     if device.type == "cuda":
-        return [2**24, 2**26], [torch.float32, torch.bfloat16], 30, 5
-    return [2**18], [torch.float32], 15, 3
+        return [2**24, 2**26], [torch.float32, torch.bfloat16], DEFAULT_ROUNDS["cuda"], 5
+    return [2**18], [torch.float32], DEFAULT_ROUNDS["cpu"], 3
 
 
 class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, one line per item in a log)."""
+    """Progress on stderr: on a terminal, a tqdm bar redrawn in place on one line; elsewhere (a log,
+    a pipe), or on a terminal without tqdm, at most ``lines`` plain lines (the first item, then one
+    line per ``1 / lines`` of the total, the last item always).
 
-    def __init__(self, total: int, stream=None, width: int = 24):
-        self.total, self.done, self.width = total, 0, width
+    tqdm is optional (``pip install fastloss[bench]``): nothing but the terminal display needs it.
+    """
+
+    def __init__(self, total: int, stream=None, lines: int = 5, desc: str = "fastloss"):
+        self.total, self.done, self.lines = max(0, total), 0, max(1, lines)
         self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.perf_counter()
+        self._next = 1  # plain lines: the item count at which the next line is written
+        self._bar = None
+        if self.tty:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=self.total, file=self.stream, desc=desc, dynamic_ncols=True,
+                                 leave=True, mininterval=0.2)
 
     def update(self, label: str, advance: int = 1) -> None:
         self.done += advance
-        frac = self.done / self.total if self.total else 1.0
-        fill = round(frac * self.width)
-        bar = "#" * fill + "." * (self.width - fill)
-        text = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.1f}s {label}"
-        if self.tty:
-            self.stream.write("\r" + text[:120].ljust(120))
-        else:
-            self.stream.write(text + "\n")
+        if self._bar is not None:
+            self._bar.set_postfix_str(label[:60], refresh=False)
+            self._bar.update(advance)
+            return
+        if self.done < self._next and self.done < self.total:
+            return
+        step = max(1, math.ceil(self.total / self.lines))
+        self._next = (self.done // step + 1) * step
+        self.stream.write(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:.0f}s] {label}\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _pointwise_step(case: LossCase, impl: str, inputs: tuple[Tensor, Tensor]) -> FwdBwd:
+    return FwdBwd(case.impl(impl), *inputs)
 
 
 def run_bench(losses: Sequence[str], sizes: Sequence[int], dtypes: Sequence[torch.dtype],
               device: torch.device, repeat: int, warmup: int, impls: Sequence[str] | None = None,
               time_limit: float | None = None, progress: Progress | None = None,
-              shapes: dict[str, Sequence[tuple[int, int]]] | None = None) -> list[dict]:
+              shapes: dict[str, Sequence[tuple[int, int]]] | None = None,
+              round_time_s: float = DEFAULT_ROUND_TIME_S, threads: int | None = None) -> list[dict]:
     """Measure every (loss, N or shape, dtype, implementation); records in that order.
 
     Pointwise losses run at ``sizes``; row and embedding losses at ``shapes[loss]`` (their
     :func:`default_shapes` when absent). ``impls`` (default: every implementation of each loss)
-    is intersected with what each loss has, so "liger" only runs for cross-entropy. After
-    ``time_limit`` seconds the remaining measurements are recorded as skipped.
+    is intersected with what each loss has, so "liger" only runs for cross-entropy. The
+    implementations of one (loss, size, dtype) are timed interleaved (:func:`measure_group`),
+    ``repeat`` rounds of about ``round_time_s`` each. After ``time_limit`` seconds the remaining
+    measurements are recorded as skipped. ``progress`` advances once per (loss, size, dtype).
     """
     t0 = time.perf_counter()
     records = []
     for loss, where, dtype, names in bench_plan(losses, sizes, dtypes, device, impls, shapes):
         pointwise = ALL_LOSSES[loss] == "pointwise"
         case: LossCase | ShapedCase = loss_case(loss) if pointwise else shaped_case(loss)
-        inputs = None
-        for impl in names:
-            shown = size_label(where) if pointwise else shape_label(where)
-            label = f"{loss} {'N=' if pointwise else ''}{shown} {dtype_name(dtype)} {impl}"
-            if time_limit is not None and time.perf_counter() - t0 > time_limit:
-                reason = f"time limit of {time_limit:g} s reached"
+        recs = {impl: (pointwise_record(case, impl, where, dtype, device) if pointwise
+                       else shaped_record(case, impl, where, dtype, device)) for impl in names}
+        shown = size_label(where) if pointwise else shape_label(where)
+        label = f"{loss} {'N=' if pointwise else ''}{shown} {dtype_name(dtype)}"
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            for rec in recs.values():
+                rec.update(status="skipped", reason=f"time limit of {time_limit:g} s reached")
+        else:
+            try:
+                inputs = (make_inputs(case, where, dtype, device) if pointwise
+                          else case.make_inputs(where, dtype, device))
+            except Exception as exc:  # noqa: BLE001 - OOM making the shared inputs: every impl skipped
+                inputs = None
+                for rec in recs.values():
+                    rec.update(status="skipped", reason=error_reason(exc))
+            if inputs is not None:
                 if pointwise:
-                    rec = {"loss": case.name, "family": "pointwise", "impl": impl, "n": where,
-                           "shape": [where], "shape_label": size_label(where), "dtype": dtype_name(dtype),
-                           "device": device.type, "status": "skipped",
-                           "baseline": case.torch_label if impl != "fastloss" else "fastloss.functional",
-                           "reason": reason, "bytes_moved": bytes_moved(where, dtype)}
+                    makers = {impl: functools.partial(_pointwise_step, case, impl, inputs) for impl in names}
                 else:
-                    rec = {**shaped_record(case, impl, where, dtype, device), "status": "skipped",
-                           "reason": reason}
-            else:
-                if inputs is None:
-                    try:
-                        inputs = (make_inputs(case, where, dtype, device) if pointwise
-                                  else case.make_inputs(where, dtype, device))
-                    except Exception:  # noqa: BLE001 - OOM: measure() records it per implementation
-                        inputs = None
-                if pointwise:
-                    rec = measure(case, impl, where, dtype, device, repeat, warmup, inputs=inputs)
-                else:
-                    rec = measure_shaped(case, impl, where, dtype, device, repeat, warmup, inputs=inputs)
-            records.append(rec)
-            if progress:
-                progress.update(label)
-        del inputs
-        _release(device)
+                    makers = {impl: _shaped_maker(case, impl, where, dtype, device, inputs) for impl in names}
+                measure_group(makers, recs, device, repeat, warmup, round_time_s, threads)
+                for rec in recs.values():
+                    _add_tflops(rec)
+            del inputs
+            _release(device)
+        records += recs.values()
+        if progress:
+            progress.update(label)
     return records
 
 
@@ -1449,14 +2041,26 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="float32, bfloat16, float16 (default: CUDA float32 bfloat16, CPU float32)")
     p.add_argument("--impls", nargs="+", metavar="IMPL",
                    help=f"implementations (default: all): {', '.join(IMPLS)}, liger (cross_entropy only)")
-    p.add_argument("--repeat", type=int, help="timed repetitions per measurement (default: CUDA 30, CPU 15)")
+    p.add_argument("--repeat", type=int, metavar="ROUNDS",
+                   help="interleaved rounds: the implementations of a row take turns, each timed once per "
+                        f"round (default: CUDA {DEFAULT_ROUNDS['cuda']}, CPU {DEFAULT_ROUNDS['cpu']})")
+    p.add_argument("--round-time", type=float, metavar="SECONDS", default=DEFAULT_ROUND_TIME_S,
+                   help="time per implementation per round; the timer chooses the number of calls "
+                        "(torch.utils.benchmark blocked_autorange on CPU, CUDA events on CUDA; default "
+                        f"{DEFAULT_ROUND_TIME_S})")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (default: CUDA 5, CPU 3)")
+    p.add_argument("--threads", type=int, help="torch CPU threads while timing (default: torch's current)")
+    p.add_argument("--sweep", action="store_true",
+                   help="size sweep instead: fwd+bwd time of fastloss and torch.nn (or the naive composition) "
+                        f"against size per loss ({', '.join(SWEEP_LOSSES)}); --sizes sets the element "
+                        "counts (default: CPU 2**5 .. 2**20, CUDA 2**8 .. 2**26, every third power of "
+                        "two), --plot draws time against size (log-log) and the ratio")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop starting measurements after this long; the rest are recorded as skipped")
     p.add_argument("--json", metavar="PATH", help="write every measurement and the device/versions as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 #: The byte model of each family, for JSON metadata.
@@ -1474,6 +2078,12 @@ def bench_main(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastloss bench: CUDA was requested but torch.cuda.is_available() is False")
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise SystemExit("fastloss bench: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if getattr(args, "sweep", False):
+        return sweep_main(args, device)
     sizes, dtypes, repeat, warmup = default_plan(device)
     try:
         losses = [resolve_loss(s) for s in _split_list(args.losses)] or list(ALL_LOSSES)
@@ -1495,25 +2105,26 @@ def bench_main(args: argparse.Namespace) -> int:
               for loss in losses if ALL_LOSSES[loss] != "pointwise"}
     repeat = args.repeat if args.repeat is not None else repeat
     warmup = args.warmup if args.warmup is not None else warmup
-    if repeat < 1 or warmup < 0:
-        raise SystemExit("fastloss bench: --repeat must be >= 1 and --warmup >= 0")
+    round_time_s = getattr(args, "round_time", None) or DEFAULT_ROUND_TIME_S
+    if repeat < 1 or warmup < 0 or round_time_s <= 0:
+        raise SystemExit("fastloss bench: --repeat must be >= 1, --warmup >= 0 and --round-time > 0")
     if args.plot:
         _pyplot()  # fail before measuring, not after
 
     plan = bench_plan(losses, sizes, dtypes, device, impls, shapes)
-    total = sum(len(names) for *_, names in plan) + 1
-    progress = None if args.quiet else Progress(total)
+    progress = None if args.quiet else Progress(len(plan) + 1, desc="fastloss bench")
     started = time.perf_counter()
     copy = copy_bandwidth(device)
     if progress:
         progress.update(f"copy bandwidth {copy / 1e9:.0f} GB/s")
     records = run_bench(losses, sizes, dtypes, device, repeat, warmup, impls,
-                        time_limit=args.time_limit, progress=progress, shapes=shapes)
+                        time_limit=args.time_limit, progress=progress, shapes=shapes,
+                        round_time_s=round_time_s)
     if progress:
         progress.close()
     families = [f for f in _FAMILY_ORDER if any(ALL_LOSSES[lo] == f for lo in losses)]
     meta = {
-        "schema": "fastloss-bench/2",
+        "schema": "fastloss-bench/3",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
         "copy_gbps": copy / 1e9,
@@ -1522,10 +2133,10 @@ def bench_main(args: argparse.Namespace) -> int:
         "config": {"losses": losses, "sizes": sizes,
                    "shapes": {lo: [list(s) for s in v] for lo, v in shapes.items()},
                    "dtypes": [dtype_name(d) for d in dtypes],
-                   "impls": impls or "all", "repeat": repeat, "warmup": warmup, "reduction": "mean",
+                   "impls": impls or "all", "repeat": repeat, "rounds": repeat, "round_time_s": round_time_s,
+                   "warmup": warmup, "reduction": "mean", "interleaved": True,
                    "bytes_model": {f: BYTES_MODELS[f] for f in families},
-                   "timer": "cuda events, L2 flushed, median" if device.type == "cuda"
-                   else "time.perf_counter, median",
+                   "timer": timer_name(device), "noisy_spread": NOISY_SPREAD,
                    "time_limit_s": args.time_limit},
         "elapsed_s": time.perf_counter() - started,
     }
