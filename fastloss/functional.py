@@ -34,6 +34,36 @@ __all__ = [
 
 _REDUCTIONS = ("none", "mean", "sum")
 
+# The lean call path. The common case (plain arguments, plain tensors of one shape and one float32 /
+# float64 dtype, the PyTorch path selected) is recognised with a few attribute reads and goes
+# straight to the ATen op that torch.nn.functional's wrapper calls for those arguments (after the
+# checks that wrapper makes, which these reads imply), so the call costs no more host work than
+# torch.nn's own: the same numbers, errors and gradients (torch.func, forward-mode AD, double
+# backward and torch.compile included: it is torch's op). Half precision keeps the reference, which
+# computes in float32; every other case takes the full path below.
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch.nn._reduction.get_enum's values
+_INT64 = torch.int64
+_has_torch_function = torch.overrides.has_torch_function_variadic
+
+
+def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
+    """The reduction's enum when a pointwise loss of input and target may take the lean path (both
+    plain Tensors, no __torch_function__, of one shape and one float32 / float64 dtype, a valid
+    reduction, the PyTorch path selected for them), else None."""
+    if (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype is target.dtype
+        and input.dtype in _LEAN_DTYPES
+        and isinstance(reduction, str)
+        and input.shape == target.shape
+        and not _has_torch_function(input, target)
+        and not use_triton(input, target)
+    ):
+        return _REDUCTION_ENUM.get(reduction)
+    return None
+
 
 def _reduction_arg(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     if size_average is not None or reduce is not None:
@@ -101,6 +131,9 @@ def mse_loss(
     Weighted calls run the PyTorch reference. Integer (and complex) operands run torch's mse_loss,
     with its results and errors (an integer error times a floating weight is a floating loss).
     """
+    if (weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        return torch._C._nn.mse_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
         _check_weight(weight, input)
@@ -127,6 +160,9 @@ def l1_loss(
     Complex operands give torch's real loss ``|input - target|``, and integer operands torch's own
     results and errors: both run torch's l1_loss.
     """
+    if (weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        return torch._C._nn.l1_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
         _check_weight(weight, input)
@@ -152,6 +188,8 @@ def huber_loss(
     Unlike the other losses, torch.nn's huber_loss returns the input's dtype (computing in the
     promoted one and rounding into it), times the weight's when one is given; fastloss does too.
     """
+    if weight is None and delta > 0 and (enum := _lean(input, target, reduction)) is not None:
+        return torch._C._nn.huber_loss(input, target, enum, delta)
     reduction = _reduction_arg(None, None, reduction)
     if not delta > 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
@@ -178,6 +216,11 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Smooth L1 loss, as torch.nn.functional.smooth_l1_loss; ``beta`` = 0 is plain L1."""
+    if (size_average is None and reduce is None and beta >= 0
+            and (enum := _lean(input, target, reduction)) is not None):
+        if beta == 0.0:  # as torch's smooth_l1_loss
+            return torch._C._nn.l1_loss(input, target, enum)
+        return torch._C._nn.smooth_l1_loss(input, target, enum, beta)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if not beta >= 0:  # NaN too, as torch
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
@@ -220,6 +263,9 @@ def binary_cross_entropy_with_logits(
     ``weight`` broadcasts to the input and scales each element; ``pos_weight`` (broadcast along the
     last dimension, one value per class) weights the positive term.
     """
+    if (weight is None and pos_weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        return torch.binary_cross_entropy_with_logits(input, target, None, None, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
@@ -355,6 +401,26 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
     return False
 
 
+def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | None:
+    """The reduction's enum when a loss over classes may take the lean path ((N, C) float32 / float64
+    logits and (N,) int64 class indices, plain Tensors without __torch_function__, a valid
+    reduction, the PyTorch path selected for them), else None."""
+    if (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype in _LEAN_DTYPES
+        and target.dtype is _INT64
+        and isinstance(reduction, str)
+        and input.dim() == 2
+        and target.dim() == 1
+        and input.shape[0] == target.shape[0]
+        and not _has_torch_function(input, target)
+        and not use_triton(input, target)
+    ):
+        return _REDUCTION_ENUM.get(reduction)
+    return None
+
+
 def _autocast_to_float32(input: Tensor) -> bool:
     """Autocast runs cross-entropy in float32: half-precision logits give a float32 loss."""
     return input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
@@ -398,6 +464,10 @@ def cross_entropy(
     device (no host sync). Out-of-range targets raise IndexError on CPU; on CUDA such rows get a
     NaN loss and gradient instead of an out-of-bounds access.
     """
+    if (weight is None and size_average is None and reduce is None and not z_loss and softcap is None
+            and 0.0 <= label_smoothing <= 1.0
+            and (enum := _lean_class_indices(input, target, reduction)) is not None):
+        return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
     reduction = _reduction_arg(size_average, reduce, reduction)
     # torch checks the upper bound only, and smooths only when label_smoothing > 0: a negative or
     # NaN value means no smoothing
