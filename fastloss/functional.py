@@ -3,6 +3,7 @@ PyTorch reference (see fastloss._backend)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -11,6 +12,7 @@ from torch.nn import _reduction
 
 from fastloss import reference
 from fastloss._backend import transforms_active, use_triton
+from fastloss.ops.cpu import softmax_focal_loss
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
 from fastloss.ops.linear_xent import linear_xent_loss
@@ -525,6 +527,16 @@ def focal_loss(
     ``ce = cross_entropy(x, t, reduction="none"); (alpha * (1 - exp(-ce))**gamma * ce).mean()``.
     The gradient is analytic and finite as ``p_t -> 1`` for every ``gamma >= 0``.
     """
+    if (weight is None and isinstance(alpha, float) and gamma >= 0 and reduction != "none"
+            and _lean_class_indices(input, target, reduction) is not None
+            and input.shape[0] > 0 and input.shape[1] > 0 and not 0 <= ignore_index < input.shape[1]
+            and input.is_cpu and not transforms_active() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")):
+        # the fused CPU path (analytic gradient made in the forward); a target out of range, or
+        # equal to ignore_index (which is then out of range too), makes its gather raise before
+        # anything is kept, and the full path below gives torch's error or the ignored rows
+        with contextlib.suppress(RuntimeError):
+            return softmax_focal_loss(input, target, alpha, gamma, reduction)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not gamma >= 0:

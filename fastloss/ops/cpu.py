@@ -1,0 +1,110 @@
+"""Fused CPU paths with analytic gradients, for losses torch.nn lacks.
+
+The plain PyTorch reference (fastloss.reference) states each loss as a composition of torch ops and
+lets autograd differentiate it: a dozen small ops forward and as many backward nodes, each a pass
+over memory. Here a torch.autograd.Function computes the loss and, for reduced losses, its gradient
+in the forward (as the kernels do) with a few vectorised ops, and backward only hands the gradient
+over (scaled when grad_output is not 1). It runs on CPU tensors in eager mode only:
+fastloss.functional routes torch.compile, torch.func transforms and forward-mode AD to the
+reference, and a double backward (``create_graph=True``) differentiates the reference again on the
+saved operands (ops._utils._differentiable_grads), so every autograd feature keeps torch's results.
+The reference stays the oracle: tests/test_lean.py checks these paths against it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastloss import reference
+from fastloss.ops._utils import _differentiable_grads
+
+__all__ = ["softmax_focal_loss"]
+
+#: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
+#: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
+#: x_t - logsumexp(x) instead.
+_TINY_PROB = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
+
+
+def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float, grad: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    """Softmax focal loss of (N, C) logits ``x`` and (N, 1) class indices ``t2`` (all in range),
+    ``scale * sum_i -alpha q_i**gamma log p_i`` (p_i the softmax probability of row i's target,
+    q_i = 1 - p_i), and its gradient with respect to x when ``grad``.
+
+    With l_i = log p_i and L_i = -alpha q_i**gamma l_i, dq_i/dl_i = -p_i, so
+    dL_i/dl_i = -alpha q_i**(gamma-1) (q_i - gamma p_i l_i) =: -k_i, and dl_i/dx_ij =
+    [j = t_i] - p_ij: dL/dx_ij = scale k_i (p_ij - [j = t_i]). The row's softmax becomes the
+    gradient in place (its target entry p_i - 1 = -q_i). Raises RuntimeError (gather's) when a
+    target is out of range. Everything per row stays (N, 1).
+    """
+    p = torch.softmax(x, 1)
+    p_t = p.gather(1, t2)
+    log_p = p_t.log()
+    if p_t.min().item() < _TINY_PROB[x.dtype]:  # CPU only: a host read is free here
+        log_p = x.gather(1, t2) - torch.logsumexp(x, 1, keepdim=True)
+    nq = p_t - 1.0  # -q, exact where p_t >= 1/2 (Sterbenz): its error is p_t's, as the reference's
+    if gamma == 0.0:
+        loss = log_p.sum()
+    elif gamma == 2.0:
+        loss = (nq * nq).mul_(log_p).sum()
+    else:
+        q = nq.neg()
+        if gamma < 1.0:
+            # the reference's clamp: q**(gamma - 1) stays finite at q = 0 (where l = 0 anyway)
+            q.clamp_min_(torch.finfo(x.dtype).tiny)
+        loss = q.pow(gamma).mul_(log_p).sum()
+    loss.mul_(-alpha * scale)
+    if not grad:
+        return loss, None
+    if gamma == 0.0:
+        k = alpha * scale
+    elif gamma == 2.0:
+        k = torch.addcmul(nq, p_t, log_p, value=gamma).mul_(nq).mul_(alpha * scale)
+    elif gamma == 1.0:
+        k = torch.addcmul(nq, p_t, log_p, value=gamma).mul_(-alpha * scale)
+    else:
+        k = q.pow_(gamma - 1.0).mul_(torch.addcmul(nq, p_t, log_p, value=gamma)).mul_(-alpha * scale)
+    return loss, p.scatter_(1, t2, nq).mul_(k)
+
+
+class _SoftmaxFocal(torch.autograd.Function):
+    """Softmax focal loss, reduced ("mean" or "sum"), of (N, C) CPU logits, N > 0."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+        scale = 1.0 / input.shape[0] if reduction == "mean" else 1.0
+        t2 = target.unsqueeze(1)
+        loss, grad = _focal_terms(input, t2, alpha, gamma, scale, ctx.needs_input_grad[0])
+        ctx.save_for_backward(input, target)
+        ctx.args = (alpha, gamma, reduction, scale)
+        ctx.grads = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
+            return _differentiable_grads(ctx, grad_loss, _focal_reference)
+        grad, ctx.grads = ctx.grads, None
+        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
+            input, target = ctx.saved_tensors
+            alpha, gamma, _, scale = ctx.args
+            _, grad = _focal_terms(input.detach(), target.unsqueeze(1), alpha, gamma, scale, True)
+        if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
+            grad.mul_(grad_loss)
+        return grad, None, None, None, None
+
+
+def _focal_reference(ctx) -> tuple[Tensor, tuple]:
+    input, target = ctx.saved_tensors
+    alpha, gamma, reduction, _ = ctx.args
+    return reference.focal_loss(input, target, alpha, gamma, reduction), (input, target, None, None, None)
+
+
+def softmax_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    """Softmax focal loss of (N, C) float32 / float64 CPU logits (N, C > 0) and (N,) int64 class
+    indices, reduction "mean" or "sum", float alpha, gamma >= 0: the fused CPU path. Raises
+    RuntimeError (before any work is kept) when a target is out of range or ignored: the caller
+    then takes the reference path, which has torch's errors and ignore_index."""
+    return _SoftmaxFocal.apply(input, target, float(alpha), float(gamma), reduction)
