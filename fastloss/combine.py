@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from fastloss import modules
-from fastloss._backend import use_triton
+from fastloss._backend import transforms_active, use_triton
+from fastloss.ops.cpu import DIFFERENCE_LOSSES, difference_combination
 from fastloss.ops.pointwise import MAX_MEMBERS, pointwise_combination
 
 __all__ = ["CombinedLoss", "RegularizedLoss"]
@@ -77,6 +78,14 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
 
     def _fused(self, input: Tensor, target: Tensor) -> Tensor | None:
         """The fused sum, or None when the members or operands do not allow it."""
+        if (
+            not isinstance(input, Tensor)
+            or not isinstance(target, Tensor)
+            or input.dtype is not target.dtype
+            or not input.is_floating_point()
+            or input.shape != target.shape
+        ):
+            return None
         members = [_kernel_member(m) for m in self.losses]
         reductions = {getattr(m, "reduction", None) for m in self.losses}
         if (
@@ -84,16 +93,26 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
             or len(reductions) != 1
             or not reductions <= {"none", "mean", "sum"}  # a bad one must raise in the module
             or any(_has_forward_hooks(m) for m in self.losses)
-            or not isinstance(input, Tensor)
-            or not isinstance(target, Tensor)
-            or input.shape != target.shape
-            or input.dtype != target.dtype
-            or not input.is_floating_point()
-            or not use_triton(input, target)
         ):
             return None
         (reduction,) = reductions
         weighted = [(name, w, p1, p2) for (name, p1, p2), w in zip(members, self.weights)]
+        if not use_triton(input, target):
+            if (
+                reduction != "none"
+                and all(name in DIFFERENCE_LOSSES for name, _, _, _ in weighted)
+                and input.dtype in (torch.float32, torch.float64)
+                and input.is_cpu
+                and target.is_cpu
+                and not torch.compiler.is_compiling()
+                and not transforms_active()
+                and not torch.is_autocast_enabled("cpu")
+                and not torch.overrides.has_torch_function_variadic(input, target)
+            ):
+                # the fused CPU path: one Function, d = input - target once, the gradient made in
+                # the forward (fastloss.ops.cpu, tested against the members' reference)
+                return difference_combination(weighted, input, target, reduction)
+            return None
         groups = [weighted[i:i + MAX_MEMBERS] for i in range(0, len(weighted), MAX_MEMBERS)]
         total = pointwise_combination(groups[0], input, target, reduction)
         for group in groups[1:]:
@@ -106,7 +125,9 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
             if fused is not None:
                 return fused
         values = [loss(input, target) for loss in self.losses]
-        total = sum(w * v for w, v in zip(self.weights, values))
+        total = self.weights[0] * values[0]  # (sum() would add a 0 + first)
+        for w, v in zip(self.weights[1:], values[1:]):
+            total = total + w * v
         return (total, values) if return_components else total
 
     def extra_repr(self) -> str:

@@ -238,3 +238,79 @@ def test_fused_focal_tolerances_cover_float32_big_rows(torch_backend):
     torch.testing.assert_close(actual, expected, **TOLERANCES[torch.float32])
     torch.testing.assert_close(torch.autograd.grad(actual, x)[0], torch.autograd.grad(expected, x)[0],
                                **TOLERANCES[torch.float32])
+
+
+# --------------------------------------------------------------------------------------------
+# CombinedLoss: the fused CPU sum of difference losses
+# --------------------------------------------------------------------------------------------
+
+COMBINATIONS = {
+    "mse+l1": [(fastloss.MSELoss, {}, F.mse_loss, 0.7), (fastloss.L1Loss, {}, F.l1_loss, 0.3)],
+    "huber+smooth_l1+l1+mse": [
+        (fastloss.HuberLoss, {"delta": 0.5}, F.huber_loss, 1.3),
+        (fastloss.SmoothL1Loss, {"beta": 2.0}, F.smooth_l1_loss, 0.2),
+        (fastloss.SmoothL1Loss, {"beta": 0.0}, F.smooth_l1_loss, 0.4),
+        (fastloss.MSELoss, {}, F.mse_loss, 2.0),
+    ],
+}
+
+
+def _combined(name, reduction):
+    members = COMBINATIONS[name]
+    criterion = fastloss.CombinedLoss([(cls(reduction=reduction, **kw), w) for cls, kw, _, w in members])
+
+    def expected(x, y):
+        return sum(w * fn(x, y, reduction=reduction, **kw) for _, kw, fn, w in members)
+
+    return criterion, expected
+
+
+@pytest.mark.parametrize("dtype", LEAN_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(COMBINATIONS))
+def test_combined_fused_cpu_matches_torch(name, reduction, dtype, torch_backend):
+    criterion, expected_fn = _combined(name, reduction)
+    x = (torch.randn(37, 3, generator=_gen(0), dtype=dtype) * 2).requires_grad_()
+    y = torch.randn(37, 3, generator=_gen(1), dtype=dtype).requires_grad_()
+    x.data[0, 0], y.data[0, 0] = 1.0, 1.0  # d = 0: every member's gradient is torch's there too
+    actual = criterion(x, y)
+    assert type(actual.grad_fn).__name__ == "_CombinationBackward"
+    g_actual = torch.autograd.grad(actual * 1.3, (x, y))
+    expected = expected_fn(x, y)
+    g_expected = torch.autograd.grad(expected * 1.3, (x, y))
+    assert_close(actual, expected, msg="loss")
+    assert_close(g_actual[0], g_expected[0], msg="input grad")
+    assert_close(g_actual[1], g_expected[1], msg="target grad")
+
+
+def test_combined_fused_cpu_autograd_features(torch_backend):
+    criterion, expected_fn = _combined("huber+smooth_l1+l1+mse", "mean")
+    x = torch.randn(5, 4, generator=_gen(0), dtype=F64, requires_grad=True)
+    y = torch.randn(5, 4, generator=_gen(1), dtype=F64)
+    loss = criterion(x, y)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(-2.0, dtype=F64))  # retain_graph: recomputed
+    (g_expected,) = torch.autograd.grad(expected_fn(x, y), x)
+    assert_close(g1, g_expected)
+    assert_close(g2, -2 * g_expected)
+    assert torch.autograd.gradgradcheck(lambda x: criterion(x, y), (x,))
+    grad = torch.func.grad(lambda x: criterion(x, y))(x.detach())  # a transform: the members run
+    assert_close(grad, g_expected)
+    for bad in (math.inf, math.nan):
+        xb = x.detach().clone()
+        xb[1, 1] = bad
+        xb.requires_grad_()
+        actual, expected = criterion(xb, y), expected_fn(xb, y)
+        assert_close(actual, expected, msg=f"{bad}")
+        assert_close(torch.autograd.grad(actual, xb)[0], torch.autograd.grad(expected, xb)[0], msg=f"{bad} grad")
+
+
+def test_combined_other_members_run_one_by_one(torch_backend):
+    x = torch.randn(6, 2, generator=_gen(0), requires_grad=True)
+    y = torch.rand(6, 2, generator=_gen(1))
+    criterion = fastloss.CombinedLoss({fastloss.MSELoss(): 0.5, fastloss.BCEWithLogitsLoss(): 2.0})
+    loss = criterion(x, y)
+    assert type(loss.grad_fn).__name__ != "_CombinationBackward"
+    assert_close(loss, 0.5 * F.mse_loss(x, y) + 2.0 * F.binary_cross_entropy_with_logits(x, y))
+    none = fastloss.CombinedLoss({fastloss.MSELoss(reduction="none"): 0.5, fastloss.L1Loss(reduction="none"): 2.0})
+    assert_close(none(x, y), 0.5 * F.mse_loss(x, y, reduction="none") + 2.0 * F.l1_loss(x, y, reduction="none"))

@@ -13,13 +13,15 @@ The reference stays the oracle: tests/test_lean.py checks these paths against it
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from fastloss import reference
 from fastloss.ops._utils import _differentiable_grads
 
-__all__ = ["softmax_focal_loss"]
+__all__ = ["DIFFERENCE_LOSSES", "difference_combination", "softmax_focal_loss"]
 
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
 #: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
@@ -108,3 +110,95 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
     RuntimeError (before any work is kept) when a target is out of range or ignored: the caller
     then takes the reference path, which has torch's errors and ignore_index."""
     return _SoftmaxFocal.apply(input, target, float(alpha), float(gamma), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Weighted sums of difference losses (CombinedLoss)
+# --------------------------------------------------------------------------------------------
+
+#: Members the fused CPU combination evaluates: losses of d = input - target alone.
+DIFFERENCE_LOSSES = ("mse", "l1", "huber", "smooth_l1")
+
+
+def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: float, grad: bool
+                       ) -> tuple[Tensor, Tensor | None]:
+    """``scale * sum_k coef_k sum_i loss_k(d_i)``, d = input - target, and its gradient with respect
+    to input when ``grad``, for members (name, coef, param1, param2) of DIFFERENCE_LOSSES.
+
+    mse: d**2, gradient 2d. l1: |d|, gradient sign(d). huber (delta): with c = clamp(d, -delta,
+    delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
+    (beta > 0): huber(beta) / beta.
+    """
+    d = input - target
+    loss = None
+    g = None
+    for name, coef, param, _ in members:
+        c = coef * scale
+        if name == "mse":
+            term, dterm, dcoef = torch.dot(d.reshape(-1), d.reshape(-1)), d, 2.0 * c
+        elif name == "l1":
+            term, dterm, dcoef = torch.linalg.vector_norm(d, 1), (torch.sign(d) if grad else None), c
+        else:
+            if name == "smooth_l1":
+                c = c / param
+            clamped = d.clamp(-param, param)
+            term = torch.dot(clamped.reshape(-1), d.reshape(-1)) - 0.5 * torch.dot(clamped.reshape(-1),
+                                                                                    clamped.reshape(-1))
+            dterm, dcoef = clamped, c
+        loss = term * c if loss is None else loss.add_(term, alpha=c)
+        if grad:
+            g = dterm * dcoef if g is None else g.add_(dterm, alpha=dcoef)
+    return loss, g
+
+
+class _Combination(torch.autograd.Function):
+    """A reduced ("mean" or "sum") weighted sum of difference losses of CPU operands of one shape
+    and one float32 / float64 dtype."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, members: tuple, reduction: str) -> Tensor:
+        n = input.numel()
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        loss, grad = _combination_terms(input, target, members, scale, any(ctx.needs_input_grad[:2]))
+        if n == 0:
+            loss = input.new_full((), math.nan if reduction == "mean" else 0.0)
+        ctx.save_for_backward(input, target)
+        ctx.args = (members, reduction, scale)
+        ctx.grads = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
+            return _differentiable_grads(ctx, grad_loss, _combination_reference)
+        grad, ctx.grads = ctx.grads, None
+        members, _, scale = ctx.args
+        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
+            input, target = ctx.saved_tensors
+            _, grad = _combination_terms(input.detach(), target.detach(), members, scale, True)
+        if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
+            grad.mul_(grad_loss)
+        need_input, need_target = ctx.needs_input_grad[:2]
+        grad_target = grad.neg() if need_target else None
+        return (grad if need_input else None), grad_target, None, None
+
+
+def _combination_reference(ctx) -> tuple[Tensor, tuple]:
+    input, target = ctx.saved_tensors
+    members, reduction, _ = ctx.args
+    calls = {
+        "mse": lambda p: reference.mse_loss(input, target, reduction),
+        "l1": lambda p: reference.l1_loss(input, target, reduction),
+        "huber": lambda p: reference.huber_loss(input, target, reduction, p),
+        "smooth_l1": lambda p: reference.smooth_l1_loss(input, target, reduction, p),
+    }
+    loss = sum(coef * calls[name](param) for name, coef, param, _ in members)
+    return loss, (input, target, None, None)
+
+
+def difference_combination(members: list[tuple[str, float, float, float]], input: Tensor, target: Tensor,
+                           reduction: str) -> Tensor:
+    """``sum_k coef_k * loss_k(input, target)`` for members (loss, coef, param1, param2) of
+    DIFFERENCE_LOSSES, reduction "mean" or "sum", CPU operands of one shape and one float32 / float64
+    dtype: the fused CPU path of CombinedLoss (one Function, the gradient made in the forward)."""
+    return _Combination.apply(input, target, tuple(members), reduction)
