@@ -12,6 +12,7 @@ from torch.nn import _reduction
 
 from fastloss import reference
 from fastloss._backend import transforms_active, use_triton
+from fastloss.ops.cpu import sigmoid_focal_loss as cpu_sigmoid_focal_loss
 from fastloss.ops.cpu import softmax_focal_loss
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
@@ -327,6 +328,11 @@ def sigmoid_focal_loss(
     if use_triton(inputs, targets):
         return pointwise_loss("sigmoid_focal", inputs, targets, param1=alpha, param2=gamma,
                               reduction=reduction)
+    if (gamma >= 1.0 and inputs.dtype in _LEAN_DTYPES and inputs.is_cpu and targets.is_cpu
+            and not _grad_wanted(targets) and not torch.compiler.is_compiling() and not transforms_active()
+            and not torch.is_autocast_enabled("cpu") and not _has_torch_function(inputs, targets)):
+        # the fused CPU path (analytic gradient made in the forward; fastloss.ops.cpu)
+        return cpu_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
     return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
 
 

@@ -314,3 +314,61 @@ def test_combined_other_members_run_one_by_one(torch_backend):
     assert_close(loss, 0.5 * F.mse_loss(x, y) + 2.0 * F.binary_cross_entropy_with_logits(x, y))
     none = fastloss.CombinedLoss({fastloss.MSELoss(reduction="none"): 0.5, fastloss.L1Loss(reduction="none"): 2.0})
     assert_close(none(x, y), 0.5 * F.mse_loss(x, y, reduction="none") + 2.0 * F.l1_loss(x, y, reduction="none"))
+
+
+# --------------------------------------------------------------------------------------------
+# The fused CPU sigmoid focal loss
+# --------------------------------------------------------------------------------------------
+
+def _torchvision_sigmoid_focal(x, y, alpha, gamma, reduction):
+    """torchvision.ops.sigmoid_focal_loss's formula."""
+    p = torch.sigmoid(x)
+    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    loss = ce * (1 - (p * y + (1 - p) * (1 - y))) ** gamma
+    if alpha >= 0:
+        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
+    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+
+@pytest.mark.parametrize("dtype", LEAN_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 1.0), (0.5, 3.5)])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (0, 2), (1025,)], ids=lambda s: "x".join(map(str, s)))
+def test_fused_sigmoid_focal_matches_reference(shape, soft, alpha, gamma, reduction, dtype, torch_backend):
+    x = (torch.randn(shape, generator=_gen(0), dtype=F64) * 5).to(dtype).requires_grad_()
+    y = torch.rand(shape, generator=_gen(1), dtype=F64) if soft else torch.randint(0, 2, shape, generator=_gen(1))
+    y = y.to(dtype)
+    actual = FL.sigmoid_focal_loss(x, y, alpha, gamma, reduction)
+    assert type(actual.grad_fn).__name__ == "_SigmoidFocalBackward"
+    w = torch.randn(actual.shape, generator=_gen(2), dtype=dtype)  # a grad_output per element
+    (g_actual,) = torch.autograd.grad((actual * w).sum(), x)
+    expected = reference.sigmoid_focal_loss(x, y, alpha, gamma, reduction)
+    (g_expected,) = torch.autograd.grad((expected * w).sum(), x)
+    assert_close(actual, expected, msg="loss")
+    assert_close(g_actual, g_expected, msg="grad")
+    x64 = x.detach().double().requires_grad_()
+    classic = _torchvision_sigmoid_focal(x64, y.double(), alpha, gamma, reduction)
+    (g_classic,) = torch.autograd.grad((classic * w.double()).sum(), x64)
+    assert_close(actual.double(), classic, dtype, "loss vs torchvision")
+    assert_close(g_actual.double(), g_classic, dtype, "grad vs torchvision")
+
+
+def test_fused_sigmoid_focal_autograd_features(torch_backend):
+    x = torch.randn(6, generator=_gen(0), dtype=F64, requires_grad=True)
+    y = torch.randint(0, 2, (6,), generator=_gen(1)).to(F64)
+    loss = FL.sigmoid_focal_loss(x, y, reduction="mean")
+    assert type(loss.grad_fn).__name__ == "_SigmoidFocalBackward"
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(0.5, dtype=F64))
+    (g_expected,) = torch.autograd.grad(reference.sigmoid_focal_loss(x, y, 0.25, 2.0, "mean"), x)
+    assert_close(g1, g_expected)
+    assert_close(g2, 0.5 * g_expected)
+    assert torch.autograd.gradcheck(lambda x: FL.sigmoid_focal_loss(x, y), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: FL.sigmoid_focal_loss(x, y, reduction="sum"), (x,))
+    grad = torch.func.grad(lambda x: FL.sigmoid_focal_loss(x, y, reduction="mean"))(x.detach())
+    assert_close(grad, g_expected)
+    # a target that requires grad, and gamma < 1, take the reference
+    yg = y.clone().requires_grad_()
+    assert type(FL.sigmoid_focal_loss(x, yg).grad_fn).__name__ != "_SigmoidFocalBackward"
+    assert type(FL.sigmoid_focal_loss(x, y, gamma=0.5).grad_fn).__name__ != "_SigmoidFocalBackward"

@@ -21,7 +21,7 @@ from torch import Tensor
 from fastloss import reference
 from fastloss.ops._utils import _differentiable_grads
 
-__all__ = ["DIFFERENCE_LOSSES", "difference_combination", "softmax_focal_loss"]
+__all__ = ["DIFFERENCE_LOSSES", "difference_combination", "sigmoid_focal_loss", "softmax_focal_loss"]
 
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
 #: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
@@ -110,6 +110,86 @@ def softmax_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
     RuntimeError (before any work is kept) when a target is out of range or ignored: the caller
     then takes the reference path, which has torch's errors and ignore_index."""
     return _SoftmaxFocal.apply(input, target, float(alpha), float(gamma), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid focal loss (torchvision's)
+# --------------------------------------------------------------------------------------------
+
+def _sigmoid_focal_terms(x: Tensor, y: Tensor, alpha: float, gamma: float, reduction: str, grad: bool
+                         ) -> tuple[Tensor, Tensor | None]:
+    """torchvision's sigmoid focal loss ``a_t m**gamma ce`` (reduced with ``reduction``; "mean" and
+    "sum" scale the gradient too) and its gradient with respect to the logits x when ``grad``.
+
+    p = sigmoid(x), m = 1 - p_t = p (1 - y) + sigmoid(-x) y (no cancellation for hard targets),
+    ce = bce_with_logits(x, y), a_t = alpha y + (1 - alpha)(1 - y) (1 when alpha < 0). With
+    dce/dx = p - y and dm/dx = p (1 - p)(1 - 2y):
+    dL/dx = a_t (m**gamma (p - y) + gamma m**(gamma-1) p (1 - p)(1 - 2y) ce). gamma >= 1 here, so
+    m**(gamma-1) is finite at m = 0.
+    """
+    p = torch.sigmoid(x)
+    p_neg = torch.sigmoid(-x)
+    m = torch.lerp(p, p_neg, y)  # exact at y = 0 and y = 1
+    ce = torch.binary_cross_entropy_with_logits(x, y, None, None, 0)
+    m_gamma = m * m if gamma == 2.0 else m if gamma == 1.0 else m.pow(gamma)
+    a_t = torch.rsub(y, 1.0 - alpha, alpha=1.0 - 2.0 * alpha) if alpha >= 0 else None
+    loss = m_gamma * ce
+    if a_t is not None:
+        loss.mul_(a_t)
+    if reduction != "none":
+        loss = loss.mean() if reduction == "mean" else loss.sum()
+    if not grad:
+        return loss, None
+    # gamma m**(gamma-1) p (1 - p)(1 - 2y) ce
+    focus = torch.rsub(y, 1.0, alpha=2.0).mul_(p_neg).mul_(ce)
+    if gamma != 1.0:
+        focus.mul_(m if gamma == 2.0 else m.pow(gamma - 1.0))
+    g = torch.sub(p, y).mul_(m_gamma).add_(focus.mul_(p), alpha=gamma)
+    if a_t is not None:
+        g.mul_(a_t)
+    if reduction == "mean" and x.numel():
+        g.mul_(1.0 / x.numel())
+    return loss, g
+
+
+class _SigmoidFocal(torch.autograd.Function):
+    """torchvision's sigmoid focal loss of CPU logits and targets of one shape and one float32 /
+    float64 dtype, gamma >= 1, targets without a gradient."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+        loss, grad = _sigmoid_focal_terms(input, target, alpha, gamma, reduction, ctx.needs_input_grad[0])
+        ctx.save_for_backward(input, target)
+        ctx.args = (alpha, gamma, reduction)
+        ctx.grads = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
+            return _differentiable_grads(ctx, grad_loss, _sigmoid_focal_reference)
+        grad, ctx.grads = ctx.grads, None
+        alpha, gamma, reduction = ctx.args
+        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
+            input, target = ctx.saved_tensors
+            _, grad = _sigmoid_focal_terms(input.detach(), target, alpha, gamma, reduction, True)
+        # (reduced: a host read is free on CPU, and the common loss.backward() skips a pass)
+        if reduction == "none" or grad_loss.item() != 1.0:
+            grad.mul_(grad_loss)
+        return grad, None, None, None, None
+
+
+def _sigmoid_focal_reference(ctx) -> tuple[Tensor, tuple]:
+    input, target = ctx.saved_tensors
+    alpha, gamma, reduction = ctx.args
+    return (reference.sigmoid_focal_loss(input, target, alpha, gamma, reduction),
+            (input, target, None, None, None))
+
+
+def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    """torchvision's sigmoid focal loss, fused CPU path: validated CPU operands of one shape and one
+    float32 / float64 dtype, gamma >= 1, a target that needs no gradient."""
+    return _SigmoidFocal.apply(input, target, float(alpha), float(gamma), reduction)
 
 
 # --------------------------------------------------------------------------------------------
