@@ -41,12 +41,6 @@ def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
     return None
 
 
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling the module runs hooks (its own or global ones) that the fused pass would skip."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
-
-
 class CombinedLoss(modules.NotScriptable, nn.Module):
     """Weighted sum of losses over the same (input, target): ``sum_k w_k * loss_k(input, target)``.
 
@@ -86,17 +80,21 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
             or input.shape != target.shape
         ):
             return None
-        members = [_kernel_member(m) for m in self.losses]
-        reductions = {getattr(m, "reduction", None) for m in self.losses}
-        if (
-            any(m is None for m in members)
-            or len(reductions) != 1
-            or not reductions <= {"none", "mean", "sum"}  # a bad one must raise in the module
-            or any(_has_forward_hooks(m) for m in self.losses)
-        ):
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
             return None
-        (reduction,) = reductions
-        weighted = [(name, w, p1, p2) for (name, p1, p2), w in zip(members, self.weights)]
+        weighted = []
+        reduction = None
+        for module, w in zip(self.losses, self.weights):
+            member = _kernel_member(module)
+            if member is None or module._forward_hooks or module._forward_pre_hooks:
+                return None
+            if reduction is None:
+                reduction = module.reduction
+            elif module.reduction != reduction:
+                return None
+            weighted.append((member[0], w, member[1], member[2]))
+        if reduction not in ("none", "mean", "sum"):  # a bad one must raise in the module
+            return None
         if not use_triton(input, target):
             if (
                 reduction != "none"

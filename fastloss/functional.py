@@ -420,8 +420,7 @@ def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | 
         and target.dtype is _INT64
         and isinstance(reduction, str)
         and input.dim() == 2
-        and target.dim() == 1
-        and input.shape[0] == target.shape[0]
+        and target.dim() == 1  # (a batch mismatch raises torch's ValueError, the full path's)
         and not _has_torch_function(input, target)
         and not use_triton(input, target)
     ):
@@ -535,7 +534,8 @@ def focal_loss(
     """
     if (weight is None and isinstance(alpha, float) and gamma >= 0 and reduction != "none"
             and _lean_class_indices(input, target, reduction) is not None
-            and input.shape[0] > 0 and input.shape[1] > 0 and not 0 <= ignore_index < input.shape[1]
+            and 0 < input.shape[0] == target.shape[0] and input.shape[1] > 0
+            and not 0 <= ignore_index < input.shape[1]
             and input.is_cpu and not transforms_active() and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu")):
         # the fused CPU path (analytic gradient made in the forward); a target out of range, or

@@ -99,6 +99,9 @@ def test_lean_path_keeps_the_errors_and_warnings(torch_backend):
         FL.cross_entropy(x, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(ValueError, match="is not a valid value for reduction"):
         FL.cross_entropy(x, torch.tensor([0, 1, 2, 1]), reduction="elementwise_mean")
+    for fn in (FL.cross_entropy, FL.focal_loss):
+        with pytest.raises(ValueError, match=r"Expected input batch_size \(4\) to match target batch_size \(3\)"):
+            fn(x, torch.tensor([0, 1, 2]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FL.mse_loss(x, y)  # the common case warns about nothing

@@ -209,26 +209,24 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
     delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
     (beta > 0): huber(beta) / beta.
     """
-    d = input - target
-    loss = None
-    g = None
+    d = torch.sub(input, target).reshape(-1)
+    loss = g = None
     for name, coef, param, _ in members:
         c = coef * scale
         if name == "mse":
-            term, dterm, dcoef = torch.dot(d.reshape(-1), d.reshape(-1)), d, 2.0 * c
+            term, dterm, dcoef = torch.dot(d, d), d, 2.0 * c
         elif name == "l1":
             term, dterm, dcoef = torch.linalg.vector_norm(d, 1), (torch.sign(d) if grad else None), c
         else:
             if name == "smooth_l1":
                 c = c / param
             clamped = d.clamp(-param, param)
-            term = torch.dot(clamped.reshape(-1), d.reshape(-1)) - 0.5 * torch.dot(clamped.reshape(-1),
-                                                                                    clamped.reshape(-1))
+            term = torch.dot(clamped, d).sub_(torch.dot(clamped, clamped), alpha=0.5)
             dterm, dcoef = clamped, c
         loss = term * c if loss is None else loss.add_(term, alpha=c)
         if grad:
             g = dterm * dcoef if g is None else g.add_(dterm, alpha=dcoef)
-    return loss, g
+    return loss, (g.reshape(input.shape) if grad else None)
 
 
 class _Combination(torch.autograd.Function):
