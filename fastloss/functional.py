@@ -47,13 +47,16 @@ _REDUCTIONS = ("none", "mean", "sum")
 _LEAN_DTYPES = (torch.float32, torch.float64)
 _REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch.nn._reduction.get_enum's values
 _INT64 = torch.int64
+#: What the lean checks return for the common case when the kernels are selected: the launcher then
+#: runs at once, without the conversions, broadcast and checks of the full path.
+_KERNELS = -1
 _has_torch_function = torch.overrides.has_torch_function_variadic
 
 
 def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
-    """The reduction's enum when a pointwise loss of input and target may take the lean path (both
-    plain Tensors, no __torch_function__, of one shape and one float32 / float64 dtype, a valid
-    reduction, the PyTorch path selected for them), else None."""
+    """For a pointwise loss in the common case (both plain Tensors, no __torch_function__, of one shape
+    and one float32 / float64 dtype, a valid reduction): the reduction's enum when the PyTorch path
+    is selected for them, _KERNELS when the kernels are; else None (the full path)."""
     if (
         isinstance(input, Tensor)
         and isinstance(target, Tensor)
@@ -62,9 +65,11 @@ def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
         and isinstance(reduction, str)
         and input.shape == target.shape
         and not _has_torch_function(input, target)
-        and not use_triton(input, target)
     ):
-        return _REDUCTION_ENUM.get(reduction)
+        enum = _REDUCTION_ENUM.get(reduction)
+        if enum is not None and use_triton(input, target):
+            return _KERNELS
+        return enum
     return None
 
 
@@ -136,6 +141,8 @@ def mse_loss(
     """
     if (weight is None and size_average is None and reduce is None
             and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("mse", input, target, reduction=reduction)
         return torch._C._nn.mse_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
@@ -165,6 +172,8 @@ def l1_loss(
     """
     if (weight is None and size_average is None and reduce is None
             and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("l1", input, target, reduction=reduction)
         return torch._C._nn.l1_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
@@ -192,6 +201,8 @@ def huber_loss(
     promoted one and rounding into it), times the weight's when one is given; fastloss does too.
     """
     if weight is None and delta > 0 and (enum := _lean(input, target, reduction)) is not None:
+        if enum == _KERNELS:
+            return pointwise_loss("huber", input, target, param1=delta, reduction=reduction)
         return torch._C._nn.huber_loss(input, target, enum, delta)
     reduction = _reduction_arg(None, None, reduction)
     if not delta > 0:
@@ -221,6 +232,10 @@ def smooth_l1_loss(
     """Smooth L1 loss, as torch.nn.functional.smooth_l1_loss; ``beta`` = 0 is plain L1."""
     if (size_average is None and reduce is None and beta >= 0
             and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            if beta == 0:
+                return pointwise_loss("l1", input, target, reduction=reduction)
+            return pointwise_loss("smooth_l1", input, target, param1=beta, reduction=reduction)
         if beta == 0.0:  # as torch's smooth_l1_loss
             return torch._C._nn.l1_loss(input, target, enum)
         return torch._C._nn.smooth_l1_loss(input, target, enum, beta)
@@ -268,6 +283,8 @@ def binary_cross_entropy_with_logits(
     """
     if (weight is None and pos_weight is None and size_average is None and reduce is None
             and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("bce_with_logits", input, target, reduction=reduction)
         return torch.binary_cross_entropy_with_logits(input, target, None, None, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if target.size() != input.size():
@@ -410,9 +427,10 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
 
 
 def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | None:
-    """The reduction's enum when a loss over classes may take the lean path ((N, C) float32 / float64
-    logits and (N,) int64 class indices, plain Tensors without __torch_function__, a valid
-    reduction, the PyTorch path selected for them), else None."""
+    """For a loss over classes in the common case ((N, C) float32 / float64 logits and (N,) int64
+    class indices, plain Tensors without __torch_function__, a valid reduction): the reduction's
+    enum when the PyTorch path is selected for them, _KERNELS when the kernels are (the caller
+    still checks N and C for those); else None (the full path)."""
     if (
         isinstance(input, Tensor)
         and isinstance(target, Tensor)
@@ -422,9 +440,11 @@ def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | 
         and input.dim() == 2
         and target.dim() == 1  # (a batch mismatch raises torch's ValueError, the full path's)
         and not _has_torch_function(input, target)
-        and not use_triton(input, target)
     ):
-        return _REDUCTION_ENUM.get(reduction)
+        enum = _REDUCTION_ENUM.get(reduction)
+        if enum is not None and use_triton(input, target):
+            return _KERNELS
+        return enum
     return None
 
 
@@ -474,7 +494,12 @@ def cross_entropy(
     if (weight is None and size_average is None and reduce is None and not z_loss and softcap is None
             and 0.0 <= label_smoothing <= 1.0
             and (enum := _lean_class_indices(input, target, reduction)) is not None):
-        return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
+        if enum != _KERNELS:
+            return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
+        if input.shape[1] > 0 and input.shape[0] == target.shape[0]:
+            return softmax_loss("cross_entropy", input, target, None, ignore_index=ignore_index,
+                                label_smoothing=label_smoothing, reduction=reduction,
+                                inplace_backward=inplace_backward)
     reduction = _reduction_arg(size_average, reduce, reduction)
     # torch checks the upper bound only, and smooths only when label_smoothing > 0: a negative or
     # NaN value means no smoothing
@@ -533,7 +558,7 @@ def focal_loss(
     The gradient is analytic and finite as ``p_t -> 1`` for every ``gamma >= 0``.
     """
     if (weight is None and isinstance(alpha, float) and gamma >= 0 and reduction != "none"
-            and _lean_class_indices(input, target, reduction) is not None
+            and _lean_class_indices(input, target, reduction) not in (None, _KERNELS)
             and 0 < input.shape[0] == target.shape[0] and input.shape[1] > 0
             and not 0 <= ignore_index < input.shape[1]
             and input.is_cpu and not transforms_active() and not torch.compiler.is_compiling()

@@ -375,3 +375,36 @@ def test_fused_sigmoid_focal_autograd_features(torch_backend):
     yg = y.clone().requires_grad_()
     assert type(FL.sigmoid_focal_loss(x, yg).grad_fn).__name__ != "_SigmoidFocalBackward"
     assert type(FL.sigmoid_focal_loss(x, y, gamma=0.5).grad_fn).__name__ != "_SigmoidFocalBackward"
+
+
+# --------------------------------------------------------------------------------------------
+# The lean kernel path: the common case goes straight to the launcher
+# --------------------------------------------------------------------------------------------
+
+def test_kernel_path_common_case_skips_the_full_path(triton_backend, monkeypatch, device):
+    """With the kernels selected, the common case calls the launcher at once: none of the full
+    path's conversions, broadcasts or checks run (and the kernels do, with torch's numbers)."""
+    from helpers import assert_launched
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    for name in ("_reduction_arg", "_floating_operands", "_broadcast", "_check_class_operands"):
+        monkeypatch.setattr(FL, name, fail)
+    x = torch.randn(9, 4, generator=_gen(0), requires_grad=True).to(device)
+    y = torch.rand(9, 4, generator=_gen(1)).to(device)
+    t = torch.randint(0, 4, (9,), generator=_gen(2)).to(device)
+    cases = [
+        (FL.mse_loss, F.mse_loss, {}),
+        (FL.l1_loss, F.l1_loss, {"reduction": "sum"}),
+        (FL.huber_loss, F.huber_loss, {"delta": 0.5}),
+        (FL.smooth_l1_loss, F.smooth_l1_loss, {"beta": 0.0}),
+        (FL.smooth_l1_loss, F.smooth_l1_loss, {"beta": 0.5, "reduction": "none"}),
+        (FL.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, {}),
+    ]
+    for ours, theirs, kwargs in cases:
+        with assert_launched("pointwise_fwd_kernel"):
+            actual = ours(x, y, **kwargs)
+        assert_close(actual, theirs(x, y, **kwargs), msg=ours.__name__)
+    with assert_launched("cross_entropy_fwd_kernel"):
+        assert_close(FL.cross_entropy(x, t, label_smoothing=0.1), F.cross_entropy(x, t, label_smoothing=0.1))
