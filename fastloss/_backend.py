@@ -137,11 +137,20 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     kernels cannot run here.
     """
     backend = _compiled if torch.compiler.is_compiling() else _scoped.get() or _default
-    if backend == "torch" or transforms_active():
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        # the common CPU case is answered by the first tensor's device, before any other probe
+        cuda = False
+        for t in tensors:
+            if t is not None:
+                if not t.is_cuda:
+                    return False
+                cuda = True
+        return cuda and triton_available() and not transforms_active()
+    if transforms_active():
         return False
     devices = {t.device.type for t in tensors if t is not None}
-    if backend == "auto":
-        return devices == {"cuda"} and triton_available()
     if not triton_available():
         raise RuntimeError(
             'fastloss backend "triton" was requested but triton cannot be imported; '

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
 from fastloss import modules
-from fastloss._backend import use_triton
+from fastloss._backend import transforms_active, use_triton
+from fastloss.ops.cpu import DIFFERENCE_LOSSES, difference_combination
 from fastloss.ops.pointwise import MAX_MEMBERS, pointwise_combination
 
 __all__ = ["CombinedLoss", "RegularizedLoss"]
@@ -38,12 +39,6 @@ def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
     if kind is modules.SigmoidFocalLoss and module.gamma >= 0 and (0 <= module.alpha <= 1 or module.alpha == -1):
         return ("sigmoid_focal", float(module.alpha), float(module.gamma))
     return None
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    """Whether calling the module runs hooks (its own or global ones) that the fused pass would skip."""
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or _module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 class CombinedLoss(modules.NotScriptable, nn.Module):
@@ -77,23 +72,45 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
 
     def _fused(self, input: Tensor, target: Tensor) -> Tensor | None:
         """The fused sum, or None when the members or operands do not allow it."""
-        members = [_kernel_member(m) for m in self.losses]
-        reductions = {getattr(m, "reduction", None) for m in self.losses}
         if (
-            any(m is None for m in members)
-            or len(reductions) != 1
-            or not reductions <= {"none", "mean", "sum"}  # a bad one must raise in the module
-            or any(_has_forward_hooks(m) for m in self.losses)
-            or not isinstance(input, Tensor)
+            not isinstance(input, Tensor)
             or not isinstance(target, Tensor)
-            or input.shape != target.shape
-            or input.dtype != target.dtype
+            or input.dtype is not target.dtype
             or not input.is_floating_point()
-            or not use_triton(input, target)
+            or input.shape != target.shape
         ):
             return None
-        (reduction,) = reductions
-        weighted = [(name, w, p1, p2) for (name, p1, p2), w in zip(members, self.weights)]
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
+        weighted = []
+        reduction = None
+        for module, w in zip(self.losses, self.weights):
+            member = _kernel_member(module)
+            if member is None or module._forward_hooks or module._forward_pre_hooks:
+                return None
+            if reduction is None:
+                reduction = module.reduction
+            elif module.reduction != reduction:
+                return None
+            weighted.append((member[0], w, member[1], member[2]))
+        if reduction not in ("none", "mean", "sum"):  # a bad one must raise in the module
+            return None
+        if not use_triton(input, target):
+            if (
+                reduction != "none"
+                and all(name in DIFFERENCE_LOSSES for name, _, _, _ in weighted)
+                and input.dtype in (torch.float32, torch.float64)
+                and input.is_cpu
+                and target.is_cpu
+                and not torch.compiler.is_compiling()
+                and not transforms_active()
+                and not torch.is_autocast_enabled("cpu")
+                and not torch.overrides.has_torch_function_variadic(input, target)
+            ):
+                # the fused CPU path: one Function, d = input - target once, the gradient made in
+                # the forward (fastloss.ops.cpu, tested against the members' reference)
+                return difference_combination(weighted, input, target, reduction)
+            return None
         groups = [weighted[i:i + MAX_MEMBERS] for i in range(0, len(weighted), MAX_MEMBERS)]
         total = pointwise_combination(groups[0], input, target, reduction)
         for group in groups[1:]:
@@ -106,7 +123,9 @@ class CombinedLoss(modules.NotScriptable, nn.Module):
             if fused is not None:
                 return fused
         values = [loss(input, target) for loss in self.losses]
-        total = sum(w * v for w, v in zip(self.weights, values))
+        total = self.weights[0] * values[0]  # (sum() would add a 0 + first)
+        for w, v in zip(self.weights[1:], values[1:]):
+            total = total + w * v
         return (total, values) if return_components else total
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@ PyTorch reference (see fastloss._backend)."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -11,6 +12,8 @@ from torch.nn import _reduction
 
 from fastloss import reference
 from fastloss._backend import transforms_active, use_triton
+from fastloss.ops.cpu import sigmoid_focal_loss as cpu_sigmoid_focal_loss
+from fastloss.ops.cpu import softmax_focal_loss
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
 from fastloss.ops.linear_xent import linear_xent_loss
@@ -33,6 +36,41 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
+
+# The lean call path. The common case (plain arguments, plain tensors of one shape and one float32 /
+# float64 dtype, the PyTorch path selected) is recognised with a few attribute reads and goes
+# straight to the ATen op that torch.nn.functional's wrapper calls for those arguments (after the
+# checks that wrapper makes, which these reads imply), so the call costs no more host work than
+# torch.nn's own: the same numbers, errors and gradients (torch.func, forward-mode AD, double
+# backward and torch.compile included: it is torch's op). Half precision keeps the reference, which
+# computes in float32; every other case takes the full path below.
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}  # torch.nn._reduction.get_enum's values
+_INT64 = torch.int64
+#: What the lean checks return for the common case when the kernels are selected: the launcher then
+#: runs at once, without the conversions, broadcast and checks of the full path.
+_KERNELS = -1
+_has_torch_function = torch.overrides.has_torch_function_variadic
+
+
+def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
+    """For a pointwise loss in the common case (both plain Tensors, no __torch_function__, of one shape
+    and one float32 / float64 dtype, a valid reduction): the reduction's enum when the PyTorch path
+    is selected for them, _KERNELS when the kernels are; else None (the full path)."""
+    if (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype is target.dtype
+        and input.dtype in _LEAN_DTYPES
+        and isinstance(reduction, str)
+        and input.shape == target.shape
+        and not _has_torch_function(input, target)
+    ):
+        enum = _REDUCTION_ENUM.get(reduction)
+        if enum is not None and use_triton(input, target):
+            return _KERNELS
+        return enum
+    return None
 
 
 def _reduction_arg(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
@@ -101,6 +139,11 @@ def mse_loss(
     Weighted calls run the PyTorch reference. Integer (and complex) operands run torch's mse_loss,
     with its results and errors (an integer error times a floating weight is a floating loss).
     """
+    if (weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("mse", input, target, reduction=reduction)
+        return torch._C._nn.mse_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
         _check_weight(weight, input)
@@ -127,6 +170,11 @@ def l1_loss(
     Complex operands give torch's real loss ``|input - target|``, and integer operands torch's own
     results and errors: both run torch's l1_loss.
     """
+    if (weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("l1", input, target, reduction=reduction)
+        return torch._C._nn.l1_loss(input, target, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if _torch_only(input, target):
         _check_weight(weight, input)
@@ -152,6 +200,10 @@ def huber_loss(
     Unlike the other losses, torch.nn's huber_loss returns the input's dtype (computing in the
     promoted one and rounding into it), times the weight's when one is given; fastloss does too.
     """
+    if weight is None and delta > 0 and (enum := _lean(input, target, reduction)) is not None:
+        if enum == _KERNELS:
+            return pointwise_loss("huber", input, target, param1=delta, reduction=reduction)
+        return torch._C._nn.huber_loss(input, target, enum, delta)
     reduction = _reduction_arg(None, None, reduction)
     if not delta > 0:
         raise RuntimeError("huber_loss does not support non-positive values for delta.")
@@ -178,6 +230,15 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Smooth L1 loss, as torch.nn.functional.smooth_l1_loss; ``beta`` = 0 is plain L1."""
+    if (size_average is None and reduce is None and beta >= 0
+            and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            if beta == 0:
+                return pointwise_loss("l1", input, target, reduction=reduction)
+            return pointwise_loss("smooth_l1", input, target, param1=beta, reduction=reduction)
+        if beta == 0.0:  # as torch's smooth_l1_loss
+            return torch._C._nn.l1_loss(input, target, enum)
+        return torch._C._nn.smooth_l1_loss(input, target, enum, beta)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if not beta >= 0:  # NaN too, as torch
         raise RuntimeError("smooth_l1_loss does not support negative values for beta.")
@@ -220,6 +281,11 @@ def binary_cross_entropy_with_logits(
     ``weight`` broadcasts to the input and scales each element; ``pos_weight`` (broadcast along the
     last dimension, one value per class) weights the positive term.
     """
+    if (weight is None and pos_weight is None and size_average is None and reduce is None
+            and (enum := _lean(input, target, reduction)) is not None):
+        if enum == _KERNELS:
+            return pointwise_loss("bce_with_logits", input, target, reduction=reduction)
+        return torch.binary_cross_entropy_with_logits(input, target, None, None, enum)
     reduction = _reduction_arg(size_average, reduce, reduction)
     if target.size() != input.size():
         raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
@@ -279,6 +345,11 @@ def sigmoid_focal_loss(
     if use_triton(inputs, targets):
         return pointwise_loss("sigmoid_focal", inputs, targets, param1=alpha, param2=gamma,
                               reduction=reduction)
+    if (gamma >= 1.0 and inputs.dtype in _LEAN_DTYPES and inputs.is_cpu and targets.is_cpu
+            and not _grad_wanted(targets) and not torch.compiler.is_compiling() and not transforms_active()
+            and not torch.is_autocast_enabled("cpu") and not _has_torch_function(inputs, targets)):
+        # the fused CPU path (analytic gradient made in the forward; fastloss.ops.cpu)
+        return cpu_sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
     return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
 
 
@@ -355,6 +426,28 @@ def _check_class_operands(name: str, input: Tensor, target: Tensor, weight: Tens
     return False
 
 
+def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | None:
+    """For a loss over classes in the common case ((N, C) float32 / float64 logits and (N,) int64
+    class indices, plain Tensors without __torch_function__, a valid reduction): the reduction's
+    enum when the PyTorch path is selected for them, _KERNELS when the kernels are (the caller
+    still checks N and C for those); else None (the full path)."""
+    if (
+        isinstance(input, Tensor)
+        and isinstance(target, Tensor)
+        and input.dtype in _LEAN_DTYPES
+        and target.dtype is _INT64
+        and isinstance(reduction, str)
+        and input.dim() == 2
+        and target.dim() == 1  # (a batch mismatch raises torch's ValueError, the full path's)
+        and not _has_torch_function(input, target)
+    ):
+        enum = _REDUCTION_ENUM.get(reduction)
+        if enum is not None and use_triton(input, target):
+            return _KERNELS
+        return enum
+    return None
+
+
 def _autocast_to_float32(input: Tensor) -> bool:
     """Autocast runs cross-entropy in float32: half-precision logits give a float32 loss."""
     return input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type)
@@ -398,6 +491,15 @@ def cross_entropy(
     device (no host sync). Out-of-range targets raise IndexError on CPU; on CUDA such rows get a
     NaN loss and gradient instead of an out-of-bounds access.
     """
+    if (weight is None and size_average is None and reduce is None and not z_loss and softcap is None
+            and 0.0 <= label_smoothing <= 1.0
+            and (enum := _lean_class_indices(input, target, reduction)) is not None):
+        if enum != _KERNELS:
+            return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
+        if input.shape[1] > 0 and input.shape[0] == target.shape[0]:
+            return softmax_loss("cross_entropy", input, target, None, ignore_index=ignore_index,
+                                label_smoothing=label_smoothing, reduction=reduction,
+                                inplace_backward=inplace_backward)
     reduction = _reduction_arg(size_average, reduce, reduction)
     # torch checks the upper bound only, and smooths only when label_smoothing > 0: a negative or
     # NaN value means no smoothing
@@ -455,6 +557,17 @@ def focal_loss(
     ``ce = cross_entropy(x, t, reduction="none"); (alpha * (1 - exp(-ce))**gamma * ce).mean()``.
     The gradient is analytic and finite as ``p_t -> 1`` for every ``gamma >= 0``.
     """
+    if (weight is None and isinstance(alpha, float) and gamma >= 0 and reduction != "none"
+            and _lean_class_indices(input, target, reduction) not in (None, _KERNELS)
+            and 0 < input.shape[0] == target.shape[0] and input.shape[1] > 0
+            and not 0 <= ignore_index < input.shape[1]
+            and input.is_cpu and not transforms_active() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")):
+        # the fused CPU path (analytic gradient made in the forward); a target out of range, or
+        # equal to ignore_index (which is then out of range too), makes its gather raise before
+        # anything is kept, and the full path below gives torch's error or the ignored rows
+        with contextlib.suppress(RuntimeError):
+            return softmax_focal_loss(input, target, alpha, gamma, reduction)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     if not gamma >= 0:
