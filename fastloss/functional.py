@@ -584,8 +584,9 @@ def focal_loss(
             and use_triton(input, target, weight, alpha_t)):
         return softmax_loss("focal", input, target, weight, alpha=alpha, gamma=gamma,
                             ignore_index=ignore_index, reduction=reduction, out_float32=to_float32)
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_targets_cpu(target, n_classes, ignore_index)  # torch's IndexError, as the kernel path
+    if target.device.type == "cpu" and not torch.compiler.is_compiling() and not transforms_active():
+        # torch's IndexError, as the kernel path (under vmap the values cannot be read: gather raises)
+        _check_targets_cpu(target, n_classes, ignore_index)
     if to_float32:
         input = input.float()
     return reference.focal_loss(input, target, alpha, gamma, reduction, weight, ignore_index)

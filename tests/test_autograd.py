@@ -324,3 +324,14 @@ def test_inplace_backward_still_saves_the_buffer(view, triton_backend):
     assert_close(z.detach(), expected, F64, "the logits' memory holds the gradient")
     loss.backward()
     assert_close(h.grad.reshape(4, 6), expected, F64, "gradient")
+
+
+def test_vmap_over_focal_targets(backend):
+    """vmap over the targets too (per-sample problems with their own labels): no host read of the
+    batched targets on the way."""
+    x = torch.stack([_randn(5, 6, seed=1), _randn(5, 6, seed=2)])
+    t = torch.stack([_targets(5, 6, seed=3), _targets(5, 6, seed=4)])
+    with assert_not_launched():
+        actual = torch.func.vmap(lambda a, b: FL.focal_loss(a, b, 0.5, 2.0))(x, t)
+    expected = torch.func.vmap(lambda a, b: _naive_focal(a, b, 0.5, 2.0))(x, t)
+    assert_close(actual, expected, F64, "vmap over logits and targets")
