@@ -27,6 +27,7 @@ __all__ = [
     "focal_loss",
     "huber_loss",
     "info_nce",
+    "kl_div",
     "l1_loss",
     "linear_cross_entropy",
     "mse_loss",
@@ -73,10 +74,13 @@ def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
     return None
 
 
-def _reduction_arg(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+def _reduction_arg(size_average: bool | None, reduce: bool | None, reduction: str,
+                   allowed: tuple[str, ...] = _REDUCTIONS) -> str:
+    """The reduction to apply: torch's legacy size_average/reduce mapping (with its warning) when
+    either is given, else ``reduction`` checked against ``allowed`` with torch's error."""
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if reduction not in _REDUCTIONS:
+    if reduction not in allowed:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     return reduction
 
@@ -186,6 +190,65 @@ def l1_loss(
     if weight is None and use_triton(input, target):
         return pointwise_loss("l1", input, target, reduction=reduction)
     return reference.l1_loss(input, target, reduction, weight)
+
+
+_KL_REDUCTIONS = (*_REDUCTIONS, "batchmean")
+_KL_MEAN_WARNING = (
+    "reduction: 'mean' divides the total loss by both the batch size and the support size."
+    "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+    "'mean' will be changed to behave the same as 'batchmean' in the next major release."
+)
+
+
+def _kl_kernels(input: Tensor, target: Tensor, reduction: str, log_target: bool, batch: int) -> Tensor:
+    """kl_div on the kernels for validated, broadcast operands of one floating dtype: "batchmean"
+    (``batch`` != 1) is the ``reduction`` scaled by 1 / batch inside the kernels."""
+    return pointwise_loss("kl_div", input, target, param1=1.0 if log_target else 0.0,
+                          reduction="sum" if reduction == "batchmean" else reduction, coef=1.0 / batch)
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    log_target: bool = False,
+) -> Tensor:
+    """Kullback-Leibler divergence, as torch.nn.functional.kl_div: ``input`` holds log-probabilities,
+    ``target`` probabilities (log-probabilities with ``log_target``).
+
+    "batchmean" divides the sum by input.size(0) (not for a 0-dim input); "mean" divides by the
+    number of elements and warns as torch does. Operands broadcast (without a warning) and promote
+    like torch.kl_div's; integer and complex operands raise its RuntimeError. The legacy
+    size_average/reduce arguments override ``reduction``, except that "batchmean" still divides.
+    """
+    legacy = size_average is not None or reduce is not None
+    if not legacy and reduction == "mean":
+        warnings.warn(_KL_MEAN_WARNING, stacklevel=2)
+    if not legacy and (enum := _lean(input, target, "sum" if reduction == "batchmean" else reduction)) is not None:
+        batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
+        if enum == _KERNELS and batch:
+            return _kl_kernels(input, target, reduction, log_target, batch)
+        if enum != _KERNELS:
+            loss = torch.kl_div(input, target, enum, log_target=log_target)
+            return loss / batch if batch != 1 else loss
+    applied = _reduction_arg(size_average, reduce, reduction, _KL_REDUCTIONS)
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        bad, pos, arg = ("input", 1, input) if not isinstance(input, Tensor) else ("target", 2, target)
+        raise TypeError(f"kl_div(): argument '{bad}' (position {pos}) must be Tensor, not {type(arg).__name__}")
+    if input.is_complex() or target.is_complex():
+        raise RuntimeError("kl_div: Complex inputs not supported.")
+    if not (input.is_floating_point() and target.is_floating_point()):
+        raise RuntimeError("kl_div: Integral inputs not supported.")
+    dtype = _result_dtype(input, target)
+    batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
+    x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
+    if batch and use_triton(x, y):
+        return _kl_kernels(x, y, applied, log_target, batch)
+    if applied == "batchmean" or batch == 1:
+        return reference.kl_div(input, target, applied, log_target)
+    return reference.kl_div(input, target, applied, log_target) / batch  # legacy arguments + "batchmean"
 
 
 def huber_loss(

@@ -20,6 +20,7 @@ __all__ = [
     "FocalLoss",
     "HuberLoss",
     "InfoNCELoss",
+    "KLDivLoss",
     "L1Loss",
     "LinearCrossEntropyLoss",
     "MSELoss",
@@ -81,6 +82,13 @@ class BCEWithLogitsLoss(NotScriptable, nn.BCEWithLogitsLoss):
         return F.binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
         )
+
+
+class KLDivLoss(NotScriptable, nn.KLDivLoss):
+    """Drop-in torch.nn.KLDivLoss(reduction="mean", log_target=False); input holds log-probabilities."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 
 class SigmoidFocalLoss(NotScriptable, nn.Module):

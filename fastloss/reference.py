@@ -24,6 +24,7 @@ __all__ = [
     "huber_loss",
     "info_nce",
     "info_nce_rows",
+    "kl_div",
     "l1_loss",
     "linear_cross_entropy",
     "mse_loss",
@@ -148,6 +149,20 @@ def sigmoid_focal_loss(
     if alpha >= 0:
         loss = (alpha * y + (1.0 - alpha) * (1.0 - y)) * loss
     return _reduce(loss, reduction, inputs.dtype)
+
+
+_KL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2, "batchmean": 2}  # torch's enum; batchmean sums
+
+
+def kl_div(input: Tensor, target: Tensor, reduction: str = "mean", log_target: bool = False) -> Tensor:
+    """torch.nn.functional.kl_div (without its warning for "mean"): xlogy(y, y) - y x, or
+    exp(y) (y - x) with ``log_target``; "batchmean" is the sum divided by input.size(0) (the size
+    before broadcasting; no division for a 0-dim input). Operands may broadcast, as torch.kl_div's."""
+    x, y = _upcast(input, target)
+    loss = torch.kl_div(x, y, _KL_REDUCTIONS[reduction], log_target=log_target)
+    if reduction == "batchmean" and input.dim() != 0:
+        loss = loss / input.size(0)
+    return loss.to(torch.promote_types(input.dtype, target.dtype))
 
 
 def _class_dim(input: Tensor) -> int:

@@ -28,6 +28,12 @@ Formulas (``d = x - y``):
              f = |d| - beta / 2   otherwise            df/dx = sign(d)
     (for all four df/dy = -df/dx)
 
+    kl_div (torch.kl_div, x = log-probabilities):
+      y a probability: f = xlogy(y, y) - y x        df/dx = -y
+             df/dy = xlogy(y != 0, y) + y / y - x  (torch's autograd form: NaN at y = 0, log(y) + 1 - x
+             elsewhere; NaN for negative y, as log)
+      y a log-probability (log_target): f = exp(y) (y - x)   df/dx = -exp(y)   df/dy = f + exp(y)
+
     bce with logits, pos_weight p (1 when absent), L = 1 + (p - 1) y:
              f = (1 - y) x + L softplus(-x)  evaluated as  (1 - y) softplus(x) + p y softplus(-x)
              df/dx = (1 - y) - L sigmoid(-x) (x >= 0)  =  L sigmoid(x) - p y (x < 0)
@@ -223,6 +229,24 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     # ce, as torch's); no term at all without alpha
     cm = ce * m_gamma
     grad_y = a_t * (dce_dy * m_gamma + focus_dy) + tl.where(use_alpha, alpha * cm - (1.0 - alpha) * cm, 0.0)
+    return loss, grad_x, grad_y
+
+
+@triton.jit
+def kl_div_terms(x, y, pos_weight, log_target, param2):
+    """Kullback-Leibler divergence of input log-probabilities x from target y (log_target != 0: y
+    holds log-probabilities), in torch.kl_div's forms (see the module docstring)."""
+    if log_target != 0.0:
+        t = tl.exp(y)
+        loss = t * (y - x)
+        grad_x = -t
+        grad_y = loss + t
+    else:
+        nonzero = y != 0.0
+        log_y = tl.log(y)
+        loss = tl.where(nonzero, y * log_y, 0.0) - y * x  # xlogy(y, y): 0 at y = 0, NaN for a NaN y
+        grad_x = -y
+        grad_y = tl.where(nonzero, log_y, 0.0) + y / y - x
     return loss, grad_x, grad_y
 
 

@@ -109,6 +109,8 @@ def _cases():
          lambda a_, b_: _naive_sigmoid_focal(a_, b_, 0.25, 2.0, "mean"), (x, p), pwk),
         ("sigmoid_focal-gamma1.5-noalpha", lambda a_, b_: FL.sigmoid_focal_loss(a_, b_, -1, 1.5, "sum"),
          lambda a_, b_: _naive_sigmoid_focal(a_, b_, -1, 1.5, "sum"), (x, p), pwk),
+        ("kl_div-batchmean", lambda a_, b_: FL.kl_div(a_, b_, reduction="batchmean"),
+         lambda a_, b_: F.kl_div(a_, b_, reduction="batchmean"), (x, p), pwk),
         ("combined-mse-l1", lambda a_, b_: fastloss.CombinedLoss({fastloss.MSELoss(): 0.7,
                                                                   fastloss.L1Loss(): 0.3})(a_, b_),
          lambda a_, b_: 0.7 * F.mse_loss(a_, b_) + 0.3 * F.l1_loss(a_, b_), (x, y), pwk),

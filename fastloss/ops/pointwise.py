@@ -22,7 +22,7 @@ from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, em
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
 #: Loss names understood by the kernels; each maps to a ``*_terms`` function in kernels/pointwise.py.
-LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal")
+LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal", "kl_div")
 
 #: Most member losses one kernel pass evaluates (TERMS, TERMS_B, TERMS_C in the kernels).
 MAX_MEMBERS = 3
@@ -40,6 +40,7 @@ def _kernels():
         "smooth_l1": k.smooth_l1_terms,
         "bce_with_logits": k.bce_with_logits_terms,
         "sigmoid_focal": k.sigmoid_focal_terms,
+        "kl_div": k.kl_div_terms,
     }
     return k, terms, {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -323,6 +324,7 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         "bce_with_logits": lambda p1, p2: reference.binary_cross_entropy_with_logits(
             input, target, weight, reduction, pos_weight),
         "sigmoid_focal": lambda p1, p2: reference.sigmoid_focal_loss(input, target, p1, p2, reduction),
+        "kl_div": lambda p1, p2: reference.kl_div(input, target, reduction, p1 != 0.0),
     }
     loss = sum(params[3 * i] * calls[name](*params[3 * i + 1:3 * i + 3])
                for i, name in enumerate(losses.split(",")))
@@ -354,15 +356,19 @@ def pointwise_loss(
     param1: float = 0.0,
     param2: float = 0.0,
     reduction: str = "mean",
+    coef: float = 1.0,
 ) -> Tensor:
     """Run one loss of the family on the kernels. Operands must be validated, broadcast, one dtype.
+
+    ``coef`` multiplies the loss (and its gradients) inside the kernels: kl_div's "batchmean" is
+    reduction "sum" with coef 1 / input.size(0) (the size before broadcasting, as torch divides by).
 
     Under torch.compile the torch.library custom ops are traced (no graph break); in eager mode an
     autograd.Function calls the same launchers directly.
     """
     if loss == "bce_with_logits":  # its param1 says whether a pos_weight was given (see its terms)
         param1 = 1.0 if pos_weight is not None else 0.0
-    return _run(input, target, weight, pos_weight, loss, [1.0, float(param1), float(param2)], reduction)
+    return _run(input, target, weight, pos_weight, loss, [float(coef), float(param1), float(param2)], reduction)
 
 
 def pointwise_combination(
