@@ -243,7 +243,7 @@ def kl_div(
         raise RuntimeError("kl_div: Integral inputs not supported.")
     dtype = _result_dtype(input, target)
     batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
-    x, y = torch.broadcast_tensors(input.to(dtype), target.to(dtype))
+    y, x = torch.broadcast_tensors(target.to(dtype), input.to(dtype))  # torch's order: its error message
     if batch and use_triton(x, y):
         return _kl_kernels(x, y, applied, log_target, batch)
     if applied == "batchmean" or batch == 1:
