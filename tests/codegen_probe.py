@@ -131,6 +131,7 @@ def pointwise_case(n: int, dtype: torch.dtype, loss: str) -> list[dict]:
 CASES = {
     "mse 2**20": lambda dt: pointwise_case(2**20, dt, "mse"),
     "sigmoid_focal 2**20": lambda dt: pointwise_case(2**20, dt, "sigmoid_focal"),
+    "kl_div 2**20": lambda dt: pointwise_case(2**20, dt, "kl_div"),
     "mse 2**20+1": lambda dt: pointwise_case(2**20 + 1, dt, "mse"),
     "focal 4096x1000": lambda dt: softmax_case(4096, 1000, dt, "focal"),
     "cross_entropy 4096x1000": lambda dt: softmax_case(4096, 1000, dt, "cross_entropy"),
