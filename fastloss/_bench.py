@@ -2242,6 +2242,26 @@ def _regression_operands(device: torch.device, g: torch.Generator):
     return (x, y), [x]
 
 
+def _kl_operands(device: torch.device, g: torch.Generator):
+    """Log-probabilities (the input) and probabilities (the target) of 37 rows of 11 classes."""
+    x = _leaf(torch.log_softmax(torch.randn(37, 11, generator=g, device=device), dim=1))
+    y = _leaf(torch.softmax(torch.randn(37, 11, generator=g, device=device), dim=1))
+    return (x, y), [x, y]
+
+
+def _linear_xent_operands(device: torch.device, g: torch.Generator):
+    """Hidden states (37, 16), a projection (11, 16) and class indices."""
+    x = _leaf(torch.randn(37, 16, generator=g, device=device))
+    w = _leaf(0.3 * torch.randn(11, 16, generator=g, device=device))
+    t = torch.randint(0, 11, (37,), generator=g, device=device)
+    return (x, w, t), [x, w]
+
+
+def _linear_xent_formula(x: Tensor, w: Tensor, t: Tensor) -> Tensor:
+    """The logits made in full: F.cross_entropy(F.linear(x, w), t)."""
+    return F.cross_entropy(F.linear(x, w), t)
+
+
 def _combined_fastloss(x: Tensor, y: Tensor) -> Tensor:
     return fastloss.CombinedLoss({fastloss.MSELoss(): 0.7, fastloss.L1Loss(): 0.2,
                                   fastloss.HuberLoss(delta=0.5): 0.1})(x, y)
@@ -2330,6 +2350,11 @@ def check_cases() -> list[CheckCase]:
         CheckCase("info_nce(symmetric=True)", "both directions' F.cross_entropy, averaged (formula)",
                   _embeddings(2), functools.partial(FL.info_nce, temperature=INFO_NCE_TEMPERATURE,
                                                     symmetric=True), _symmetric_info_nce_formula),
+        CheckCase("linear_cross_entropy", "F.cross_entropy(F.linear(x, W), t) (formula)",
+                  _linear_xent_operands, FL.linear_cross_entropy, _linear_xent_formula),
+        CheckCase("kl_div(reduction='batchmean')", "F.kl_div(reduction='batchmean')", _kl_operands,
+                  functools.partial(FL.kl_div, reduction="batchmean"),
+                  functools.partial(F.kl_div, reduction="batchmean")),
         CheckCase("CombinedLoss(MSE .7, L1 .2, Huber .1)", "0.7 F.mse_loss + 0.2 F.l1_loss + 0.1 F.huber_loss",
                   _regression_operands, _combined_fastloss, _combined_formula),
         CheckCase("RegularizedLoss(MSE, l1=1e-3, l2=1e-2)", "F.mse_loss + l1 sum|w| + l2 sum w**2 (formula)",

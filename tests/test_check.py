@@ -19,7 +19,8 @@ EXPECTED = [
     "cross_entropy(label_smoothing=0.1)", "cross_entropy(probability targets)",
     "cross_entropy((N, C, d) input)", "cross_entropy(reduction='none')", "cross_entropy(z_loss=1e-3)",
     "cross_entropy(softcap=30)", "focal_loss(alpha=0.25, gamma=2)", "contrastive_loss(margin=2)",
-    "triplet_margin_loss", "info_nce(temperature=0.07)", "info_nce(symmetric=True)", "CombinedLoss(",
+    "triplet_margin_loss", "info_nce(temperature=0.07)", "info_nce(symmetric=True)",
+    "linear_cross_entropy", "kl_div(reduction='batchmean')", "CombinedLoss(",
     "RegularizedLoss(MSE", "RegularizedLoss.from_guide(",
 ]
 
