@@ -54,6 +54,15 @@ _KERNELS = -1
 _has_torch_function = torch.overrides.has_torch_function_variadic
 
 
+def _lean_route(input: Tensor, target: Tensor, reduction: str) -> int | None:
+    """For operands the lean checks accepted: _KERNELS when the kernels are selected for them, else
+    the reduction's enum (None for an invalid reduction: the full path raises torch's error)."""
+    enum = _REDUCTION_ENUM.get(reduction)
+    if enum is not None and use_triton(input, target):
+        return _KERNELS
+    return enum
+
+
 def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
     """For a pointwise loss in the common case (both plain Tensors, no __torch_function__, of one shape
     and one float32 / float64 dtype, a valid reduction): the reduction's enum when the PyTorch path
@@ -67,10 +76,7 @@ def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
         and input.shape == target.shape
         and not _has_torch_function(input, target)
     ):
-        enum = _REDUCTION_ENUM.get(reduction)
-        if enum is not None and use_triton(input, target):
-            return _KERNELS
-        return enum
+        return _lean_route(input, target, reduction)
     return None
 
 
@@ -504,10 +510,7 @@ def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | 
         and target.dim() == 1  # (a batch mismatch raises torch's ValueError, the full path's)
         and not _has_torch_function(input, target)
     ):
-        enum = _REDUCTION_ENUM.get(reduction)
-        if enum is not None and use_triton(input, target):
-            return _KERNELS
-        return enum
+        return _lean_route(input, target, reduction)
     return None
 
 
