@@ -11,6 +11,7 @@ from helpers import assert_close, assert_launched, assert_not_launched
 from torch.nn import functional as F
 
 import fastloss
+from fastloss import _validation
 from fastloss import functional as FL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +39,7 @@ def _operands():
 
 @pytest.mark.parametrize("backend", ["triton", "torch"], indirect=True)
 def test_column_label_is_one_label_per_pair_and_warns_once(backend, monkeypatch) -> None:
-    monkeypatch.setattr(FL, "_label_column_warned", False)
+    monkeypatch.setattr(_validation, "_label_column_warned", False)
     x1, x2, label = _operands()
     want = _per_pair(x1, x2, label.squeeze(1))
     assert abs(want.item() - _guide_broadcast(x1, x2, label).item()) > 1e-3  # the guide's value differs
@@ -52,12 +53,14 @@ def test_column_label_is_one_label_per_pair_and_warns_once(backend, monkeypatch)
     assert_close(again, want)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     assert len(messages) == 1, messages
+    # the warning points at the caller of contrastive_loss (here the module's forward)
+    assert next(w.filename for w in caught if issubclass(w.category, UserWarning)).endswith("modules.py")
     assert "(6, 1) is read as one label per pair" in messages[0]
     assert "6 x 6 matrix" in messages[0] and "label.squeeze(-1)" in messages[0]
 
 
 def test_per_pair_label_does_not_warn(monkeypatch) -> None:
-    monkeypatch.setattr(FL, "_label_column_warned", False)
+    monkeypatch.setattr(_validation, "_label_column_warned", False)
     x1, x2, label = _operands()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
