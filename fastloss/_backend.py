@@ -1,7 +1,8 @@
 """Which implementation runs: the Triton kernels or the PyTorch reference.
 
 ``"auto"`` (default): the kernels when every tensor is on CUDA and Triton imports, the reference
-otherwise. ``"triton"``: always the kernels; CPU tensors only under Triton's interpreter
+otherwise; on CUDA, a problem smaller than its family's ``SMALL_PROBLEM_NUMEL`` runs the reference
+too (outside torch.compile), where torch's kernels finish it first. ``"triton"``: always the kernels; CPU tensors only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), otherwise a RuntimeError says why.
 ``"torch"``: always the reference. ``set_backend`` and the environment variable
 ``FASTLOSS_BACKEND`` set the process-wide default; ``use_backend`` overrides it inside a block, for
@@ -21,7 +22,16 @@ from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "transforms_active", "use_backend", "use_triton"]
+__all__ = [
+    "BACKENDS",
+    "SMALL_PROBLEM_NUMEL",
+    "get_backend",
+    "set_backend",
+    "small_problem",
+    "transforms_active",
+    "use_backend",
+    "use_triton",
+]
 
 
 def _check(name: str) -> str:
@@ -83,6 +93,51 @@ def use_backend(name: str) -> Iterator[None]:
         _selected()
 
 
+#: Size routing under "auto" (issue 11, item 3): a CUDA loss whose first tensor (input, logits,
+#: output1 / anchor, query, or linear_cross_entropy's input) has fewer elements than its family's
+#: entry runs the PyTorch path (torch.nn's op where torch has the loss), which finishes it sooner.
+#: 0 never routes. Backend "triton" and torch.compile'd code never route by size; neither do
+#: sigmoid_focal_loss (its PyTorch path is a composition of many ops, costlier on the host than
+#: the kernel path: 269 vs 192 us below) and CombinedLoss's fused path (fastloss.combine).
+#:
+#: NOT YET MEASURED ON A GPU. Derived from host-overhead figures of the 2-core CPU machine as
+#: follows; bench/gpu_check.sh's crossover benchmark prints measured values for this dict.
+#: Model: neither path syncs, so a call takes max(host, device) time. Where the kernel path's host
+#: time H_k exceeds the PyTorch path's H_t, the PyTorch path is no slower as long as torch's device
+#: time D_t(n) <= H_k: the threshold is n* = H_k / (D_t per element), rounded down to a power of
+#: two, the smaller over float32 / bfloat16. Where H_k <= H_t the kernels (which also move fewer
+#: bytes) are never slower: 0.
+#:  - H_k / H_t: fwd+bwd at the smallest shapes of bench/overhead/kernel_host.py, launches stubbed
+#:    (backend "triton") vs backend "torch", CPU, one thread, interleaved medians, 2026-12-05 on
+#:    the busy shared machine, halved: torch's MSE 32x1 took 83 us there against 38 us when the
+#:    machine was quiet. Not counted: a GPU host's faster core, and the 2-6 real Triton launches
+#:    per call (stubbed here); taken to cancel.
+#:  - D_t per element on one H200: copy bandwidth 4.26 TB/s (bench/results/
+#:    2026-11-26-h200-softmax.md: 2341 GB/s is 55 % of copy); torch's cross-entropy and the naive
+#:    InfoNCE as measured there; torch's pointwise losses modelled.
+#:  - "pointwise": MSE 32x1, H_k / H_t = 170 / 84 us -> 85 / 42 (BCE-with-logits 198 / 117,
+#:    kl_div 187 / 146). torch's mse_loss fwd+bwd makes 7 passes (fwd reads x, y, writes the
+#:    elementwise loss, reads it for the mean; bwd reads x, y, writes the grad): float32 28 B at
+#:    4.26 TB/s = 6.6 ps per element; 85 us / 6.6 ps = 12.9M -> 2^23.
+#:  - "softmax": CE 32x5, 238 / 83 us -> 119 / 42 (CPU's target read for torch's IndexError,
+#:    skipped on CUDA, left out; focal 248 / 234). torch's CE on the H200, 8192 x 32000: float32
+#:    2.231 ms = 8.5 ps per logit (bfloat16 4.6); 119 us / 8.5 ps = 14.0M -> 2^23.
+#:  - "embedding": contrastive 32x16, 264 / 403 us; triplet 279 / 378 (torch.nn's triplet and the
+#:    contrastive composition are many small ops): H_k < H_t, 0.
+#:  - "info_nce": 32x16, 920 / 687 us -> 460 / 344. The naive loss (B x B scores) took 1.44 ms at
+#:    B = 4096 in bfloat16 on the H200 (2026-11-26-h200-embedding-probe.json), growing as B^2;
+#:    D = 512 assumed: D_t = 460 us at B = 4096 * sqrt(0.46 / 1.44) = 2315, n = 2315 * 512 =
+#:    1.19M -> 2^20.
+#:  - "linear_xent": 32x16 rows, V = 64, 722 / 840 us (both run the chunked op; the kernel
+#:    replaces several torch row ops with one launch): H_k < H_t, 0.
+SMALL_PROBLEM_NUMEL: dict[str, int] = {
+    "pointwise": 1 << 23,
+    "softmax": 1 << 23,
+    "embedding": 0,
+    "info_nce": 1 << 20,
+    "linear_xent": 0,
+}
+
 _triton_ok: bool | None = None
 _interpret: bool | None = None
 
@@ -129,25 +184,35 @@ def transforms_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None or forward_ad._current_level >= 0
 
 
-def use_triton(*tensors: torch.Tensor | None) -> bool:
+def small_problem(family: str, tensor: torch.Tensor) -> bool:
+    """Whether a loss of ``family`` whose first tensor is ``tensor`` is too small for the kernels to
+    beat torch's own end to end: fewer elements than ``SMALL_PROBLEM_NUMEL[family]``."""
+    return tensor.numel() < SMALL_PROBLEM_NUMEL[family]
+
+
+def use_triton(*tensors: torch.Tensor | None, family: str | None = None) -> bool:
     """True when the kernels should run for these tensors under the current backend.
 
     Under ``torch.func`` transforms and forward-mode AD it is False on every backend (the PyTorch
-    path runs; see transforms_active). Raises RuntimeError when the backend is "triton" and the
-    kernels cannot run here.
+    path runs; see transforms_active). Under "auto", a ``family`` (a key of SMALL_PROBLEM_NUMEL)
+    routes CUDA problems by size: False when the first tensor is below the family's threshold
+    (small_problem), except under torch.compile. Raises RuntimeError when the backend is "triton"
+    and the kernels cannot run here.
     """
     backend = _compiled if torch.compiler.is_compiling() else _scoped.get() or _default
     if backend == "torch":
         return False
     if backend == "auto":
         # the common CPU case is answered by the first tensor's device, before any other probe
-        cuda = False
+        first = None
         for t in tensors:
             if t is not None:
                 if not t.is_cuda:
                     return False
-                cuda = True
-        return cuda and triton_available() and not transforms_active()
+                if first is None:
+                    first = t
+        return (first is not None and triton_available() and not transforms_active()
+                and (family is None or torch.compiler.is_compiling() or not small_problem(family, first)))
     if transforms_active():
         return False
     devices = {t.device.type for t in tensors if t is not None}

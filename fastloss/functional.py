@@ -78,11 +78,12 @@ _KERNELS = -1
 _has_torch_function = torch.overrides.has_torch_function_variadic
 
 
-def _lean_route(input: Tensor, target: Tensor, reduction: str) -> int | None:
-    """For operands the lean checks accepted: _KERNELS when the kernels are selected for them, else
-    the reduction's enum (None for an invalid reduction: the full path raises torch's error)."""
+def _lean_route(input: Tensor, target: Tensor, reduction: str, family: str) -> int | None:
+    """For operands the lean checks accepted: _KERNELS when the kernels are selected for them (a
+    loss of ``family``), else the reduction's enum (None for an invalid reduction: the full path
+    raises torch's error)."""
     enum = _REDUCTION_ENUM.get(reduction)
-    if enum is not None and use_triton(input, target):
+    if enum is not None and use_triton(input, target, family=family):
         return _KERNELS
     return enum
 
@@ -100,7 +101,7 @@ def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
         and input.shape == target.shape
         and not _has_torch_function(input, target)
     ):
-        return _lean_route(input, target, reduction)
+        return _lean_route(input, target, reduction, "pointwise")
     return None
 
 
@@ -131,7 +132,7 @@ def mse_loss(
     input, target = _floating_operands("mse_loss", input, target)
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
-    if weight is None and use_triton(input, target):
+    if weight is None and use_triton(input, target, family="pointwise"):
         return pointwise_loss("mse", input, target, reduction=reduction)
     return reference.mse_loss(input, target, reduction, weight)
 
@@ -162,7 +163,7 @@ def l1_loss(
     input, target = _floating_operands("l1_loss", input, target)
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
-    if weight is None and use_triton(input, target):
+    if weight is None and use_triton(input, target, family="pointwise"):
         return pointwise_loss("l1", input, target, reduction=reduction)
     return reference.l1_loss(input, target, reduction, weight)
 
@@ -205,7 +206,7 @@ def kl_div(
     dtype = _result_dtype(input, target)
     batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
     y, x = torch.broadcast_tensors(target.to(dtype), input.to(dtype))  # torch's order: its error message
-    if batch and use_triton(x, y):
+    if batch and use_triton(x, y, family="pointwise"):
         return _kl_kernels(x, y, applied, log_target, batch)
     if applied == "batchmean" or batch == 1:
         return reference.kl_div(input, target, applied, log_target)
@@ -232,7 +233,7 @@ def huber_loss(
     input, target, input_dtype = _huber_operands(input, target, delta)
     _check_weight(weight, input)
     input, target = _broadcast(input, target)
-    if weight is None and use_triton(input, target):
+    if weight is None and use_triton(input, target, family="pointwise"):
         loss = pointwise_loss("huber", input, target, param1=delta, reduction=reduction)
     else:
         loss = reference.huber_loss(input, target, reduction, delta, weight)
@@ -261,7 +262,7 @@ def smooth_l1_loss(
     _check_smooth_l1_beta(beta)
     input, target = _floating_operands("smooth_l1_loss", input, target)
     input, target = _broadcast(input, target)
-    if use_triton(input, target):
+    if use_triton(input, target, family="pointwise"):
         if beta == 0:
             return pointwise_loss("l1", input, target, reduction=reduction)
         return pointwise_loss("smooth_l1", input, target, param1=beta, reduction=reduction)
@@ -295,7 +296,7 @@ def binary_cross_entropy_with_logits(
     input, target = _floating_operands("binary_cross_entropy_with_logits", input, target)
     _check_broadcastable("weight", weight, input)
     _check_broadcastable("pos_weight", pos_weight, input)
-    if use_triton(input, target, weight, pos_weight):
+    if use_triton(input, target, weight, pos_weight, family="pointwise"):
         loss = pointwise_loss("bce_with_logits", input, target, weight, pos_weight, reduction=reduction)
     else:
         loss = reference.binary_cross_entropy_with_logits(input, target, weight, reduction, pos_weight)
@@ -344,7 +345,7 @@ def _lean_class_indices(input: Tensor, target: Tensor, reduction: str) -> int | 
         and target.dim() == 1  # (a batch mismatch raises torch's ValueError, the full path's)
         and not _has_torch_function(input, target)
     ):
-        return _lean_route(input, target, reduction)
+        return _lean_route(input, target, reduction, "softmax")
     return None
 
 
@@ -405,7 +406,7 @@ def cross_entropy(
         input, target = input.to(dtype), target.to(dtype)
     to_float32 = _autocast_to_float32(input)
     n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
-    if n_classes > 0 and not _grad_wanted(weight) and use_triton(input, target, weight):
+    if n_classes > 0 and not _grad_wanted(weight) and use_triton(input, target, weight, family="softmax"):
         return softmax_loss(
             "cross_entropy", input, target, weight, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
@@ -454,7 +455,7 @@ def focal_loss(
     to_float32 = _autocast_to_float32(input)
     alpha_t = alpha if isinstance(alpha, Tensor) else None
     if (n_classes > 0 and not _grad_wanted(weight) and not _grad_wanted(alpha_t)
-            and use_triton(input, target, weight, alpha_t)):
+            and use_triton(input, target, weight, alpha_t, family="softmax")):
         return softmax_loss("focal", input, target, weight, alpha=alpha, gamma=gamma,
                             ignore_index=ignore_index, reduction=reduction, out_float32=to_float32)
     if target.device.type == "cpu" and not torch.compiler.is_compiling() and not transforms_active():
@@ -500,7 +501,7 @@ def contrastive_loss(
         # pairwise_distance) in float32; CPU autocast runs neither, and the loss keeps the dtype
         dtype = torch.float32
     x1, x2, y = output1.to(dtype), output2.to(dtype), label.to(dtype)
-    if x1.numel() > 0 and use_triton(x1, x2, y):
+    if x1.numel() > 0 and use_triton(x1, x2, y, family="embedding"):
         n_cols = x1.shape[-1]
         out = embedding_loss("contrastive", x1.reshape(-1, n_cols), x2.reshape(-1, n_cols), y.reshape(-1),
                              margin, reduction=reduction)
@@ -540,7 +541,7 @@ def triplet_margin_loss(
     if a.shape != pos.shape or a.shape != neg.shape:
         a, pos, neg = torch.broadcast_tensors(a, pos, neg)
     kernel_p = 0 < p < float("inf")
-    if kernel_p and a.dim() > 0 and a.numel() > 0 and use_triton(a, pos, neg):
+    if kernel_p and a.dim() > 0 and a.numel() > 0 and use_triton(a, pos, neg, family="embedding"):
         n_cols = a.shape[-1]
         out = embedding_loss("triplet", a.reshape(-1, n_cols), pos.reshape(-1, n_cols),
                              neg.reshape(-1, n_cols), margin, p, eps, swap, reduction)
@@ -588,7 +589,7 @@ def info_nce(
     temperature = _info_nce_temperature(query, key, temperature)
     dtype = _floating_dtype("info_nce", query, key)
     query, key = query.to(dtype), key.to(dtype)
-    triton = query.shape[0] > 0 and use_triton(query, key)
+    triton = query.shape[0] > 0 and use_triton(query, key, family="info_nce")
     if not triton and not gather:
         return reference.info_nce(query, key, temperature, reduction, symmetric, normalize)
     if not triton and dtype in (torch.float16, torch.bfloat16):
@@ -691,7 +692,7 @@ def linear_cross_entropy(
         _check_targets_cpu(target, n_classes, ignore_index)  # torch's IndexError
     chunk = getattr(options, "batch_chunk_size", None) or 0
     target = target.long()  # uint8 class indices would index as masks
-    kernel = use_triton(input, linear_weight, target, linear_bias, weight, token_weight)
+    kernel = use_triton(input, linear_weight, target, linear_bias, weight, token_weight, family="linear_xent")
     loss = linear_xent_loss(
         input.reshape(-1, in_features), linear_weight, linear_bias, target.reshape(-1), weight,
         token_weight.reshape(-1) if token_weight is not None else None, ignore_index=ignore_index,

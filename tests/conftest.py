@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import fastloss
+from fastloss import _backend
 from fastloss.ops import _utils
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,6 +22,16 @@ def pytest_configure(config):
     # numpy's floating-point warnings from masked-off lanes inside Triton's interpreter (e.g. 0/0 in
     # a tl.where branch that is not taken); compiled kernels have no such warnings
     config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+    config.addinivalue_line("markers", "size_routing: keeps fastloss._backend.SMALL_PROBLEM_NUMEL (tests of "
+                            "the routing); other tests run with every threshold at 0")
+
+
+@pytest.fixture(autouse=True)
+def _no_size_routing(request, monkeypatch):
+    """Every threshold of "auto"'s size routing at 0, so that on CUDA the kernels run at every size
+    the tests use (GPU coverage does not shrink), except in tests marked size_routing."""
+    if request.node.get_closest_marker("size_routing") is None:
+        monkeypatch.setattr(_backend, "SMALL_PROBLEM_NUMEL", dict.fromkeys(_backend.SMALL_PROBLEM_NUMEL, 0))
 
 
 @pytest.fixture

@@ -292,3 +292,162 @@ def test_compiled_code_follows_use_backend_blocks(device):
     with fastloss.use_backend("torch"), assert_not_launched():
         compiled(x, y)
     assert_close(kernel_result, torch_result)
+
+
+# --------------------------------------------------------------------------------------------
+# "auto" on CUDA: small problems run the PyTorch path (SMALL_PROBLEM_NUMEL)
+# --------------------------------------------------------------------------------------------
+
+FAMILIES = ("pointwise", "softmax", "embedding", "info_nce", "linear_xent")
+
+
+class _FakeCuda:
+    """What use_triton reads of a CUDA tensor of ``n`` elements (no GPU needed)."""
+
+    is_cuda = True
+    device = torch.device("cuda")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def numel(self) -> int:
+        return self.n
+
+
+def test_small_problem_thresholds_are_one_per_family():
+    assert set(_backend.SMALL_PROBLEM_NUMEL) == set(FAMILIES)
+    assert all(isinstance(v, int) and v >= 0 for v in _backend.SMALL_PROBLEM_NUMEL.values())
+
+
+@pytest.mark.size_routing
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_routes_cuda_problems_by_the_first_tensors_size(family, monkeypatch):
+    """The committed thresholds: below, "auto" runs the PyTorch path for CUDA tensors; at the
+    threshold and above, the kernels. Only the first tensor's size counts."""
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    limit = _backend.SMALL_PROBLEM_NUMEL[family]
+    big = _FakeCuda(10**9)
+    if limit > 0:
+        assert _backend.small_problem(family, _FakeCuda(limit - 1))
+        assert not _backend.use_triton(_FakeCuda(limit - 1), big, family=family)
+    assert not _backend.small_problem(family, _FakeCuda(limit))
+    assert _backend.use_triton(_FakeCuda(limit), _FakeCuda(1), family=family)
+    assert _backend.use_triton(_FakeCuda(0), family=None), "no family: no size routing"
+
+
+@pytest.mark.size_routing
+def test_size_routing_only_under_auto_and_outside_torch_compile(monkeypatch):
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    monkeypatch.setattr(_backend, "SMALL_PROBLEM_NUMEL", dict.fromkeys(FAMILIES, 100))
+    small = _FakeCuda(99)
+    assert not _backend.use_triton(small, family="pointwise")
+    with fastloss.use_backend("triton"):
+        assert _backend.use_triton(small, family="pointwise"), '"triton" never routes by size'
+    with fastloss.use_backend("torch"):
+        assert not _backend.use_triton(_FakeCuda(100), family="pointwise")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _backend.use_triton(small, family="pointwise"), "compiled code never routes by size"
+
+
+@pytest.mark.size_routing
+def test_cpu_auto_answers_before_size_routing(monkeypatch):
+    """On CPU, "auto" returns at the first tensor's device check: the size is never read."""
+    def fail(*args):
+        raise AssertionError("small_problem ran for CPU tensors")
+
+    monkeypatch.setattr(_backend, "small_problem", fail)
+    assert not _backend.use_triton(torch.zeros(3), torch.zeros(3), family="pointwise")
+    assert not _backend.use_triton(torch.zeros(3), _FakeCuda(3), family="softmax")
+
+
+def test_each_loss_routes_as_its_family(monkeypatch):
+    """functional passes each loss's family to use_triton (sigmoid focal none: its PyTorch path is
+    costlier on the host than the kernels')."""
+    seen = []
+
+    def record(*tensors, family=None):
+        seen.append(family)
+        return False
+
+    monkeypatch.setattr(FF, "use_triton", record)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g)
+    t = torch.randint(0, 3, (4,), generator=g)
+    w = torch.randn(5, 3, generator=g)
+    calls = {
+        "pointwise": [lambda: FF.mse_loss(x, y), lambda: FF.l1_loss(x, y.double()),
+                      lambda: FF.huber_loss(x, y), lambda: FF.smooth_l1_loss(x, y, beta=0.5),
+                      lambda: FF.binary_cross_entropy_with_logits(x, y), lambda: FF.kl_div(x, y, reduction="sum")],
+        "softmax": [lambda: FF.cross_entropy(x, t), lambda: FF.cross_entropy(x, y),
+                    lambda: FF.focal_loss(x, t, reduction="none")],
+        "embedding": [lambda: FF.contrastive_loss(x, y, t.float()), lambda: FF.triplet_margin_loss(x, y, x)],
+        "info_nce": [lambda: FF.info_nce(x, y)],
+        "linear_xent": [lambda: FF.linear_cross_entropy(x, w, t)],
+        None: [lambda: FF.sigmoid_focal_loss(x, y)],
+    }
+    for family, fns in calls.items():
+        for fn in fns:
+            seen.clear()
+            fn()
+            assert seen == [family], (family, seen)
+
+
+def _at_size(family: str, n: int):
+    """A loss of ``family`` whose first tensor has ``n`` elements, and its float64 operands."""
+    g = torch.Generator().manual_seed(n)
+    if family == "pointwise":
+        x, y = torch.randn(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+        return lambda a, b: FF.mse_loss(a, b) + FF.binary_cross_entropy_with_logits(a, b, reduction="sum"), (x, y)
+    if family == "softmax":
+        x = torch.randn(n // 5, 5, generator=g, dtype=torch.float64)
+        t = torch.randint(0, 5, (n // 5,), generator=g)
+        return lambda a, b: FF.cross_entropy(a, b, label_smoothing=0.1) + FF.focal_loss(a, b), (x, t)
+    q = torch.randn(n // 4, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(n // 4, 4, generator=g, dtype=torch.float64)
+    return lambda a, b: FF.info_nce(a, b, symmetric=True), (q, k)
+
+
+@pytest.mark.size_routing
+@pytest.mark.parametrize("family", ["pointwise", "softmax", "info_nce"])
+def test_both_sides_of_a_threshold_agree(family, monkeypatch):
+    """Just below and at a threshold (set to 60 elements here; each side is what "auto" runs on
+    CUDA there), the PyTorch path and the kernels give the same loss and gradients."""
+    monkeypatch.setattr(_backend, "SMALL_PROBLEM_NUMEL", dict.fromkeys(FAMILIES, 60))
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    row = {"pointwise": 1, "softmax": 5, "info_nce": 4}[family]
+    for n in (60 - row, 60):  # one row below the threshold, and at it
+        loss_fn, operands = _at_size(family, n)
+        assert operands[0].numel() == n
+        assert _backend.use_triton(_FakeCuda(n), family=family) == (n >= 60)
+        results = {}
+        for backend in ("torch", "triton"):
+            leaves = [o.clone().requires_grad_(o.is_floating_point()) for o in operands]
+            with fastloss.use_backend(backend):
+                loss = loss_fn(*leaves)
+                loss.backward()
+            results[backend] = (loss.detach(), *(v.grad for v in leaves if v.requires_grad))
+        for got, want in zip(results["triton"], results["torch"]):
+            assert_close(got, want, msg=f"{family} n={n}")
+
+
+@pytest.mark.size_routing
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_auto_on_cuda_runs_small_problems_on_torch(monkeypatch):
+    monkeypatch.setattr(_backend, "SMALL_PROBLEM_NUMEL", dict.fromkeys(FAMILIES, 1000))
+    g = torch.Generator().manual_seed(0)
+    for n, routed in ((999, True), (1000, False)):
+        x = torch.randn(n, generator=g).cuda().requires_grad_()
+        y = torch.randn(n, generator=g).cuda()
+        with assert_not_launched() if routed else assert_launched("pointwise_fwd_kernel"):
+            loss = FF.mse_loss(x, y)
+        loss.backward()
+        xr = x.detach().clone().requires_grad_()
+        F.mse_loss(xr, y).backward()
+        assert_close(loss.detach(), F.mse_loss(xr, y).detach())
+        assert_close(x.grad, xr.grad)
+
+
+def test_other_tests_run_without_size_routing():
+    """conftest sets every threshold to 0 outside size_routing tests: on CUDA, "auto" then runs the
+    kernels at every size the tests use."""
+    assert set(_backend.SMALL_PROBLEM_NUMEL.values()) == {0}
