@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close
 
-from fastloss.cli import report, sweep, timing
 from fastloss.__main__ import main
+from fastloss.cli import report, sweep, timing
 
 
 def test_interleave_rotates_the_order_every_round() -> None:
