@@ -44,8 +44,7 @@ SWEEP_LIMIT=${GPU_CHECK_SWEEP_LIMIT:-40}
 TUNE_BUDGET=${GPU_CHECK_TUNE_BUDGET:-15}
 MAXFAIL=${GPU_CHECK_MAXFAIL:-10}
 # the quick test subset (README, development): what a CPU dry run runs instead of the suite
-QUICK_TESTS=(tests/test_lean.py tests/test_modules.py tests/test_backend.py tests/test_bench_cli.py
-             tests/test_specs.py)
+QUICK_TESTS=(tests/test_lean.py tests/test_modules.py tests/test_bench_cli.py tests/test_specs.py)
 export PYTHONUNBUFFERED=1
 
 CPU_RUN=0

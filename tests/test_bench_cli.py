@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 
 import pytest
 import torch
@@ -201,7 +202,10 @@ def test_sweep_cli_writes_json_and_png(tmp_path, capsys) -> None:
     assert len(doc["ratios"]) == 6
     for r in doc["ratios"]:
         assert r["ratio_q1"] <= r["ratio"] <= r["ratio_q3"] and isinstance(r["noisy"], bool)
-        assert r["ratio"] == pytest.approx(r["torch_median_s"] / r["fastloss_median_s"], rel=0.5)
+    by = {(rec["loss"], rec["size"], rec["impl"]): rec["round_medians_s"] for rec in doc["results"]}
+    for r in doc["ratios"]:  # the median of the per-round ratios (a busy spell falls on both sides)
+        fl, tn = by[(r["loss"], r["size"], "fastloss")], by[(r["loss"], r["size"], "torch")]
+        assert r["ratio"] == pytest.approx(statistics.median(t / f for f, t in zip(fl, tn)))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -247,7 +251,7 @@ def test_sweep_with_the_kernels_forced_records_host_time_and_the_crossover(tmp_p
     js = tmp_path / "sweep.json"
     before = sum(_utils.launch_counts.values())
     assert main(["bench", "--sweep", "--backend", "triton", "--losses", "mse", "cross_entropy", "contrastive",
-                 "info_nce", "--sizes", "2**7", "2**9", "--repeat", "1", "--round-time", "0.001", "--warmup", "0",
+                 "info_nce", "--sizes", "2**7", "--repeat", "1", "--round-time", "0.001", "--warmup", "0",
                  "--quiet", "--json", str(js)]) == 0
     out = capsys.readouterr().out
     assert sum(_utils.launch_counts.values()) > before  # the kernels ran on the fastloss side
@@ -255,7 +259,7 @@ def test_sweep_with_the_kernels_forced_records_host_time_and_the_crossover(tmp_p
     doc = json.loads(js.read_text())
     assert doc["config"]["backend"] == "triton"
     for rec in doc["results"]:
-        assert rec["status"] == "ok" and rec["host_s"] > 0 and rec["size"] in (128, 512)
+        assert rec["status"] == "ok" and rec["host_s"] > 0 and rec["size"] == 128
         assert rec["family"] in ("pointwise", "softmax", "embedding")
     assert set(doc["small_problem_numel"]) == {"pointwise", "softmax", "embedding", "info_nce"}
     assert {c["ops"] for c in doc["crossover"].values()} == {"pointwise", "softmax", "embedding", "info_nce"}
