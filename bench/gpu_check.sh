@@ -150,9 +150,9 @@ record check $?
 # One pytest run of the bench files, each with its share of the budget (the rest of a file is skipped,
 # and listed as such); the pointwise targets are stated at N = 2**26: on a GPU measure that size first.
 [ "$CPU_RUN" = 1 ] || export FASTLOSS_BENCH_SIZES=${FASTLOSS_BENCH_SIZES:-2**26,2**24}
-T=$(limit $(( BENCH_BUDGET + 20 )))
+T=$(limit $(( BENCH_BUDGET + 40 )))  # a torch.compile started before the budget ran out may take 20 s
 banner "pytest bench/bench_{pointwise,softmax,embedding,linear_xent}.py (budget ${BENCH_BUDGET}s, ${FILE_BUDGET}s a file)"
-FASTLOSS_BENCH_BUDGET_S=$(( T - 20 < BENCH_BUDGET ? T - 20 : BENCH_BUDGET )) FASTLOSS_BENCH_FILE_BUDGET_S=$FILE_BUDGET \
+FASTLOSS_BENCH_BUDGET_S=$(( T - 40 < BENCH_BUDGET ? T - 40 : BENCH_BUDGET )) FASTLOSS_BENCH_FILE_BUDGET_S=$FILE_BUDGET \
     run_boxed "$T" "$PY" -m pytest bench/bench_pointwise.py bench/bench_softmax.py bench/bench_embedding.py \
     bench/bench_linear_xent.py --benchmark-only -q -p no:cacheprovider --benchmark-json="$WORK/bench.json" \
     --benchmark-columns=median,rounds

@@ -206,7 +206,7 @@ def render(doc: dict) -> str:
     records, overhead = split_sweep(pytest_records(pb))
     if records:
         out.append("## pytest bench/ (pytest-benchmark; L2 flushed and grad cleared in setup; on CUDA "
-                   "the times are the CUDA-event medians measured after pytest-benchmark's wall-clock "
+                   "the times are triton.testing.do_bench's, measured after pytest-benchmark's wall-clock "
                    "rounds, which are in the JSON as wall_median_s)")
         out.append("")
         out.append(report.format_markdown(records))
