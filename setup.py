@@ -3,6 +3,6 @@
 from setuptools import setup
 
 setup(
-    packages=["fastloss", "fastloss.ops", "fastloss.kernels"],
+    packages=["fastloss", "fastloss.cli", "fastloss.ops", "fastloss.kernels"],
     package_dir={"fastloss": "fastloss", "fastloss.kernels": "kernels"},
 )

@@ -26,8 +26,9 @@ Shapes: CUDA (N, H, V) = (8192, 4096, 128256) bf16 (Llama 3 head), (16384, 2048,
 (4096, 2304, 256000) bf16 with softcap 30 (Gemma 2); elsewhere (2048, 512, 32000) float32. Override
 with FASTLOSS_BENCH_LXENT_SHAPES="2048x512x32000,512x256x8000" (NxHxV, an optional ``:softcap``
 suffix) and FASTLOSS_BENCH_DTYPES; FASTLOSS_BENCH_LXENT_IMPLS limits the implementations.
-``python bench/bench_linear_xent.py`` prints the same measurements as a table without pytest.
-Timings are recorded, never asserted.
+``extra_info`` is the record of ``python -m fastloss bench`` (fastloss.cli.cases; ``softcap`` added),
+which times the fastloss / torch / torch.compile rows interleaved without pytest (``--losses
+linear_cross_entropy``). Timings are recorded, never asserted.
 """
 
 from __future__ import annotations
@@ -35,18 +36,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-import statistics
-import sys
 import tempfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastloss import _bench
+from fastloss import baselines
 from fastloss import functional as FL
+from fastloss.cli import cases
+from fastloss.cli.timing import GradStep
 
-DEVICE = _bench.bench_device()
+DEVICE = cases.bench_device()
 CUDA = DEVICE.type == "cuda"
 # in the order they run: the floor and the fused baselines first, should a time budget cut the file short
 IMPLS = ("fastloss", "gemms", "liger", "cce", "torch.lce_chunked", "torch", "torch.lce", "torch.compile")
@@ -54,16 +55,16 @@ IMPLS = ("fastloss", "gemms", "liger", "cce", "torch.lce_chunked", "torch", "tor
 
 def _parse_case(text: str) -> tuple[int, int, int, float | None]:
     shape, _, cap = text.strip().lower().partition(":")
-    n, h, v = (_bench.parse_size(s) for s in shape.replace("*", "x").split("x"))
+    n, h, v = (cases.parse_size(s) for s in shape.replace("*", "x").split("x"))
     return n, h, v, float(cap) if cap else None
 
 
 _CUDA_CASES = [(8192, 4096, 128256, None), (16384, 2048, 32000, None), (4096, 2304, 256000, 30.0)]
 _CPU_CASES = [(2048, 512, 32000, None)]
-SHAPES = _bench.env_list("FASTLOSS_BENCH_LXENT_SHAPES", _CUDA_CASES if CUDA else _CPU_CASES, _parse_case)
-DTYPES = _bench.env_list("FASTLOSS_BENCH_DTYPES", [torch.bfloat16] if CUDA else [torch.float32],
-                         _bench.parse_dtype)
-RUN_IMPLS = _bench.env_list("FASTLOSS_BENCH_LXENT_IMPLS", IMPLS, str)
+SHAPES = cases.env_list("FASTLOSS_BENCH_LXENT_SHAPES", _CUDA_CASES if CUDA else _CPU_CASES, _parse_case)
+DTYPES = cases.env_list("FASTLOSS_BENCH_DTYPES", [torch.bfloat16] if CUDA else [torch.float32],
+                         cases.parse_dtype)
+RUN_IMPLS = cases.env_list("FASTLOSS_BENCH_LXENT_IMPLS", IMPLS, str)
 
 # bench/conftest.py run_timed: untimed calls, probe calls, then timed rounds of about round_time_s in all
 # (a CPU step takes seconds: few rounds)
@@ -76,35 +77,25 @@ def label(case) -> str:
     return f"{n}x{h}x{v}" + (f" softcap {cap:g}" if cap else "")
 
 
-def flops(case) -> int:
-    """The three N x H x V products any method must do (logits, dX, dW): 6 N H V."""
-    n, h, v, _ = case
-    return 6 * n * h * v
-
-
 # --------------------------------------------------------------------------------------------
 # Implementations: fn(x, W, t) -> loss
 # --------------------------------------------------------------------------------------------
 
+@functools.cache
 def _eager(softcap):
-    def fn(x, w, t):
-        z = F.linear(x, w)
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
-        return F.cross_entropy(z, t)
-    return fn
+    return functools.partial(baselines.linear_cross_entropy, softcap=softcap)
 
 
 @functools.cache
 def _compiled(softcap):
-    return _bench.compiled(_eager(softcap))
+    return cases.compiled(_eager(softcap))
 
 
 def _liger(softcap):
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except Exception as exc:  # noqa: BLE001 - not installed, or broken against this torch/triton
-        return None, f"liger_kernel not importable ({_bench.error_reason(exc)})"
+        return None, f"liger_kernel not importable ({cases.error_reason(exc)})"
     loss = LigerFusedLinearCrossEntropyLoss(softcap=softcap) if softcap else LigerFusedLinearCrossEntropyLoss()
     return (lambda x, w, t: loss(w, x, t)), None
 
@@ -113,7 +104,7 @@ def _cce(softcap):
     try:
         from cut_cross_entropy import linear_cross_entropy
     except Exception as exc:  # noqa: BLE001
-        return None, f"cut_cross_entropy not importable ({_bench.error_reason(exc)})"
+        return None, f"cut_cross_entropy not importable ({cases.error_reason(exc)})"
     return (lambda x, w, t: linear_cross_entropy(x, w, t, softcap=softcap)), None
 
 
@@ -184,7 +175,7 @@ def make_step(impl: str, case, dtype, inputs=None):
     fn, reason = implementation(impl, case[3])
     if fn is None:
         raise NotImplementedError(reason)
-    return _bench.GradStep(fn, (x, w, t), autograd_grad=True, sync=True)
+    return GradStep(fn, (x, w, t), autograd_grad=True, sync=True)
 
 
 def cpu_peak_bytes(step) -> int | None:
@@ -216,70 +207,28 @@ def cpu_peak_bytes(step) -> int | None:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------------
 
+def bench_record(case, dtype: torch.dtype, impl: str) -> dict:
+    rec = cases.case("linear_cross_entropy").record(impl, case[:3], dtype, DEVICE, softcap=case[3])
+    if impl not in ("fastloss", "torch", "torch.compile"):
+        rec["baseline"] = impl
+    return rec
+
+
 PARAMS = [(case, dtype, impl) for case in SHAPES for dtype in DTYPES for impl in IMPLS if impl in RUN_IMPLS]
-IDS = [f"{label(c).replace(' ', '-')}-{_bench.dtype_name(d)}-{i}" for c, d, i in PARAMS]
+IDS = [f"{label(c).replace(' ', '-')}-{cases.dtype_name(d)}-{i}" for c, d, i in PARAMS]
 
 
 @pytest.mark.parametrize(("case", "dtype", "impl"), PARAMS, ids=IDS)
 def test_linear_xent(run_timed, bench_skip, benchmark, request, case, dtype, impl):
-    n, h, v, cap = case
-    info = {"loss": "linear_cross_entropy", "family": "linear_xent", "impl": impl, "shape": [n, h, v],
-            "softcap": cap, "dtype": _bench.dtype_name(dtype), "device": DEVICE.type,
-            "flops_model": flops(case)}
-    request.node.bench_params = info
+    record = bench_record(case, dtype, impl)
+    request.node.bench_record = record
     try:
         probe = make_step(impl, case, dtype)
     except NotImplementedError as exc:
-        bench_skip(str(exc))
+        bench_skip(str(exc), record)
     cpu_peak = cpu_peak_bytes(probe)
     del probe
-    median = run_timed(functools.partial(make_step, impl, case, dtype), f"linear_xent {label(case)} "
-                       f"{_bench.dtype_name(dtype)}", info, **TIMING)
-    if median:
-        benchmark.extra_info["tflops"] = flops(case) / median / 1e12
+    run_timed(record, functools.partial(make_step, impl, case, dtype), f"linear_xent {label(case)} "
+              f"{cases.dtype_name(dtype)}", **TIMING)
     if cpu_peak is not None:  # off CUDA run_timed has none: the profiler's allocation trace instead
         benchmark.extra_info.update(peak_mem_bytes=cpu_peak, peak_mem_source="torch.profiler CPU allocations")
-
-
-# --------------------------------------------------------------------------------------------
-# python bench/bench_linear_xent.py: the same measurements as one table
-# --------------------------------------------------------------------------------------------
-
-def main() -> int:
-    repeat = 10 if CUDA else 3
-    print(f"device: {torch.cuda.get_device_name(DEVICE) if CUDA else 'cpu'}; torch {torch.__version__}; "
-          f"timer: {'cuda events, L2 flushed' if CUDA else 'perf_counter'}, median of {repeat} "
-          f"(min-max)\n")
-    print("| N x H x V | dtype | impl | ms (min-max) | vs fastloss | TFLOP/s | peak MiB | first s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for case in SHAPES:
-        for dtype in DTYPES:
-            inputs = make_inputs(case, dtype)
-            base = None
-            for impl in (i for i in IMPLS if i in RUN_IMPLS):
-                try:
-                    step = make_step(impl, case, dtype, inputs)
-                    first = _bench.first_call_s(step, DEVICE)
-                    peak = _bench.peak_memory(step, DEVICE) if CUDA else cpu_peak_bytes(step)
-                    times = _bench.time_step(step, DEVICE, repeat=repeat, warmup=TIMING["warmup"])
-                except Exception as exc:  # noqa: BLE001 - recorded, go on
-                    print(f"| {label(case)} | {_bench.dtype_name(dtype)} | {impl} | skipped: "
-                          f"{_bench.error_reason(exc)[:80]} | | | | |")
-                    step = None
-                    continue
-                med = statistics.median(times)
-                base = med if impl == "fastloss" else base
-                ratio = f"{med / base:.2f}x" if base else ""
-                mib = f"{peak / 2**20:.0f}" if peak is not None else "-"
-                print(f"| {label(case)} | {_bench.dtype_name(dtype)} | {impl} | {med * 1e3:.0f} "
-                      f"({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f}) | {ratio} | "
-                      f"{flops(case) / med / 1e12:.2f} | {mib} | {first:.1f} |", flush=True)
-                del step
-                if CUDA:
-                    torch.cuda.empty_cache()
-            del inputs
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,21 +1,19 @@
 """Per-call overhead and crossover: forward + backward time against size, fastloss vs torch.nn.
 
-The size sweep of ``python -m fastloss bench --sweep`` as pytest benchmarks: one pytest-benchmark
-group per (loss, size), two benchmarks in it, ``fastloss`` and ``torch`` (torch.nn, or the naive
-composition where torch.nn has no such loss: the softmax focal loss, the contrastive loss, a
-CombinedLoss). The timed step is ``.grad = None`` (untimed setup) then
-``loss(*operands).backward(); torch.cuda.synchronize()``; size is the number of elements of each
-operand (cross_entropy and focal_loss: ``size // 8`` rows of 8 classes; contrastive: ``size // 16``
-pairs of width 16). Small sizes measure the per-call host work, large ones memory traffic: the
-crossover is where fastloss's kernels start to beat torch.nn's end to end.
+The size sweep of ``python -m fastloss bench --sweep`` (fastloss.cli.sweep) as pytest benchmarks:
+one pytest-benchmark group per (loss, size), two benchmarks in it, ``fastloss`` and ``torch``
+(torch.nn, or the eager composition of fastloss.baselines where torch.nn has no such loss: the
+softmax focal loss, the contrastive loss, InfoNCE, a CombinedLoss). The timed step is
+``.grad = None`` (untimed setup) then ``loss(*operands).backward(); torch.cuda.synchronize()``;
+size is the number of elements of the first operand (shapes as the sweep's). On CUDA the fastloss
+side runs with ``use_backend("triton")``, as the sweep's. Small sizes measure the per-call host work,
+large ones memory traffic; ``python -m fastloss bench --sweep`` adds the host time and prints the
+crossover.
 
 Matrix: CPU sizes 2**5, 2**10, 2**15, 2**20; CUDA every third power of two from 2**8 to 2**26;
 float32. Override with FASTLOSS_BENCH_OVERHEAD_SIZES (e.g. ``2**8,2**16``),
 FASTLOSS_BENCH_OVERHEAD_LOSSES (names as ``python -m fastloss bench --sweep``) and
-FASTLOSS_BENCH_DTYPES. ``extra_info``: loss, impl, size, shape, dtype, device, baseline, and the
-shared fields of bench/conftest.py's ``run_timed`` (first call, peak memory, device median on CUDA).
-Timings are recorded, never asserted; ``python -m fastloss bench --sweep`` prints the ratios with
-their spread and draws the curves.
+FASTLOSS_BENCH_DTYPES. ``extra_info``: the sweep's record. Timings are recorded, never asserted.
 """
 
 from __future__ import annotations
@@ -23,35 +21,39 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastloss import _bench
+from fastloss.cli import cases, sweep
 
-DEVICE = _bench.bench_device()
+DEVICE = cases.bench_device()
 CUDA = DEVICE.type == "cuda"
+BACKEND = "triton" if CUDA else None
 
-LOSSES = _bench.env_list("FASTLOSS_BENCH_OVERHEAD_LOSSES", list(_bench.SWEEP_LOSSES), _bench.resolve_sweep_loss)
-SIZES = _bench.env_list("FASTLOSS_BENCH_OVERHEAD_SIZES",
-                        _bench.SWEEP_SIZES["cuda"] if CUDA else [2**5, 2**10, 2**15, 2**20], _bench.parse_size)
-DTYPES = _bench.env_list("FASTLOSS_BENCH_DTYPES", [torch.float32], _bench.parse_dtype)
+LOSSES = cases.env_list("FASTLOSS_BENCH_OVERHEAD_LOSSES", list(sweep.SWEEP_LOSSES), sweep.resolve_sweep_loss)
+SIZES = cases.env_list("FASTLOSS_BENCH_OVERHEAD_SIZES",
+                       sweep.SWEEP_SIZES["cuda"] if CUDA else [2**5, 2**10, 2**15, 2**20], cases.parse_size)
+DTYPES = cases.env_list("FASTLOSS_BENCH_DTYPES", [torch.float32], cases.parse_dtype)
 
 CASES = [(loss, n, dtype) for loss in LOSSES for n in SIZES for dtype in DTYPES]
-IDS = [f"{loss}-{_bench.size_label(n)}-{_bench.dtype_name(dtype)}" for loss, n, dtype in CASES]
+IDS = [f"{loss}-{cases.size_label(n)}-{cases.dtype_name(dtype)}" for loss, n, dtype in CASES]
 
 # bench/conftest.py run_timed: untimed calls, probe calls, then timed rounds of about round_time_s in all
 # (short: most of these steps take microseconds).
 TIMING = {"warmup": 3, "probes": 3, "round_time_s": 0.1, "min_rounds": 5, "max_rounds": 300}
 
 
+def bench_record(loss: str, size: int, dtype: torch.dtype, impl: str) -> dict:
+    return sweep.sweep_record(sweep.sweep_case(loss), impl, size, dtype, DEVICE, BACKEND)
+
+
 @pytest.mark.parametrize("impl", ["fastloss", "torch"])
 @pytest.mark.parametrize(("loss", "size", "dtype"), CASES, ids=IDS)
-def test_overhead(run_timed, loss, size, dtype, impl):
-    case = _bench.sweep_case(loss)
-    info = {
-        "loss": loss, "family": "sweep", "impl": impl, "size": size, "shape": list(case.shape(size)),
-        "dtype": _bench.dtype_name(dtype), "device": DEVICE.type,
-        "baseline": "fastloss" if impl == "fastloss" else case.torch_label,
-    }
+def test_overhead(run_timed, bench_skip, loss, size, dtype, impl):
+    case = sweep.sweep_case(loss)
+    record = bench_record(loss, size, dtype, impl)
+    limit = case.max_size(DEVICE)
+    if limit is not None and size > limit:
+        bench_skip(f"above {cases.size_label(limit)} (B x B logits)", record)
 
     def make_step():
-        return case.step(impl, size, dtype, DEVICE, sync=True)
+        return case.step(impl, size, dtype, DEVICE, sync=True, backend=BACKEND)
 
-    run_timed(make_step, f"{loss} size={_bench.size_label(size)} {_bench.dtype_name(dtype)}", info, **TIMING)
+    run_timed(record, make_step, f"{loss} size={cases.size_label(size)} {cases.dtype_name(dtype)}", **TIMING)

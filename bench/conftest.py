@@ -1,24 +1,28 @@
 """pytest configuration of the benchmarks (``pytest bench/ --benchmark-only``).
 
 - Collects ``bench_*.py`` files (the project's ``python_files`` only names ``test_*.py``).
+- One record format with ``python -m fastloss bench``: each benchmark's ``extra_info`` is a record
+  of fastloss.cli.cases (made by ``Case.record`` or ``sweep.sweep_record``) with its timing filled in
+  by fastloss.cli.timing.summarise; bench/to_markdown.py reads them as they are.
 - ``FASTLOSS_BENCH_BUDGET_S``: after this many seconds of the session, the remaining benchmarks
-  are skipped (and listed as such in the JSON) rather than cut off by an outside timeout.
+  are skipped (and listed as such in the JSON) rather than cut off by an outside timeout;
+  ``FASTLOSS_BENCH_FILE_BUDGET_S`` the same per bench file (from its first benchmark), so that one
+  run of several files gives each its share.
 - ``--benchmark-json`` output gains a ``"fastloss"`` entry: device and versions, the copy
-  bandwidth, the byte model of each family, and every skipped benchmark with its reason and
-  parameters (pytest-benchmark itself drops them; a test that set ``request.node.bench_params``
-  before skipping adds those too).
-- ``run_timed``: the timing procedure every bench file shares (first call, warm-up, rounds chosen
-  from a probe, peak memory, ``benchmark.pedantic`` with grads cleared and L2 flushed in the setup,
-  failures recorded as skipped, GB/s and share of the copy bandwidth in ``extra_info``).
+  bandwidth, the byte model of each family, and the record of every skipped benchmark with its
+  reason (pytest-benchmark itself drops them).
+- ``run_timed``: the timing procedure every bench file shares. A bench file's module function
+  ``bench_record(**test parameters)`` gives the record of a benchmark the time budget skips.
 - Other knobs, read by the bench files (comma-separated, e.g. ``2**20,2**24``):
-  ``FASTLOSS_BENCH_DEVICE``, ``FASTLOSS_BENCH_DTYPES``; pointwise ``FASTLOSS_BENCH_SIZES``,
+  ``FASTLOSS_BENCH_DEVICE``, ``FASTLOSS_BENCH_DTYPES``; bench_pointwise.py ``FASTLOSS_BENCH_SIZES``,
   ``FASTLOSS_BENCH_LOSSES``; bench_softmax.py ``FASTLOSS_BENCH_SHAPES`` (``8192x32000``) and
-  ``FASTLOSS_BENCH_LOSSES``; bench_embedding.py ``FASTLOSS_BENCH_EMBED_LOSSES``,
+  ``FASTLOSS_BENCH_SOFTMAX_LOSSES``; bench_embedding.py ``FASTLOSS_BENCH_EMBED_LOSSES``,
   ``FASTLOSS_BENCH_INFO_NCE_BATCHES``, ``FASTLOSS_BENCH_PAIR_BATCHES``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -27,9 +31,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fastloss import _bench
+from fastloss.cli import cases, timing
 
 _STATE = pytest.StashKey[dict]()
+_L2_BYTES = 256 * 2**20  # as triton.testing.do_bench: larger than any current L2
 
 
 def pytest_collect_file(file_path, parent):
@@ -42,12 +47,10 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_configure(config):
     budget = os.environ.get("FASTLOSS_BENCH_BUDGET_S", "").strip()
-    config.stash[_STATE] = {
-        "t0": time.monotonic(),
-        "budget_s": float(budget) if budget else None,
-        "skipped": [],
-        "copy_gbps": None,
-    }
+    file_budget = os.environ.get("FASTLOSS_BENCH_FILE_BUDGET_S", "").strip()
+    config.stash[_STATE] = {"t0": time.monotonic(), "budget_s": float(budget) if budget else None,
+                            "file_budget_s": float(file_budget) if file_budget else None, "file_t0": {},
+                            "skipped": [], "copy_gbps": None}
 
 
 def _params(node) -> dict:
@@ -65,60 +68,61 @@ def bench_state(request) -> dict:
 
 @pytest.fixture
 def bench_skip(request, bench_state):
-    """``bench_skip(reason)``: record this benchmark as skipped (kept in the JSON) and skip it."""
+    """``bench_skip(reason, record=None)``: record this benchmark as skipped (its record, or the
+    test's parameters, kept in the JSON with the reason) and skip it."""
 
-    def skip(reason: str) -> None:
-        extra = getattr(request.node, "bench_params", None) or {}
-        extra = {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool, type(None)))}
-        bench_state["skipped"].append({"name": request.node.name, "nodeid": request.node.nodeid,
-                                       **extra, **_params(request.node), "reason": reason})
+    def skip(reason: str, record: dict | None = None) -> None:
+        rec = dict(record or getattr(request.node, "bench_record", None) or _params(request.node))
+        rec.update(status="skipped", reason=reason, name=request.node.name)
+        bench_state["skipped"].append(rec)
         pytest.skip(reason)
 
     return skip
 
 
-@pytest.fixture
-def run_timed(benchmark, bench_state, bench_skip):
-    """``run_timed(make_step, group, info, *, warmup, probes, round_time_s, min_rounds, max_rounds,
-    oom_reason=None)``: time one benchmark the way every bench file does; returns the median in
-    seconds (None under ``--benchmark-disable``): on CUDA the device median (below), elsewhere the
-    wall-clock one.
+@functools.cache
+def _l2_buffer(device: torch.device) -> torch.Tensor:
+    return torch.empty(_L2_BYTES, dtype=torch.int8, device=device)
 
-    ``make_step()`` builds the step (a ``_bench.FwdBwd`` / ``_bench.GradStep`` or anything with
-    ``__call__`` and ``zero_grad``, synchronising inside the call on CUDA). Sets ``benchmark.group``
-    and ``extra_info`` to ``info``, then: measures the copy bandwidth once per session, times the
-    first call (compiles), ``warmup`` untimed calls, ``probes`` timed calls whose median picks
-    ``round_time_s / median`` rounds (clamped to [min_rounds, max_rounds]), peak memory of one step
-    (CUDA), then ``benchmark.pedantic`` with ``zero_grad``, an L2 flush and a synchronize in the
-    untimed setup (pytest-benchmark's wall-clock statistics), and on CUDA ``_bench.time_step``: CUDA
-    events around the step without its synchronize, L2 flushed before each (device time, as
-    triton.testing.do_bench and the copy bandwidth are measured; the wall clock adds the host's
-    launch and synchronize round trip, which dominates sub-millisecond steps on a slow host).
-    A failure (OOM, compile error, missing baseline) before or while timed is
-    recorded with ``bench_skip``: ``"<impl> failed: <reason>"`` (``oom_reason`` instead, when given
-    and the device ran out of memory) or ``"<impl> failed while timed: <reason>"``.
-    ``extra_info`` gains ``peak_mem_bytes``, ``first_call_s``, ``wall_median_s``,
-    ``device_median_s`` (None off CUDA), and when ``info`` has ``bytes_moved``: ``gbps`` (bytes over
-    the returned median), ``copy_gbps`` and ``copy_share``.
+
+@pytest.fixture
+def run_timed(benchmark, bench_state, bench_skip, request):
+    """``run_timed(record, make_step, group, *, warmup, probes, round_time_s, min_rounds, max_rounds,
+    oom_reason=None)``: time one benchmark the way every bench file does, into ``record`` (kept as
+    the benchmark's ``extra_info``); returns the median in seconds (None under
+    ``--benchmark-disable``).
+
+    ``make_step()`` builds the step (a fastloss.cli.timing.GradStep, or anything with ``__call__``
+    and ``zero_grad``, synchronising inside the call on CUDA). Measures the copy bandwidth once per
+    session, times the first call (compiles), ``warmup`` untimed calls, ``probes`` timed calls whose
+    median picks ``round_time_s / median`` rounds (clamped to [min_rounds, max_rounds]), peak memory
+    of one step (CUDA), then ``benchmark.pedantic`` with ``zero_grad``, an L2 flush and a
+    synchronize in the untimed setup (pytest-benchmark's wall-clock statistics, ``wall_median_s``).
+    The record's times (median, quartiles, extremes, GB/s, TFLOP/s) are, on CUDA, one round of
+    fastloss.cli.timing.time_round (triton.testing.do_bench: device time, without the host's
+    launch and synchronize round trip that the wall clock adds), elsewhere pytest-benchmark's
+    rounds. A failure (OOM, compile error, missing baseline) before or while timed is recorded with
+    ``bench_skip``: ``"<impl> failed: <reason>"`` (``oom_reason`` instead, when given and the device
+    ran out of memory) or ``"<impl> failed while timed: <reason>"``.
     """
-    device = _bench.bench_device()
+    device = cases.bench_device()
 
     def release() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def run(make_step: Callable[[], Callable[[], None]], group: str, info: dict, *, warmup: int,
+    def run(record: dict, make_step: Callable[[], Callable[[], None]], group: str, *, warmup: int,
             probes: int, round_time_s: float, min_rounds: int, max_rounds: int,
             oom_reason: str | None = None) -> float | None:
         benchmark.group = group
-        benchmark.extra_info.update(info)
-        impl = info["impl"]
+        request.node.bench_record = record
+        impl = record["impl"]
         step = None
         try:
             if bench_state["copy_gbps"] is None:
-                bench_state["copy_gbps"] = _bench.copy_bandwidth(device) / 1e9
+                bench_state["copy_gbps"] = timing.copy_bandwidth(device) / 1e9
             step = make_step()
-            first_call_s = _bench.first_call_s(step, device)  # compiles (torch.compile, Triton)
+            record["first_call_s"] = timing.first_call_s(step, device)  # compiles (torch.compile, Triton)
             for _ in range(warmup):
                 step()
             probe = []
@@ -126,18 +130,18 @@ def run_timed(benchmark, bench_state, bench_skip):
                 t0 = time.perf_counter()
                 step()
                 probe.append(time.perf_counter() - t0)
-            peak = _bench.peak_memory(step, device)
+            record["peak_mem_bytes"] = timing.peak_memory(step, device)
         except Exception as exc:  # noqa: BLE001 - OOM, compile failure, missing baseline: skipped, go on
             step = None  # free its inputs and gradients before the next benchmark
             release()
-            oom = oom_reason is not None and _bench.is_oom(exc)
-            bench_skip(oom_reason if oom else f"{impl} failed: {_bench.error_reason(exc)}")
+            oom = oom_reason is not None and cases.is_oom(exc)
+            bench_skip(oom_reason if oom else f"{impl} failed: {cases.error_reason(exc)}", record)
         rounds = int(min(max_rounds, max(min_rounds, round_time_s / max(statistics.median(probe), 1e-9))))
 
         def setup():
             step.zero_grad()
-            _bench.flush_l2(device)
             if device.type == "cuda":
+                _l2_buffer(device).zero_()
                 torch.cuda.synchronize(device)
 
         try:
@@ -146,53 +150,53 @@ def run_timed(benchmark, bench_state, bench_skip):
             step.zero_grad()
             step = None
             release()
-            bench_skip(f"{impl} failed while timed: {_bench.error_reason(exc)}")
+            bench_skip(f"{impl} failed while timed: {cases.error_reason(exc)}", record)
         stats = getattr(benchmark, "stats", None)  # None under --benchmark-disable
-        wall_median = stats.stats.median if stats is not None else None
-        device_times, device_error = None, None
-        if device.type == "cuda" and stats is not None:  # CUDA events: device time, no host round trip
+        times, timer = (list(stats.stats.data), "pytest-benchmark pedantic (wall clock, synchronized)") \
+            if stats is not None else (None, None)
+        if device.type == "cuda" and stats is not None:
             try:
-                device_times = sorted(_bench.time_step(step, device, repeat=max(rounds, 10), warmup=1))
+                times, timer = timing.time_round(step, device, round_time_s), timing.timer_name(device)
             except Exception as exc:  # noqa: BLE001 - keep the wall-clock result, say why
-                device_error = _bench.error_reason(exc)
+                record["device_timing_error"] = cases.error_reason(exc)
         step.zero_grad()
         step = None
         release()
-
-        device_median = statistics.median(device_times) if device_times else None
-        median = device_median if device_median is not None else wall_median
-        extra = {"peak_mem_bytes": peak, "first_call_s": first_call_s, "wall_median_s": wall_median,
-                 "device_median_s": device_median,
-                 "device_min_s": device_times[0] if device_times else None,
-                 "device_max_s": device_times[-1] if device_times else None,
-                 "device_repeat": len(device_times) if device_times else None,
-                 "device_timing_error": device_error}
-        if "bytes_moved" in info:
-            gbps = info["bytes_moved"] / median / 1e9 if median else None
-            copy_gbps = bench_state["copy_gbps"]
-            extra.update(gbps=gbps, copy_gbps=copy_gbps,
-                         copy_share=gbps / copy_gbps if gbps and copy_gbps else None)
-        benchmark.extra_info.update(extra)
-        return median
+        if times:
+            timing.summarise(record, times, device)
+            record.update(timer=timer, wall_median_s=stats.stats.median)
+        benchmark.extra_info.update(record)
+        return record.get("median_s")
 
     return run
 
 
 @pytest.fixture(autouse=True)
 def _time_budget(request, bench_state):
-    budget = bench_state["budget_s"]
-    if budget is not None and time.monotonic() - bench_state["t0"] > budget:
+    now = time.monotonic()
+    budget, file_budget = bench_state["budget_s"], bench_state["file_budget_s"]
+    file_t0 = bench_state["file_t0"].setdefault(request.node.path, now)
+    reason = None
+    if budget is not None and now - bench_state["t0"] > budget:
         reason = f"FASTLOSS_BENCH_BUDGET_S={budget:g} s spent"
-        bench_state["skipped"].append({"name": request.node.name, "nodeid": request.node.nodeid,
-                                       "reason": reason, **_params(request.node)})
+    elif file_budget is not None and now - file_t0 > file_budget:
+        reason = f"FASTLOSS_BENCH_FILE_BUDGET_S={file_budget:g} s spent in this file"
+    if reason:
+        make_record = getattr(request.module, "bench_record", None)  # (**test parameters) -> record
+        callspec = getattr(request.node, "callspec", None)
+        try:
+            rec = make_record(**callspec.params) if make_record and callspec else _params(request.node)
+        except Exception:  # noqa: BLE001 - the parameters alone, then
+            rec = _params(request.node)
+        bench_state["skipped"].append({**rec, "name": request.node.name, "status": "skipped", "reason": reason})
         pytest.skip(reason)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     state = config.stash[_STATE]
-    device = _bench.bench_device()
+    device = cases.bench_device()
     try:
-        info = _bench.device_info(device)
+        info = timing.device_info(device)
     except Exception as exc:  # noqa: BLE001 - never lose the JSON over its metadata
         info = {"type": device.type, "error": repr(exc)}
     output_json["fastloss"] = {
@@ -201,5 +205,5 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "skipped": state["skipped"],
         "budget_s": state["budget_s"],
         "elapsed_s": time.monotonic() - state["t0"],
-        "bytes_model": dict(_bench.BYTES_MODELS),
+        "bytes_model": dict(cases.BYTES_MODELS),
     }

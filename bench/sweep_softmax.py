@@ -3,7 +3,7 @@
 
 For each case, in priority order, every candidate (BLOCK_ROWS, BLOCK_SIZE, SINGLE_PASS, num_warps)
 replaces ``_row_config``; the step ``autograd.grad(loss(x, t), x)`` is timed on CUDA events (L2
-flushed before each call, as bench_softmax.py) and its loss compared with the committed
+cleared before each call: fastloss.cli.timing.time_round) and its loss compared with the committed
 configuration's (a candidate that changes the loss is marked WRONG LOSS and makes the exit status
 1). The committed
 configuration is timed first and again last, so the table shows the run-to-run drift.
@@ -30,8 +30,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastloss  # after TRITON_INTERPRET
-from fastloss import _bench
 from fastloss import functional as FL
+from fastloss.cli import cases, timing
 from fastloss.ops import _utils
 from fastloss.ops import softmax as ops_softmax
 
@@ -74,7 +74,7 @@ def _loss_fn(loss: str):
     return FL.cross_entropy
 
 
-def _run(loss, x, t, config, repeat):
+def _run(loss, x, t, config, round_time_s):
     """(median seconds, loss value) of the step with _row_config forced to ``config`` (None: as
     committed)."""
     original = ops_softmax._row_config
@@ -85,8 +85,10 @@ def _run(loss, x, t, config, repeat):
         with fastloss.use_backend("triton"):  # the kernels, also under the CPU interpreter
             fn = _loss_fn(loss)
             value = fn(x, t).detach().float()
-            step = _bench.GradStep(fn, (x, t), autograd_grad=True)
-            times = _bench.time_step(step, DEVICE, repeat=repeat, warmup=2)
+            step = timing.GradStep(fn, (x, t), autograd_grad=True)
+            for _ in range(2):
+                step()
+            times = timing.time_round(step, DEVICE, round_time_s)
     finally:
         ops_softmax._row_config = original
     if _utils.launch_counts["cross_entropy_fwd_kernel"] == launches:
@@ -98,11 +100,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=40.0, help="seconds before no new candidate starts")
     parser.add_argument("--json", help="write the records here")
-    parser.add_argument("--repeat", type=int, default=20 if CUDA else 2)
+    parser.add_argument("--round-time", type=float, default=0.1 if CUDA else 0.001,
+                        help="seconds of timed calls per candidate (triton.testing.do_bench's rep on CUDA)")
     args = parser.parse_args(argv)
     t0 = time.monotonic()
     name = torch.cuda.get_device_name(DEVICE) if CUDA else "cpu (interpreter: mechanics only)"
-    print(f"device: {name}; torch {torch.__version__}; CUDA-event medians of {args.repeat}, L2 flushed\n")
+    print(f"device: {name}; torch {torch.__version__}; medians of {timing.timer_name(DEVICE)}, "
+          f"~{args.round_time} s per candidate\n")
     print("| loss | N x V | dtype | BLOCK_ROWS | BLOCK | single | warps | ms | vs committed | GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     records = []
@@ -115,32 +119,32 @@ def main(argv=None) -> int:
         committed = ops_softmax._row_config(n, v, dtype)
         passes = 2 if committed[2] else 3
         nbytes = passes * n * v * x.element_size()
-        base, ref = _run(loss, x, t, None, args.repeat)
+        base, ref = _run(loss, x, t, None, args.round_time)
         todo = [c for c in candidates(v, dtype) if c != committed] + [None]
         for config in [None, *todo]:
             if config is not None and time.monotonic() - t0 > args.budget:
                 break
             if config is None and records and records[-1]["case"] == f"{loss} {n}x{v} {dtype}":
-                med, value = _run(loss, x, t, None, args.repeat)  # the committed one again, last
+                med, value = _run(loss, x, t, None, args.round_time)  # the committed one again, last
             elif config is None:
                 med, value = base, ref
             else:
                 try:
-                    med, value = _run(loss, x, t, config, args.repeat)
+                    med, value = _run(loss, x, t, config, args.round_time)
                 except Exception as exc:  # noqa: BLE001 - a config the compiler rejects: record it
                     records.append({"case": f"{loss} {n}x{v} {dtype}", "config": config,
-                                    "error": _bench.error_reason(exc)})
-                    print(f"| {loss} | {n}x{v} | {_bench.dtype_name(dtype)} | {config} | failed: "
-                          f"{_bench.error_reason(exc)[:60]} | | | | | |")
+                                    "error": cases.error_reason(exc)})
+                    print(f"| {loss} | {n}x{v} | {cases.dtype_name(dtype)} | {config} | failed: "
+                          f"{cases.error_reason(exc)[:60]} | | | | | |")
                     continue
             ok = torch.allclose(value, ref, rtol=2**-7 if dtype.itemsize == 2 else 1e-4, atol=1e-6)
             shown = config or committed
             rec = {"case": f"{loss} {n}x{v} {dtype}", "loss": loss, "n": n, "v": v,
-                   "dtype": _bench.dtype_name(dtype), "config": list(shown), "committed": config is None,
+                   "dtype": cases.dtype_name(dtype), "config": list(shown), "committed": config is None,
                    "median_s": med, "vs_committed": base / med, "gbps": nbytes / med / 1e9, "loss_ok": ok}
             records.append(rec)
             tag = " (committed)" if config is None else ""
-            print(f"| {loss} | {n}x{v} | {_bench.dtype_name(dtype)} | {shown[0]} | {shown[1]} | "
+            print(f"| {loss} | {n}x{v} | {cases.dtype_name(dtype)} | {shown[0]} | {shown[1]} | "
                   f"{shown[2]} | {shown[3]}{tag} | {med * 1e3:.3f} | {base / med:.2f}x | "
                   f"{nbytes / med / 1e9:.0f}{'' if ok else ' WRONG LOSS'} |", flush=True)
         del x, t

@@ -1,20 +1,22 @@
-"""Combine a GPU check's outputs into one JSON and render markdown tables.
+"""Combine a GPU check's outputs into one JSON and render markdown.
 
-    # what bench/gpu_check.sh runs: combine and render (--pytest-json repeats, one per bench file run)
-    python bench/to_markdown.py --pytest-json bench-pointwise.json --pytest-json bench-softmax.json \\
-        --cli-json bench-cli.json --tests-junit tests.xml --step tests=0 --step bench=0 \\
+    # what bench/gpu_check.sh runs: combine and render
+    python bench/to_markdown.py --pytest-json bench.json --sweep-json crossover.json \\
+        --tune-json tune.json --tests-junit tests.xml --step tests=0 --step bench=0 \\
         --out-json bench/results/2026-01-01-nvidia-h100.json --out-md bench/results/2026-01-01-nvidia-h100.md
 
     # re-render a combined JSON, or render one pytest-benchmark / `fastloss bench --json` file
     python bench/to_markdown.py bench/results/2026-01-01-nvidia-h100.json
     python bench/to_markdown.py --pytest-json .benchmarks/run.json
 
-Markdown goes to --out-md, or stdout. One table per loss family (pointwise; row: cross-entropy and
-softmax focal; embedding: contrastive and triplet; InfoNCE), one row per (loss, shape, dtype):
-median times of each implementation present (fastloss, torch eager, torch.compile, Liger-Kernel),
-speed-ups of fastloss over each, peak memory, achieved GB/s and the share of the copy bandwidth
-under the family's byte model (TFLOP/s for InfoNCE), and the sigmoid-focal target (>= 4x
-torchvision eager at <= 1/3 its memory). Missing or empty inputs are reported, never fatal.
+Markdown goes to --out-md, or stdout. The pytest-benchmark files and ``python -m fastloss bench``
+write one record format (fastloss.cli.cases), rendered by fastloss.cli.report.format_markdown:
+one table per family (pointwise; softmax: cross-entropy and softmax focal; embedding: contrastive
+and triplet, InfoNCE in TFLOP/s; linear_xent), one row per (loss, shape, dtype). The crossover
+sweep (``--sweep-json``: ``python -m fastloss bench --sweep --json``) is rendered by
+fastloss.cli.sweep.format_sweep, with the suggested SMALL_PROBLEM_NUMEL; the row-kernel launch
+sweep (``--tune-json``: bench/sweep_softmax.py --json) as its records. Missing or empty inputs
+are reported, never fatal.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Any
 
-try:
-    from fastloss import _bench
-except ImportError:  # not installed: run from the checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fastloss import _bench
+# the fastloss of the checkout this script is in (bench/ is not installed; another fastloss may be)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fastloss.cli import report, sweep
+
 
 def load_json(path: str | None, notes: list[str]) -> dict | None:
     if not path:
@@ -100,51 +101,19 @@ def merge_pytest(datas: list[dict]) -> dict | None:
 
 
 def pytest_records(data: dict | None) -> list[dict]:
-    """pytest-benchmark JSON -> fastloss._bench records (ok ones with their median, then the skips)."""
+    """pytest-benchmark JSON -> records (bench/conftest.py keeps each benchmark's record as its
+    ``extra_info``): the measured ones, then the skipped ones, in report order."""
     if not data:
         return []
-    records = []
-    for b in data.get("benchmarks", []):
-        info = dict(b.get("extra_info") or {})
-        if "loss" not in info:
-            continue
-        stats = b.get("stats") or {}
-        # on CUDA the device (CUDA-event) statistics of bench/conftest.py run_timed, as the CLI's
-        # times; pytest-benchmark's own statistics are wall-clock (used off CUDA, or when the
-        # device timing failed: device_timing_error says why)
-        if info.get("device_median_s") is not None:
-            timing = {"median_s": info["device_median_s"], "min_s": info.get("device_min_s"),
-                      "max_s": info.get("device_max_s"), "q1_s": None, "q3_s": None,
-                      "repeat": info.get("device_repeat")}
-        else:
-            timing = {"median_s": stats.get("median"), "min_s": stats.get("min"), "max_s": stats.get("max"),
-                      "q1_s": stats.get("q1"), "q3_s": stats.get("q3"), "repeat": stats.get("rounds")}
-        rec = {**info, "status": "ok", "reason": None, **timing, "name": b.get("name")}
-        records.append(rec)
-    # Skips carry the test's parameters only (an embedding skip has B but not D): take the missing
-    # side of the shape from a measured record of the same loss, first side and dtype.
-    known = {}
-    for r in map(_bench.normalize_record, records):
-        if r.get("shape") and len(r["shape"]) == 2:
-            known[(r["loss"], r["shape"][0], r["dtype"])] = r["shape"]
-    device = ((data.get("fastloss") or {}).get("device") or {}).get("type")
-    for s in (data.get("fastloss") or {}).get("skipped", []):
-        if "loss" not in s:
-            continue
-        rec = {k: v for k, v in s.items() if k not in ("nodeid",)}
-        rec.update(device=s.get("device", device), status="skipped", reason=s.get("reason"))
-        rec = _bench.normalize_record(rec)
-        shape = rec.get("shape") or []
-        if len(shape) == 2 and shape[1] is None:
-            full = known.get((rec["loss"], shape[0], rec.get("dtype")))
-            if full:
-                rec = _bench.normalize_record({**rec, "shape": full, "dim": full[1]})
-        records.append(rec)
-    return sort_records(records)
+    records = [dict(b["extra_info"]) for b in data.get("benchmarks", [])
+               if "family" in (b.get("extra_info") or {})]
+    records += [dict(r) for r in (data.get("fastloss") or {}).get("skipped", []) if "family" in r]
+    return report.sort_records(records)
 
 
-def sort_records(records: list[dict]) -> list[dict]:
-    return _bench.sort_records(records)
+def split_sweep(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(table records, size-sweep records: bench/bench_overhead.py's, which have a ``size``)."""
+    return [r for r in records if "size" not in r], [r for r in records if "size" in r]
 
 
 def _strip_pytest(data: dict | None) -> dict | None:
@@ -161,15 +130,17 @@ def combine(args: argparse.Namespace) -> dict:
     notes: list[str] = []
     pytest_data = merge_pytest([load_json(path, notes) for path in args.pytest_json or []])
     cli_data = load_json(args.cli_json, notes)
+    sweep_data = load_json(args.sweep_json, notes)
+    tune_data = load_json(args.tune_json, notes)
     tests = junit_summary(args.tests_junit, notes)
     steps = {}
     for item in args.step or []:
         name, _, rc = item.partition("=")
         steps[name] = int(rc) if rc.strip().lstrip("-").isdigit() else rc
     device = ((cli_data or {}).get("device") or ((pytest_data or {}).get("fastloss") or {}).get("device")
-              or {})
+              or (sweep_data or {}).get("device") or {})
     return {
-        "schema": "fastloss-gpu-check/1",
+        "schema": "fastloss-gpu-check/2",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_rev": args.git_rev,
         "device": device,
@@ -178,6 +149,8 @@ def combine(args: argparse.Namespace) -> dict:
         "tests": tests,
         "pytest_benchmark": _strip_pytest(pytest_data),
         "cli": cli_data,
+        "sweep": sweep_data,
+        "tune": tune_data,
         "notes": notes,
     }
 
@@ -230,19 +203,45 @@ def render(doc: dict) -> str:
                "the device-to-device copy. Peak memory: max_memory_allocated during one step minus what "
                "was allocated before (gradients included).")
     out.append("")
-    records = pytest_records(pb)
+    records, overhead = split_sweep(pytest_records(pb))
     if records:
         out.append("## pytest bench/ (pytest-benchmark; L2 flushed and grad cleared in setup; on CUDA "
-                   "the times are the CUDA-event medians measured after pytest-benchmark's wall-clock "
+                   "the times are triton.testing.do_bench's, measured after pytest-benchmark's wall-clock "
                    "rounds, which are in the JSON as wall_median_s)")
         out.append("")
-        out.append(_bench.format_markdown(records))
+        out.append(report.format_markdown(records))
     if cli.get("results"):
         conf = cli.get("config") or {}
         rounds = "interleaved rounds" if conf.get("interleaved") else "repetitions"
         out.append(f"## python -m fastloss bench ({conf.get('timer', '')}, {conf.get('repeat')} {rounds})")
         out.append("")
-        out.append(_bench.format_markdown(sort_records(list(cli["results"]))))
+        out.append(report.format_markdown(report.sort_records(list(cli["results"]))))
+    if overhead:
+        out += ["## pytest bench/bench_overhead.py: time against size", "", "```",
+                sweep.format_sweep(overhead), "```", ""]
+    sw = doc.get("sweep") or {}
+    if sw.get("results"):
+        conf = sw.get("config") or {}
+        out.append(f"## python -m fastloss bench --sweep (fastloss backend {conf.get('backend')}): time against "
+                   "size and the crossover")
+        out.append("")
+        out.append("```")
+        out.append(sweep.format_sweep(sw["results"]))
+        out.append("```")
+        out.append("")
+    tune = (doc.get("tune") or {}).get("records")
+    if tune:
+        out.append("## bench/sweep_softmax.py: row-kernel launch configurations")
+        out.append("")
+        out.append("| case | config (BLOCK_ROWS, BLOCK, single pass, warps) | ms | vs committed | GB/s | loss |")
+        out.append("|---|---|--:|--:|--:|---|")
+        for r in tune:
+            if "error" in r:
+                out.append(f"| {r['case']} | {r['config']} | failed: {r['error'][:80]} | | | |")
+            else:
+                tag = " (committed)" if r.get("committed") else ""
+                out.append(f"| {r['case']} | {r['config']}{tag} | {r['median_s'] * 1e3:.3f} | "
+                           f"{r['vs_committed']:.2f}x | {r['gbps']:.0f} | {'ok' if r['loss_ok'] else 'WRONG'} |")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -252,11 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pytest-json", action="append", metavar="PATH",
                    help="pytest --benchmark-json output (repeatable: one per bench file run)")
     p.add_argument("--cli-json", help="python -m fastloss bench --json output")
+    p.add_argument("--sweep-json", help="python -m fastloss bench --sweep --json output (the crossover)")
+    p.add_argument("--tune-json", help="bench/sweep_softmax.py --json output")
     p.add_argument("--tests-junit", help="pytest --junitxml output of the test suite")
     p.add_argument("--step", action="append", metavar="NAME=RC", help="exit status of a step (repeatable)")
     p.add_argument("--git-rev", help="commit the run was made from")
     p.add_argument("--out-json", help="write the combined JSON here")
     p.add_argument("--out-md", help="write the markdown here (default: stdout)")
+    p.add_argument("--out-png", help="write the bar chart of the pytest benchmarks here (needs matplotlib)")
     args = p.parse_args(argv)
     if args.combined:
         notes: list[str] = []
@@ -275,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out_json, "w") as f:
             json.dump(doc, f, indent=1)
     md = render(doc)
+    if args.out_png:
+        records = split_sweep(pytest_records(doc.get("pytest_benchmark")))[0]
+        if records:
+            try:
+                report.plot(records, args.out_png, {"device": doc.get("device") or {}})
+            except SystemExit as exc:  # no matplotlib: the markdown still goes out
+                print(exc, file=sys.stderr)
     if args.out_md:
         with open(args.out_md, "w") as f:
             f.write(md)

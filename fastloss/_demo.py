@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn import functional as TF
 
 import fastloss
-from fastloss._bench import Progress
+from fastloss import baselines
+from fastloss.cli.timing import advance, progress
 from fastloss.monitor import LossMonitor
 
 Batch = tuple[Tensor, ...]
@@ -66,7 +67,7 @@ def _batches(tensors: Batch, batch: int, gen: torch.Generator) -> list[Batch]:
 
 
 def _train(model: nn.Module, loss_fn: Callable[..., Tensor], data: Batch, epochs: int, batch: int,
-           seed: int, lr: float, log_dir: str | None, progress: Progress | None, label: str,
+           seed: int, lr: float, log_dir: str | None, bar, label: str,
            evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
            ) -> tuple[LossMonitor, dict[str, list[float]]]:
     """Adam on ``loss_fn(model, *batch)``; losses recorded by a LossMonitor (read once per epoch),
@@ -89,8 +90,7 @@ def _train(model: nn.Module, loss_fn: Callable[..., Tensor], data: Batch, epochs
                 for key, value in evaluate(model).items():
                     history.setdefault(key, []).append(value)
             model.train()
-        if progress:
-            progress.update(label)
+        advance(bar, label)
     monitor.close()
     return monitor, history
 
@@ -144,19 +144,6 @@ def _recall(logits: Tensor, labels: Tensor, k: int) -> list[float]:
     return [float((pred[labels == c] == c).float().mean()) for c in range(k)]
 
 
-def _classic_focal(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float = 2.0) -> Tensor:
-    """The focal loss as practitioners write it (the guide's version)."""
-    ce = TF.cross_entropy(logits, target, reduction="none")
-    pt = torch.exp(-ce)
-    return (alpha * (1 - pt) ** gamma * ce).mean()
-
-
-def _seed_contrastive(o1: Tensor, o2: Tensor, label: Tensor, margin: float = 2.0) -> Tensor:
-    """The guide's contrastive loss (label 1 = dissimilar pair)."""
-    d = TF.pairwise_distance(o1, o2)
-    return torch.mean((1 - label) * d.pow(2) + label * torch.clamp(margin - d, min=0.0).pow(2))
-
-
 def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str | None = "fastloss-demo",
              device: str | torch.device | None = None, seed: int = 0, quiet: bool = False) -> list[Run]:
     """Train every problem with fastloss and with torch.nn; return the runs (see module doc)."""
@@ -172,7 +159,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
             tb_root = None
     gen = torch.Generator().manual_seed(seed)
     plan = 12  # runs below
-    progress = None if quiet else Progress(plan * epochs)
+    bar = None if quiet else progress(plan * epochs, desc="fastloss demo")
     runs: list[Run] = []
 
     def train(section: str, name: str, make: Callable[[], nn.Module], loss_fn, data: Batch, lr: float,
@@ -181,7 +168,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
         with torch.no_grad():
             step0 = float(loss_fn(model, *step0_inputs))
         log_dir = None if tb_root is None else os.path.join(tb_root, f"{section}-{name}".replace(" ", "_"))
-        monitor, history = _train(model, loss_fn, data, epochs, batch, seed, lr, log_dir, progress,
+        monitor, history = _train(model, loss_fn, data, epochs, batch, seed, lr, log_dir, bar,
                                   f"{section}: {name}", evaluate=metrics)
         model.eval()
         with torch.no_grad():
@@ -211,7 +198,7 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
     for name, loss in [("fastloss CrossEntropyLoss", fastloss.CrossEntropyLoss()),
                        ("torch.nn CrossEntropyLoss", nn.CrossEntropyLoss()),
                        ("fastloss FocalLoss", fastloss.FocalLoss(alpha=1.0, gamma=2.0)),
-                       ("classic focal formula", _classic_focal)]:
+                       ("classic focal formula", baselines.softmax_focal)]:
         train("imbalanced", name, mlp, lambda m, a, b, loss=loss: loss(m(a), b), (xc, tc), 0.01, (xc, tc), recalls)
 
     # 3. binary classification
@@ -236,12 +223,12 @@ def run_demo(epochs: int = 20, samples: int = 4096, batch: int = 256, out: str |
 
     embed = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     for name, loss in [("fastloss ContrastiveLoss", fastloss.ContrastiveLoss(margin=2.0)),
-                       ("classic contrastive formula", _seed_contrastive)]:
+                       ("classic contrastive formula", baselines.contrastive)]:
         train("siamese", name, embed, lambda m, a, b, c, loss=loss: loss(m(a), m(b), c), (pa, pb, pl), 0.01,
               (pa, pb, pl), distances)
 
-    if progress:
-        progress.close()
+    if bar is not None:
+        bar.close()
     if out is not None:
         plot_runs(runs, os.path.join(out, "loss_curves.png"))
     return runs

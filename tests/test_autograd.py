@@ -21,6 +21,7 @@ from helpers import assert_close, assert_launched, assert_not_launched
 
 import fastloss
 import fastloss.functional as FL
+from fastloss import baselines
 
 F64 = torch.float64
 
@@ -38,38 +39,16 @@ def _targets(n, c, seed=0):
     return torch.randint(0, c, (n,), generator=g)
 
 
-def _naive_focal(x, t, alpha=1.0, gamma=2.0, reduction="mean"):
-    """The classic composition ``alpha (1 - exp(-ce))**gamma ce``."""
-    ce = F.cross_entropy(x, t, reduction="none")
-    loss = alpha * (1 - torch.exp(-ce)) ** gamma * ce
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+_naive_focal = baselines.softmax_focal
 
 
-def _naive_sigmoid_focal(x, y, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss's formula."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    p_t = p * y + (1 - p) * (1 - y)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * y + (1 - alpha) * (1 - y)) * loss
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+_naive_sigmoid_focal = baselines.sigmoid_focal
 
 
-def _naive_contrastive(x1, x2, y, margin=2.0, reduction="mean"):
-    d = F.pairwise_distance(x1, x2)
-    loss = (1 - y) * d**2 + y * torch.clamp(margin - d, min=0) ** 2
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+_naive_contrastive = baselines.contrastive
 
 
-def _naive_info_nce(q, k, temperature=0.07, reduction="mean", symmetric=False):
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    s = q @ k.T / temperature
-    labels = torch.arange(q.shape[0])
-    loss = F.cross_entropy(s, labels, reduction="none")
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(s.T, labels, reduction="none"))
-    return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+_naive_info_nce = baselines.info_nce
 
 
 # (id, fastloss call, torch.nn call or naive formula, differentiable inputs, kernel launched by the

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from fastloss import _bench
+from fastloss.cli import report
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def _rec(loss, impl, median_s, device="cpu", family=None, shape=(2**18,), status="ok", **extra):
+def _rec(loss, impl, median_s, device="cpu", family="pointwise", shape=(2**18,), status="ok", **extra):
     rec = {"loss": loss, "impl": impl, "dtype": "float32", "device": device, "shape": list(shape),
            "status": status, "reason": None if status == "ok" else "Liger-Kernel needs CUDA",
            "bytes_moved": 3 * 4 * shape[0], **extra}
@@ -29,15 +29,15 @@ def _records(device="cpu"):
             _rec("mse", "torch.compile", 2e-2, device), _rec("l1", "fastloss", 3e-4, device),
             _rec("l1", "torch", 4e-5, device), _rec("l1", "torch.compile", 1e-3, device)]
     ce = (256, 4096)
-    recs += [_rec("cross_entropy", impl, t, device, "row", ce) for impl, t in
+    recs += [_rec("cross_entropy", impl, t, device, "softmax", ce) for impl, t in
              [("fastloss", 1e-3), ("torch", 2e-3), ("torch.compile", 1.5e-3)]]
-    recs.append(_rec("cross_entropy", "liger", None, device, "row", ce, status="skipped"))
+    recs.append(_rec("cross_entropy", "liger", None, device, "softmax", ce, status="skipped"))
     return recs
 
 
 def test_cpu_plot_shows_times_with_labels_and_log_scale(tmp_path) -> None:
     meta = {"device": {"name": "x86_64", "torch": "2.13", "triton": "3.9"}}
-    fig = _bench.make_bench_figure(_records(), meta, plt)
+    fig = report.make_bench_figure(_records(), meta, plt)
     pointwise, row = fig.axes[0], fig.axes[1]
     assert "ms" in pointwise.get_ylabel() and "lower is better" in pointwise.get_ylabel()
     assert pointwise.get_yscale() == "log"  # 2e-5 .. 2e-2 s: linear bars would be invisible
@@ -69,7 +69,7 @@ def test_cpu_plot_shows_times_with_labels_and_log_scale(tmp_path) -> None:
 def test_cuda_plot_shows_bandwidth_against_the_copy_line() -> None:
     recs = [_rec("mse", impl, t, "cuda") for impl, t in [("fastloss", 1e-4), ("torch", 3e-4)]]
     recs += [_rec("l1", "fastloss", 1.2e-4, "cuda"), _rec("l1", "torch", None, "cuda", status="skipped")]
-    fig = _bench.make_bench_figure(recs, None, plt)
+    fig = report.make_bench_figure(recs, None, plt)
     (ax,) = [a for a in fig.axes if a.get_visible() and a.axison]
     assert "GB/s" in ax.get_ylabel()
     (copy,) = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
@@ -83,5 +83,5 @@ def test_cuda_plot_shows_bandwidth_against_the_copy_line() -> None:
 
 def test_plot_writes_png(tmp_path) -> None:
     path = tmp_path / "b.png"
-    _bench.plot(_records(), str(path), None)
+    report.plot(_records(), str(path), None)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

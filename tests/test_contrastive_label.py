@@ -8,25 +8,18 @@ import warnings
 import pytest
 import torch
 from helpers import assert_close, assert_launched, assert_not_launched
-from torch.nn import functional as F
 
 import fastloss
-from fastloss import _validation
+from fastloss import _validation, baselines
 from fastloss import functional as FL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _per_pair(x1, x2, label, margin=2.0):
-    """The contrastive formula with one label per pair, float64."""
-    d = F.pairwise_distance(x1, x2)
-    return ((1 - label) * d**2 + label * torch.clamp(margin - d, min=0.0) ** 2).mean()
+_per_pair = baselines.contrastive
 
 
-def _guide_broadcast(x1, x2, label, margin=2.0):
-    """The guide's ContrastiveLoss.forward verbatim: a (B, 1) label broadcasts to B x B."""
-    d = F.pairwise_distance(x1, x2)
-    return torch.mean((1 - label) * torch.pow(d, 2) + label * torch.pow(torch.clamp(margin - d, min=0.0), 2))
+_guide_broadcast = baselines.contrastive
 
 
 def _operands():

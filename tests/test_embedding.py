@@ -16,6 +16,7 @@ from helpers import assert_not_launched as not_launched
 from torch import nn
 
 import fastloss
+from fastloss import baselines
 from fastloss import functional as FL
 from fastloss.ops import embedding as ops_embedding
 
@@ -23,29 +24,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-class SeedContrastiveLoss(nn.Module):
-    """The seed guide's ContrastiveLoss, verbatim (label 1 = dissimilar pair)."""
-
-    def __init__(self, margin=2.0):
-        super().__init__()
-        self.margin = margin
-
-    def forward(self, output1, output2, label):
-        euclidean_distance = F.pairwise_distance(output1, output2)
-        loss_contrastive = torch.mean(
-            (1 - label) * torch.pow(euclidean_distance, 2)
-            + (label) * torch.pow(torch.clamp(self.margin - euclidean_distance, min=0.0), 2)
-        )
-        return loss_contrastive
+SeedContrastiveLoss = baselines.SeedContrastiveLoss
 
 
-def seed_contrastive(x1, x2, y, margin, reduction):
-    """The guide's composition with the reduction swapped (mean is exactly SeedContrastiveLoss)."""
-    if reduction == "mean":
-        return SeedContrastiveLoss(margin)(x1, x2, y)
-    d = F.pairwise_distance(x1, x2)
-    per_pair = (1 - y) * torch.pow(d, 2) + y * torch.pow(torch.clamp(margin - d, min=0.0), 2)
-    return per_pair.sum() if reduction == "sum" else per_pair
+seed_contrastive = baselines.contrastive
 
 
 def _pairs(b, d, dtype, seed=0, label_grad=False, zero_pair=True):

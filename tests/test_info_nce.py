@@ -22,8 +22,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import fastloss
+from fastloss import baselines, reference
 from fastloss import functional as FL
-from fastloss import reference
 from fastloss.ops import _utils
 from fastloss.ops import info_nce as info_nce_ops
 from fastloss.ops.info_nce import info_nce_loss
@@ -32,16 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REDUCTIONS = ["mean", "sum", "none"]
 
 
-def naive_info_nce(q, k, temperature=0.07, reduction="mean", symmetric=False, normalize=True):
-    """The textbook formula, materialising the B x B logits."""
-    if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    logits = q @ k.T / temperature
-    labels = torch.arange(q.shape[0], device=q.device)
-    loss = F.cross_entropy(logits, labels, reduction="none")
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels, reduction="none"))
-    return {"mean": loss.mean(), "sum": loss.sum(), "none": loss}[reduction]
+naive_info_nce = baselines.info_nce
 
 
 def _inputs(b, d, dtype, seed=0):

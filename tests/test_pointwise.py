@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import fastloss
 import fastloss.functional as FF
-from fastloss import _backend
+from fastloss import _backend, baselines
 from fastloss import reference as R
 from fastloss.ops import pointwise as ops
 
@@ -40,20 +40,7 @@ TARGET_SIZE_WARNING = "Using a target size"
 F64 = torch.float64
 
 
-def torchvision_sigmoid_focal_loss(x, y, alpha=0.25, gamma=2.0, reduction="none"):
-    """torchvision.ops.sigmoid_focal_loss, verbatim (torchvision is not a test dependency)."""
-    p = torch.sigmoid(x)
-    ce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-    p_t = p * y + (1 - p) * (1 - y)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * y + (1 - alpha) * (1 - y)
-        loss = alpha_t * loss
-    if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss
+torchvision_sigmoid_focal_loss = baselines.sigmoid_focal
 
 
 # --------------------------------------------------------------------------------------------

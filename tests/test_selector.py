@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import fastloss
-from fastloss import evaluate_losses, select_loss
+from fastloss import baselines, evaluate_losses, select_loss
 
 
 @pytest.mark.parametrize(
@@ -53,10 +52,7 @@ def test_select_loss_rejects_what_it_cannot_read() -> None:
         select_loss("regression", {}, True)  # the flags are keyword-only
 
 
-def _guide_focal(inputs, targets, alpha=1, gamma=2):
-    ce_loss = F.cross_entropy(inputs, targets, reduction="none")
-    pt = torch.exp(-ce_loss)
-    return (alpha * (1 - pt) ** gamma * ce_loss).mean()
+_guide_focal = baselines.softmax_focal
 
 
 def test_evaluate_losses_regression_matches_torch() -> None:

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import fastloss
+from fastloss import baselines, reference
 from fastloss import functional as FF
-from fastloss import reference
 from fastloss.ops import _utils
 from fastloss.ops import softmax as ops_softmax
 
@@ -293,11 +293,7 @@ def test_autocast_gives_float32(device, backend):
     assert_close(actual, F.cross_entropy(x.double(), t).float(), torch.float32, "autocast")
 
 
-def focal_composition(x, t, alpha=1.0, gamma=2.0, reduction="mean"):
-    """The classic focal composition on torch.nn's per-sample cross-entropy, any reduction."""
-    ce = F.cross_entropy(x, t, reduction="none")
-    loss = alpha * (1 - torch.exp(-ce)) ** gamma * ce
-    return loss if reduction == "none" else loss.mean() if reduction == "mean" else loss.sum()
+focal_composition = baselines.softmax_focal
 
 
 def assert_rounded_once(actual, exact, msg, subnormal_steps=0.5):
@@ -656,13 +652,7 @@ def test_class_weight_of_another_dtype_raises_as_torch(device, backend):
 # --------------------------------------------------------------------------------------------
 
 
-def classic_focal(x, t, alpha=1.0, gamma=2.0):
-    """What users write: per-sample cross-entropy, p_t = exp(-ce), then the mean."""
-    ce = F.cross_entropy(x, t, reduction="none")
-    pt = torch.exp(-ce)
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha[t]
-    return (alpha * (1 - pt) ** gamma * ce).mean()
+classic_focal = baselines.softmax_focal
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.25, "tensor"])
