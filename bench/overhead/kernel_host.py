@@ -2,7 +2,8 @@
 CPU tensors, backend "triton", TRITON_INTERPRET=1, and every ``*_kernel`` object of
 fastloss.kernels.{pointwise, softmax_xent, embedding, info_nce} replaced by a stub whose
 ``__getitem__`` (the ``kernel[grid]`` step) returns a no-op launcher, so what is timed is the
-Python around the launches: validation, dispatch, buffer allocation, autograd. (On CPU the
+Python around the launches: validation, dispatch, buffer allocation, autograd (and, for linear_xent,
+its small GEMMs, which run for real). (On CPU the
 softmax family also reads the targets for torch's IndexError, which CUDA skips.)
 ``python bench/overhead/kernel_host.py``."""
 import os
@@ -32,6 +33,7 @@ x = torch.randn(32, 1, requires_grad=True); y = torch.randn(32, 1)
 xc = torch.randn(32, 5, requires_grad=True); t = torch.randint(0, 5, (32,))
 a = torch.randn(32, 16, requires_grad=True); b = torch.randn(32, 16, requires_grad=True); lab = torch.randint(0, 2, (32,)).float()
 q = torch.randn(32, 16, requires_grad=True); k = torch.randn(32, 16, requires_grad=True)
+h = torch.randn(32, 16, requires_grad=True); head = torch.randn(5, 16, requires_grad=True)
 CASES = {
     "pointwise (MSE 32x1)": (fastloss.MSELoss(), (x, y)),
     "pointwise (BCE-logits 32x1)": (fastloss.BCEWithLogitsLoss(), (x, y.sigmoid())),
@@ -41,6 +43,7 @@ CASES = {
     "embedding (contrastive 32x16)": (fastloss.ContrastiveLoss(), (a, b, lab)),
     "embedding (triplet 32x16)": (fastloss.TripletMarginLoss(), (a, b, b)),
     "info_nce (32x16)": (fastloss.InfoNCELoss(), (q, k)),
+    "linear_xent (32x16 -> 5)": (fastloss.functional.linear_cross_entropy, (h, head, t)),
 }
 for name, (m, args) in CASES.items():
     leaves = [v for v in args if v.requires_grad]
