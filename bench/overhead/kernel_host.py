@@ -1,16 +1,19 @@
 """Issue 11, item 1: host time of one kernel-path call (fwd+bwd) per family with the launches stubbed:
 CPU tensors, backend "triton", TRITON_INTERPRET=1, and every ``*_kernel`` object of
-fastloss.kernels.{pointwise, softmax_xent, embedding, info_nce} replaced by a stub whose
+fastloss.kernels.{common, pointwise, softmax, embedding, info_nce} replaced by a stub whose
 ``__getitem__`` (the ``kernel[grid]`` step) returns a no-op launcher, so what is timed is the
 Python around the launches: validation, dispatch, buffer allocation, autograd (and, for linear_xent,
-its small GEMMs, which run for real). (On CPU the
-softmax family also reads the targets for torch's IndexError, which CUDA skips.)
-``python bench/overhead/kernel_host.py``."""
+its small GEMMs, which run for real). (On CPU the softmax family also reads the targets for torch's
+IndexError, which CUDA skips.)
+``python bench/overhead/kernel_host.py`` (it measures the checkout it lives in)."""
 import os
 import statistics
+import sys
 import timeit
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 import fastloss
@@ -18,13 +21,13 @@ from fastloss import _backend
 
 torch.set_num_threads(1)
 assert _backend.interpreter_enabled()
-from fastloss.kernels import embedding, info_nce, pointwise, softmax_xent
+from fastloss.kernels import common, embedding, info_nce, pointwise, softmax
 
 
 class _Stub:
     def __getitem__(self, grid):
         return lambda *a, **k: None
-for mod in (pointwise, softmax_xent, embedding, info_nce):
+for mod in (common, pointwise, softmax, embedding, info_nce):
     for name in dir(mod):
         if name.endswith("_kernel"):
             setattr(mod, name, _Stub())

@@ -1,4 +1,4 @@
-"""Launchers and autograd for the softmax row family (kernels/softmax_xent.py): cross-entropy and
+"""Launchers and autograd for the softmax row family (kernels/softmax.py): cross-entropy and
 softmax focal loss.
 
 ``softmax_loss_fwd`` is one torch.library custom op for both losses: it returns the loss and the
@@ -23,13 +23,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
-from fastloss.ops.pointwise import _scale_grad, scale_grad_
+from fastloss.ops._common import HALF_DTYPES, scale_each, scale_grad, scale_grad_
+from fastloss.ops._common import check_targets_cpu as _check_targets_cpu  # the name tests patch
+from fastloss.ops._utils import (
+    BackwardSteps,
+    acc_dtype,
+    autograd_pair,
+    cdiv,
+    count_launch,
+    empty,
+    next_pow2,
+    pow2_align,
+)
 
 __all__ = ["KINDS", "softmax_loss"]
 
@@ -48,15 +59,13 @@ LOOP_BLOCK_16BIT_LONG = 4096
 ROW_TILE = 2048
 #: Column offsets at or past this need int64 arithmetic in the kernel.
 INT32_OFFSET_LIMIT = 2**31
-#: Logits dtypes whose gradient backward computes with grad_output applied before rounding.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
 def _kernels():
     import triton.language as tl
 
-    from fastloss.kernels import softmax_xent as k
+    from fastloss.kernels import softmax as k
 
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -133,13 +142,6 @@ def _grads_in_forward(dtype: torch.dtype, reduction: str) -> bool:
     """Whether the forward makes the gradients (when asked): not for reduction="none" on 16-bit
     logits, whose backward computes them with the per-row grad_output applied before rounding."""
     return reduction != "none" or dtype not in HALF_DTYPES
-
-
-def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
-    """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
-    if bad.any():
-        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
 def _quiet_interpreter(device: torch.device):
@@ -383,18 +385,30 @@ def _scale_rows(grad: Tensor, grad_output: Tensor, n_cols: int, inplace: bool) -
     return (g3 * go).reshape(grad.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    input, target, weight, alpha_weight = inputs[:4]
-    ctx.args = inputs[4:]
-    grad_input, grad_target = inputs[14:16]
+class _Params(NamedTuple):
+    """The non-tensor arguments of the forward, as they cross autograd."""
+
+    kind: str               # "cross_entropy" or "focal"
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float          # 0.0: no softcap
+    alpha: float            # 1.0 when a per-class alpha_weight is given
+    gamma: float
+    reduction: str
+    out_float32: bool       # a float32 loss whatever the logits dtype (autocast)
+    inplace: bool           # inplace_backward: the gradient may overwrite the logits
+
+
+def _setup_context(ctx, tensors, p: _Params, want, output):
+    input, target, weight, alpha_weight = tensors
     ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
-    ctx.reduction = inputs[11]
     # torch's backward rejects a (1,) class-index target of a (C,) input (its forward takes it)
-    ctx.one_element_target = (inputs[4] == "cross_entropy" and input.dim() == 1 and target.dim() == 1
+    ctx.one_element_target = (p.kind == "cross_entropy" and input.dim() == 1 and target.dim() == 1
                               and not target.is_floating_point())
     # the logits are kept for a second backward (retain_graph) unless they were overwritten: with
     # inplace_backward on a contiguous input in eager mode (never by the custom op)
-    overwritten = grad_input and output[1] is input
+    overwritten = want[0] and output[1] is input
     ctx.save_for_backward(None if overwritten else input, target, weight, alpha_weight)
     if overwritten and input._base is None:
         # marked dirty by autograd_pair's Function: a saved copy of the logits can no longer be
@@ -405,61 +419,66 @@ def _setup_context(ctx, inputs, output):
         # outputs, so only the version counter moves (shared with the base): a saved copy of the
         # logits raises as after any in-place change, a later read sees the gradient
         torch.autograd.graph.increment_version(input)
-    # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
-    # .grad can take the buffer without a copy; None when backward computes them
-    made = overwritten or _grads_in_forward(input.dtype, ctx.reduction)
-    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None) if made else None
     ctx.denom = output[3]
+    # the forward-made gradients (None when backward computes them)
+    if overwritten or _grads_in_forward(input.dtype, p.reduction):
+        return (output[1] if want[0] else None, output[2] if want[1] else None)
+    return None
 
 
-def _backward(ctx, grad_loss, forward, backward, scale_grad, inplace):
+def _check_backward(ctx) -> None:
     if ctx.one_element_target:
         raise RuntimeError(f"size mismatch (got input: [{ctx.n_cols}], target: [1])")
-    stored, ctx.grads = ctx.grads, None
+
+
+def _backward_16bit(ctx, grad_loss: Tensor, stored: tuple | None, steps: BackwardSteps) -> tuple:
+    """16-bit logits: grad_output enters the gradient before its one rounding (see the module
+    docstring), scaling the forward's ``stored`` gradients or computing them."""
     input, target, weight, alpha_weight = ctx.saved_tensors
-    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction = ctx.args[:8]
-    grad_input, grad_target = ctx.args[10:12]
-    if input is not None and input.dtype in HALF_DTYPES:
-        # 16-bit: grad_output enters the gradient before its one rounding (see the module docstring)
-        if stored is None:
-            gi = empty(input.shape, input.dtype, input.device) if grad_input else input.new_empty(0)
-            gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
-        else:
-            gi = stored[0] if grad_input else input.new_empty(0)
-            gt = stored[1] if grad_target else target.new_empty(0)
-        backward(input, target, weight, alpha_weight, ctx.denom, grad_loss, gi, gt, kind, ignore_index,
-                 label_smoothing, z_loss, softcap, alpha, gamma, reduction, stored is not None)
-        gi = gi if grad_input else None
-        gt = gt if grad_target else None
+    p, (grad_input, grad_target) = ctx.params, ctx.want
+    if stored is None:
+        gi = empty(input.shape, input.dtype, input.device) if grad_input else input.new_empty(0)
+        gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
     else:
-        if stored is not None:
-            gi, gt = stored
-        elif input is None:
-            raise RuntimeError(
-                "fastloss: a second backward through a loss computed with inplace_backward=True "
-                "is not supported (its logits were overwritten by the gradient)"
-            )
-        else:
-            args = list(ctx.args)
-            args[9] = False  # never in place when recomputing
-            _, gi, gt, _ = forward(input, target, weight, alpha_weight, *args)
-            gi = gi if args[10] else None
-            gt = gt if args[11] else None
-        # fp32 / fp64 (and 16-bit logits overwritten by inplace_backward, which rounds twice here)
-        for g in (gi, gt):
-            if g is None:
-                continue
-            if ctx.reduction == "none":
-                g2 = _scale_rows(g, grad_loss, ctx.n_cols, inplace)
-                if g is gi:
-                    gi = g2
-                else:
-                    gt = g2
-            else:
-                scale_grad(g, grad_loss)
-    return (gi if ctx.needs_input_grad[0] else None, gt if ctx.needs_input_grad[1] else None) + (
-        None,
-    ) * 14
+        gi = stored[0] if grad_input else input.new_empty(0)
+        gt = stored[1] if grad_target else target.new_empty(0)
+    steps.bwd(input, target, weight, alpha_weight, ctx.denom, grad_loss, gi, gt, p.kind, p.ignore_index,
+              p.label_smoothing, p.z_loss, p.softcap, p.alpha, p.gamma, p.reduction, stored is not None)
+    return (gi if grad_input else None, gt if grad_target else None)
+
+
+def _scale(ctx, grad_loss: Tensor, grads: tuple, steps: BackwardSteps) -> tuple:
+    """fp32 / fp64 gradients (and 16-bit ones of logits overwritten by inplace_backward, which
+    rounds twice here) times grad_output: in place for a reduced loss, per row for "none"."""
+    if ctx.params.reduction != "none":
+        return scale_each(grads, grad_loss, steps.scale_grad)
+    return tuple(_scale_rows(g, grad_loss, ctx.n_cols, steps.eager) if g is not None else None for g in grads)
+
+
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
+    _check_backward(ctx)
+    input = ctx.saved_tensors[0]
+    if input is not None and input.dtype in HALF_DTYPES:
+        return _backward_16bit(ctx, grad_loss, stored, steps)
+    return _scale(ctx, grad_loss, stored, steps)
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """16-bit reduction="none" (the forward made no gradient), or a second backward (retain_graph)
+    whose forward-made gradients were already handed out."""
+    _check_backward(ctx)
+    input, target, weight, alpha_weight = ctx.saved_tensors
+    if input is None:
+        raise RuntimeError(
+            "fastloss: a second backward through a loss computed with inplace_backward=True "
+            "is not supported (its logits were overwritten by the gradient)"
+        )
+    if input.dtype in HALF_DTYPES:
+        return _backward_16bit(ctx, grad_loss, None, steps)
+    want = ctx.want
+    # never in place when recomputing
+    _, gi, gt, _ = steps.fwd(input, target, weight, alpha_weight, *ctx.params._replace(inplace=False), *want)
+    return _scale(ctx, grad_loss, (gi if want[0] else None, gt if want[1] else None), steps)
 
 
 def _reference(ctx) -> tuple[Tensor, tuple]:
@@ -469,7 +488,7 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         raise RuntimeError(
             "fastloss: a double backward (create_graph=True) through a loss computed with "
             "inplace_backward=True is not supported (its logits were overwritten by the gradient)")
-    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, out_float32 = ctx.args[:9]
+    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, out_float32, _ = ctx.params
     x = input.float() if out_float32 else input
     if kind == "cross_entropy":
         loss = reference.cross_entropy(x, target, weight, ignore_index, reduction, label_smoothing,
@@ -481,11 +500,10 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
 
 
 _apply = autograd_pair(
-    softmax_loss_fwd, _fwd, _setup_context,
-    reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, softmax_loss_bwd_, scale_grad_,
-                                         inplace=False),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _bwd, _scale_grad, inplace=True),
+    softmax_loss_fwd, _fwd, _Params, 4,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(fwd=_fwd, bwd=_bwd, scale_grad=scale_grad),
+    traced=BackwardSteps(fwd=softmax_loss_fwd, bwd=softmax_loss_bwd_, scale_grad=scale_grad_, eager=False),
 )
 
 
@@ -514,8 +532,8 @@ def softmax_loss(
     """
     grad = torch.is_grad_enabled()
     alpha_weight = alpha if isinstance(alpha, Tensor) else None
-    args = (input, target, weight, alpha_weight, kind, int(ignore_index), float(label_smoothing),
-            float(z_loss), float(softcap or 0.0), 1.0 if alpha_weight is not None else float(alpha),
-            float(gamma), reduction, bool(out_float32), bool(inplace_backward),
-            grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
-    return _apply(*args)
+    p = _Params(kind, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
+                1.0 if alpha_weight is not None else float(alpha), float(gamma), reduction, bool(out_float32),
+                bool(inplace_backward))
+    want = (grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
+    return _apply(input, target, weight, alpha_weight, p, want)
