@@ -1,12 +1,13 @@
 """Issue 11, item 1: host time of one kernel-path call (fwd+bwd) per family with the launches stubbed:
-CPU tensors, backend "triton", TRITON_INTERPRET=1, and every ``*_kernel`` object of
-fastloss.kernels.{common, pointwise, softmax, embedding, info_nce} replaced by a stub whose
-``__getitem__`` (the ``kernel[grid]`` step) returns a no-op launcher, so what is timed is the
-Python around the launches: validation, dispatch, buffer allocation, autograd (and, for linear_xent,
+CPU tensors, backend "triton", TRITON_INTERPRET=1, and every ``*_kernel`` object of every
+fastloss.kernels module replaced by a stub whose ``__getitem__`` (the ``kernel[grid]`` step) returns
+a no-op launcher, so what is timed is the Python around the launches: validation, dispatch, buffer allocation, autograd (and, for linear_xent,
 its small GEMMs, which run for real). (On CPU the softmax family also reads the targets for torch's
 IndexError, which CUDA skips.)
 ``python bench/overhead/kernel_host.py`` (it measures the checkout it lives in)."""
+import importlib
 import os
+import pkgutil
 import statistics
 import sys
 import timeit
@@ -21,13 +22,14 @@ from fastloss import _backend
 
 torch.set_num_threads(1)
 assert _backend.interpreter_enabled()
-from fastloss.kernels import common, embedding, info_nce, pointwise, softmax
+import fastloss.kernels
 
 
 class _Stub:
     def __getitem__(self, grid):
         return lambda *a, **k: None
-for mod in (common, pointwise, softmax, embedding, info_nce):
+for info in pkgutil.iter_modules(fastloss.kernels.__path__):
+    mod = importlib.import_module(f"fastloss.kernels.{info.name}")
     for name in dir(mod):
         if name.endswith("_kernel"):
             setattr(mod, name, _Stub())

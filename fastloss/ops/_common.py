@@ -89,7 +89,13 @@ def scale_each(grads: tuple, grad_output: Tensor, scale: Callable[[Tensor, Tenso
 
 
 def check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
-    """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
+    """torch's IndexError for an out-of-range class index (CPU only: this reads the values). One
+    min / max pass settles the usual case, every index in range; otherwise the full check finds the
+    first offending index that is not ignore_index."""
+    if target.numel():
+        lo, hi = torch.aminmax(target)
+        if lo.item() >= 0 and hi.item() < n_cols:
+            return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
     if bad.any():
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")

@@ -47,8 +47,9 @@ def _kernels():
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+@functools.lru_cache(maxsize=1024)
 def _block_config(n_cols: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements."""
+    """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements (cached)."""
     block_cols = min(next_pow2(max(n_cols, 1)), 1024)
     block_rows = max(1, 2048 // block_cols)
     return block_rows, block_cols, n_cols <= block_cols, 4 if block_rows * block_cols <= 1024 else 8

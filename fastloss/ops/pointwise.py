@@ -73,11 +73,26 @@ def _broadcast_layout(t: Tensor | None, shape: torch.Size) -> tuple[Tensor | Non
     return t.expand(shape).contiguous().reshape(-1), 1, math.prod(shape)
 
 
+#: _member_args results by (losses, params, scale, terms table); cleared when full.
+_MEMBER_ARGS_CACHE: dict[tuple, dict] = {}
+_MEMBER_ARGS_CACHE_SIZE = 1024
+
+
 def _member_args(losses: str, params: list[float], scale: float) -> dict:
     """Kernel keyword arguments of the members: ``losses`` is a comma-separated list of names,
     ``params`` holds (coef, param1, param2) per loss; every coef is multiplied by ``scale``;
-    absent members get TERMS_* = None."""
+    absent members get TERMS_* = None. Cached (callers unpack the dict, never change it)."""
     _, terms, _ = _kernels()
+    key = (losses, tuple(params), scale, id(terms))
+    kwargs = _MEMBER_ARGS_CACHE.get(key)
+    if kwargs is None:
+        if len(_MEMBER_ARGS_CACHE) >= _MEMBER_ARGS_CACHE_SIZE:
+            _MEMBER_ARGS_CACHE.clear()
+        kwargs = _MEMBER_ARGS_CACHE[key] = _work_out_member_args(terms, losses, params, scale)
+    return kwargs
+
+
+def _work_out_member_args(terms: dict, losses: str, params: list[float], scale: float) -> dict:
     names = losses.split(",")
     kwargs = {}
     for i, suffix in enumerate(("", "_b", "_c")):

@@ -154,12 +154,38 @@ def _quiet_interpreter(device: torch.device):
     return numpy.errstate(all="ignore")
 
 
+#: Launch configurations of the row kernels already worked out (see _launch_meta); cleared when full.
+_LAUNCH_CACHE: dict[tuple, tuple[int, tuple, dict, bool]] = {}
+_LAUNCH_CACHE_SIZE = 1024
+
+
 def _launch_meta(x: Tensor, g3: Tensor | None, y: Tensor, gt: Tensor | None, prob: bool,
                  n_cols: int) -> tuple[int, tuple, dict]:
     """(grid size, stride arguments, compile-time arguments) of the row kernels for (N, C, D) logits
-    ``x``, gradient ``g3`` (None when not written), targets ``y`` and target gradient ``gt``."""
+    ``x``, gradient ``g3`` (None when not written), targets ``y`` and target gradient ``gt``.
+
+    Cached per shapes, strides, dtype and flags (and the tuning constants, which tests and sweeps
+    change): only PEEL of looped misaligned rows, which also depends on the data pointers, is
+    worked out per call."""
+    y_strides = y.stride() if prob else None
+    key = (x.shape, x.stride(), g3.stride() if g3 is not None else None, y_strides, gt is not None, n_cols,
+           x.dtype, MAX_FUSED_COLS, MAX_FUSED_COLS_16BIT, LOOP_BLOCK, LOOP_BLOCK_16BIT_LONG, ROW_TILE,
+           INT32_OFFSET_LIMIT, _row_config)
+    hit = _LAUNCH_CACHE.get(key)
+    if hit is None:
+        if len(_LAUNCH_CACHE) >= _LAUNCH_CACHE_SIZE:
+            _LAUNCH_CACHE.clear()
+        hit = _LAUNCH_CACHE[key] = _launch_config(x, g3, y_strides or (0, 0, 0), gt, prob, n_cols)
+    grid, strides, meta, peel = hit
+    if peel:
+        meta = {**meta, "PEEL": _peel(meta["SINGLE_PASS"], x.shape[2], meta["ROW_ALIGN"], x, g3)}
+    return grid, strides, meta
+
+
+def _launch_config(x: Tensor, g3: Tensor | None, y_strides: tuple, gt: Tensor | None, prob: bool,
+                   n_cols: int) -> tuple[int, tuple, dict, bool]:
+    """_launch_meta's result worked out, with PEEL 1 and whether PEEL depends on the pointers."""
     n_rows = x.shape[0] * x.shape[2]
-    y_strides = y.stride() if prob else (0, 0, 0)
     rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
     row_align = _row_align(x.shape[2], n_cols, x.stride(), *([g3.stride()] if g3 is not None else []),
                            *([y_strides] if prob else []))
@@ -168,10 +194,11 @@ def _launch_meta(x: Tensor, g3: Tensor | None, y: Tensor, gt: Tensor | None, pro
         "SINGLE_PASS": single,
         "COLS_I64": _cols_need_int64(n_cols, x.stride(1), g3.stride(1) if g3 is not None else 0,
                                      y_strides[1], x.shape[2] if gt is not None else 0),
-        "ROW_ALIGN": row_align, "PEEL": _peel(single, x.shape[2], row_align, x, g3),
+        "ROW_ALIGN": row_align, "PEEL": 1,
         "BLOCK_ROWS": rows, "BLOCK_SIZE": block, "num_warps": warps,
     }
-    return cdiv(n_rows, rows), strides, meta
+    peel = not (single or x.shape[2] != 1 or row_align >= 16 // x.element_size() or x.stride(1) != 1)
+    return cdiv(n_rows, rows), strides, meta, peel
 
 
 def _options(kind: str, prob: bool, weight: Tensor | None, alpha_weight: Tensor | None,
