@@ -4,12 +4,15 @@ fastloss.kernels module replaced by a stub whose ``__getitem__`` (the ``kernel[g
 a no-op launcher, so what is timed is the Python around the launches: validation, dispatch, buffer allocation, autograd (and, for linear_xent,
 its small GEMMs, which run for real). (On CPU the softmax family also reads the targets for torch's
 IndexError, which CUDA skips.)
-``python bench/overhead/kernel_host.py`` (it measures the checkout it lives in)."""
+``python bench/overhead/kernel_host.py`` (it measures the checkout it lives in); with
+``--process-time`` the CPU time of this process is timed instead of wall time, which other work on a
+shared machine disturbs less."""
 import importlib
 import os
 import pkgutil
 import statistics
 import sys
+import time
 import timeit
 from pathlib import Path
 
@@ -57,5 +60,6 @@ for name, (m, args) in CASES.items():
         for v in leaves:
             v.grad = None
     for _ in range(50): run()
-    ts = [timeit.timeit(run, number=300) / 300 * 1e6 for _ in range(7)]
+    timer = timeit.Timer(run, timer=time.process_time if "--process-time" in sys.argv else time.perf_counter)
+    ts = [timer.timeit(number=300) / 300 * 1e6 for _ in range(7)]
     print(f"{name:32s} {statistics.median(ts):7.1f} us  (range {min(ts):.1f}-{max(ts):.1f})", flush=True)
