@@ -289,11 +289,12 @@ def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     x, y, z = ctx.saved_tensors
-    loss, margin, p, eps, swap, reduction = ctx.params
-    if loss == "contrastive":
-        out = reference.contrastive_loss(x, y, z, margin, reduction)
+    params = ctx.params
+    if params.loss == "contrastive":
+        out = reference.contrastive_loss(x, y, z, params.margin, params.reduction)
     else:
-        out = reference.triplet_margin_loss(x, y, z, margin, p, eps, swap, reduction)
+        out = reference.triplet_margin_loss(x, y, z, params.margin, params.p, params.eps, params.swap,
+                                            params.reduction)
     return out, (x, y, z)
 
 

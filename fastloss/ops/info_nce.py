@@ -321,9 +321,10 @@ def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     a, b, _, _ = ctx.saved_tensors
-    offset, scale, with_cols, reduction = ctx.params
-    loss = reference.info_nce_rows(a, b, scale, offset)
-    return _combine(loss, reference.info_nce_rows(b, a, scale, -offset) if with_cols else None, reduction), (a, b)
+    p = ctx.params
+    loss = reference.info_nce_rows(a, b, p.scale, p.offset)
+    loss_c = reference.info_nce_rows(b, a, p.scale, -p.offset) if p.with_cols else None
+    return _combine(loss, loss_c, p.reduction), (a, b)
 
 
 _apply = autograd_pair(

@@ -307,7 +307,8 @@ def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     input, target, weight, pos_weight = ctx.saved_tensors
-    losses, params, reduction = ctx.params
+    p = ctx.params
+    reduction, params = p.reduction, p.params
     calls = {
         "mse": lambda p1, p2: reference.mse_loss(input, target, reduction),
         "l1": lambda p1, p2: reference.l1_loss(input, target, reduction),
@@ -319,7 +320,7 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         "kl_div": lambda p1, p2: reference.kl_div(input, target, reduction, p1 != 0.0),
     }
     loss = sum(params[3 * i] * calls[name](*params[3 * i + 1:3 * i + 3])
-               for i, name in enumerate(losses.split(",")))
+               for i, name in enumerate(p.losses.split(",")))
     return loss, (input, target)
 
 

@@ -453,7 +453,8 @@ def _setup_context(ctx, tensors, p: _Params, want, output):
     return None
 
 
-def _check_backward(ctx) -> None:
+def _reject_one_element_target(ctx) -> None:
+    """torch's backward error for a (1,) class-index target of a (C,) input."""
     if ctx.one_element_target:
         raise RuntimeError(f"size mismatch (got input: [{ctx.n_cols}], target: [1])")
 
@@ -483,7 +484,7 @@ def _scale(ctx, grad_loss: Tensor, grads: tuple, steps: BackwardSteps) -> tuple:
 
 
 def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
-    _check_backward(ctx)
+    _reject_one_element_target(ctx)
     input = ctx.saved_tensors[0]
     if input is not None and input.dtype in HALF_DTYPES:
         return _backward_16bit(ctx, grad_loss, stored, steps)
@@ -493,7 +494,7 @@ def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -
 def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
     """16-bit reduction="none" (the forward made no gradient), or a second backward (retain_graph)
     whose forward-made gradients were already handed out."""
-    _check_backward(ctx)
+    _reject_one_element_target(ctx)
     input, target, weight, alpha_weight = ctx.saved_tensors
     if input is None:
         raise RuntimeError(
@@ -515,14 +516,14 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         raise RuntimeError(
             "fastloss: a double backward (create_graph=True) through a loss computed with "
             "inplace_backward=True is not supported (its logits were overwritten by the gradient)")
-    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, out_float32, _ = ctx.params
-    x = input.float() if out_float32 else input
-    if kind == "cross_entropy":
-        loss = reference.cross_entropy(x, target, weight, ignore_index, reduction, label_smoothing,
-                                       z_loss, softcap or None)
+    p = ctx.params
+    x = input.float() if p.out_float32 else input
+    if p.kind == "cross_entropy":
+        loss = reference.cross_entropy(x, target, weight, p.ignore_index, p.reduction, p.label_smoothing,
+                                       p.z_loss, p.softcap or None)
     else:
-        loss = reference.focal_loss(x, target, alpha if alpha_weight is None else alpha_weight, gamma,
-                                    reduction, weight, ignore_index)
+        loss = reference.focal_loss(x, target, p.alpha if alpha_weight is None else alpha_weight, p.gamma,
+                                    p.reduction, weight, p.ignore_index)
     return loss, (input, target)
 
 
