@@ -6,7 +6,7 @@ its small GEMMs, which run for real). (On CPU the softmax family also reads the 
 IndexError, which CUDA skips.)
 ``python bench/overhead/kernel_host.py`` (it measures the checkout it lives in); with
 ``--process-time`` the CPU time of this process is timed instead of wall time, which other work on a
-shared machine disturbs less."""
+shared machine disturbs less; ``--only WORD`` runs the cases whose name contains WORD."""
 import importlib
 import os
 import pkgutil
@@ -53,7 +53,11 @@ CASES = {
     "info_nce (32x16)": (fastloss.InfoNCELoss(), (q, k)),
     "linear_xent (32x16 -> 5)": (fastloss.functional.linear_cross_entropy, (h, head, t)),
 }
+#: ``--only WORD``: the cases whose name contains WORD
+ONLY = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
 for name, (m, args) in CASES.items():
+    if ONLY not in name:
+        continue
     leaves = [v for v in args if v.requires_grad]
     def run(m=m, args=args, leaves=leaves):
         m(*args).backward()
