@@ -38,13 +38,14 @@ from fastloss._validation import (
     _result_dtype,
     _torch_only,
 )
+from fastloss.ops._common import check_targets_cpu as _check_targets_cpu
 from fastloss.ops.cpu import sigmoid_focal_loss as cpu_sigmoid_focal_loss
 from fastloss.ops.cpu import softmax_focal_loss
 from fastloss.ops.embedding import embedding_loss
 from fastloss.ops.info_nce import info_nce_loss
 from fastloss.ops.linear_xent import linear_xent_loss
 from fastloss.ops.pointwise import pointwise_loss
-from fastloss.ops.softmax import _check_targets_cpu, softmax_loss
+from fastloss.ops.softmax import softmax_loss
 
 __all__ = [
     "binary_cross_entropy_with_logits",

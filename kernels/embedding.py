@@ -34,7 +34,7 @@ margin = 0.1 or eps = 1e-7 in a float64 kernel).
 
 For a reduced loss the forward writes the gradients already multiplied by ``scale`` (1/n_rows for
 "mean", computed in the accumulation dtype from the integer ``count``); backward then only scales them
-by grad_output (fastloss.kernels.pointwise.scale_grad_kernel).
+by grad_output (fastloss.kernels.common.scale_grad_kernel).
 For ``reduction="none"`` the backward kernels recompute them times a per-row grad_output.
 
 In float16 and bfloat16 that product would round the stored (already rounded) gradients a second

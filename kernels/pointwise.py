@@ -7,12 +7,12 @@ the gradient stores.
 
 For a reduced loss (``mean``/``sum``) the forward kernel also writes ``w * df/dx`` (and ``df/dy``
 when the target needs a gradient), so backward only has to multiply by ``grad_output``:
-``scale_grad_kernel`` loads that scalar and does nothing when it is 1, without a host sync. In
-float16/bfloat16 that product would round the stored (already rounded) gradient a second time, so
-``pointwise_bwd_kernel`` with SCALE does that backward instead: nothing when grad_output is 1; a
-power of two scales the stored gradient, which is exact while the result stays representable (a
-block where it does not is recomputed); any other grad_output recomputes the gradient from input
-and target, grad_output applied in fp32 before the one rounding.
+``scale_grad_kernel`` (kernels/common.py) loads that scalar and does nothing when it is 1, without
+a host sync. In float16/bfloat16 that product would round the stored (already rounded) gradient a
+second time, so ``pointwise_bwd_kernel`` with SCALE does that backward instead: nothing when
+grad_output is 1; a power of two scales the stored gradient, which is exact while the result stays
+representable (a block where it does not is recomputed); any other grad_output recomputes the
+gradient from input and target, grad_output applied in fp32 before the one rounding.
 
 The drivers evaluate ``f = sum_k coef_k f_k`` over up to three member losses (``TERMS``,
 ``TERMS_B``, ``TERMS_C``; absent members are ``None`` and compile away): one loss is the case of one
@@ -65,6 +65,8 @@ Formulas (``d = x - y``):
 import triton
 import triton.language as tl
 
+from .common import block_offsets, torch_pow
+
 
 @triton.jit
 def _sign(d):
@@ -104,23 +106,6 @@ def _log1p_unit(z):
 def _softplus_neg(x):
     """softplus(-x) = log(1 + exp(-x)), stable for any x."""
     return tl.maximum(-x, 0.0) + _log1p_unit(tl.exp(-tl.abs(x)))
-
-
-@triton.jit
-def _pow(m, gamma):
-    """m ** gamma as torch.pow for a scalar gamma >= 0: x ** 0 = 1 for every x (NaN included), a
-    negative m gives NaN unless gamma is an integer (then (-1)**gamma |m|**gamma). gamma == 2, the
-    focal losses' default, is one multiplication (uniform branches: the others are skipped)."""
-    if gamma == 2.0:
-        p = m * m
-    elif gamma == 0.0:
-        p = tl.full(m.shape, 1.0, m.dtype)
-    else:
-        p = tl.exp2(gamma * tl.log2(tl.abs(m)))  # log2(0) = -inf: 0 ** gamma = 0 for gamma > 0
-        whole = gamma == tl.floor(gamma)
-        odd = whole & (2.0 * tl.floor(0.5 * gamma) != gamma)
-        p = tl.where(m < 0, tl.where(whole, tl.where(odd, -p, p), float("nan")), p)
-    return p
 
 
 @triton.jit
@@ -206,7 +191,7 @@ def sigmoid_focal_terms(x, y, pos_weight, alpha, gamma):
     dce_dx = tl.where(x >= 0, (1.0 - y) - s_neg, s - y)  # s - y, cancelling only as it must
     dce_dy = -x
     m = s * (1.0 - y) + s_neg * y  # 1 - p_t; negative for some targets outside [0, 1]
-    m_gamma = _pow(m, gamma)
+    m_gamma = torch_pow(m, gamma)
     dm_dx = -s * s_neg * (2.0 * y - 1.0)
     dm_dy = 1.0 - 2.0 * s
     # gamma m^(gamma-1) overflows for tiny m when gamma < 1 (and 0 * inf at gamma = 0), so use
@@ -280,20 +265,6 @@ def _terms(
     loss, dx, dy = _add_member(x, y, pw, loss, dx, dy, TERMS_B, coef_b, param1_b, param2_b, ACC_DTYPE)
     loss, dx, dy = _add_member(x, y, pw, loss, dx, dy, TERMS_C, coef_c, param1_c, param2_c, ACC_DTYPE)
     return loss, dx, dy
-
-
-@triton.jit
-def _block(start, n_elements, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr):
-    """Offsets of the block at start and their mask. Triton proves a mask ``offs < n`` uniform over
-    a vector (and so uses 16-byte accesses) only when n is divisible by 16; the kernels therefore
-    run the blocks that lie inside [0, n_elements) (FULL, decided at run time) with a constant mask,
-    which compiles away, and only a partial last block with the real one."""
-    offs = start + tl.arange(0, BLOCK_SIZE)
-    if FULL:
-        mask = tl.full((BLOCK_SIZE,), 1, tl.int1)
-    else:
-        mask = offs < n_elements
-    return offs, mask
 
 
 @triton.jit
@@ -373,7 +344,7 @@ def _fwd_block(
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
 ):
     """Block pid of pointwise_fwd_kernel (FULL: it lies inside [0, n_elements), see _block)."""
-    offs, mask = _block(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
+    offs, mask = block_offsets(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -481,7 +452,7 @@ def _bwd_block(
     ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, FULL: tl.constexpr,
 ):
     """Block pid of pointwise_bwd_kernel (FULL as in _fwd_block)."""
-    offs, mask = _block(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
+    offs, mask = block_offsets(pid * BLOCK_SIZE, n_elements, BLOCK_SIZE, FULL)
     x, y, w, pw = _load_operands(
         input_ptr, target_ptr, weight_ptr, pos_weight_ptr, offs, mask,
         weight_inner, weight_period, pos_weight_inner, pos_weight_period,
@@ -531,7 +502,7 @@ def _rescale_block(
 ):
     """The block at start of pointwise_bwd_kernel with SCALE: the stored gradients times go where
     that rounds exactly (go a power of two), the rest recomputed (FULL as in _fwd_block)."""
-    offs, mask = _block(start, n_elements, BLOCK_SIZE, FULL)
+    offs, mask = block_offsets(start, n_elements, BLOCK_SIZE, FULL)
     gi = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
     gt = tl.zeros((BLOCK_SIZE,), ACC_DTYPE)
     exact = tl.zeros((BLOCK_SIZE,), tl.int1)
@@ -560,30 +531,3 @@ def _rescale_block(
         tl.store(grad_input_ptr + offs, gi.to(grad_input_ptr.dtype.element_ty), mask=mask)
     if GRAD_TARGET:
         tl.store(grad_target_ptr + offs, gt.to(grad_target_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def scale_grad_kernel(
-    grad_ptr,             # [n_elements] contiguous, scaled in place
-    grad_output_ptr,      # [] the reduced loss's grad_output
-    n_elements,
-    ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-):
-    """grad *= grad_output, skipped on device when grad_output == 1 (grid-stride loop)."""
-    go = tl.load(grad_output_ptr).to(ACC_DTYPE)
-    if go != 1.0:
-        pid = tl.program_id(0).to(tl.int64)
-        step = tl.num_programs(0).to(tl.int64) * BLOCK_SIZE
-        for start in range(pid * BLOCK_SIZE, n_elements, step):
-            if start + BLOCK_SIZE <= n_elements:
-                _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE, BLOCK_SIZE, FULL=True)
-            else:
-                _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE, BLOCK_SIZE, FULL=False)
-
-
-@triton.jit
-def _scale_block(grad_ptr, go, start, n_elements, ACC_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 FULL: tl.constexpr):
-    offs, mask = _block(start, n_elements, BLOCK_SIZE, FULL)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    tl.store(grad_ptr + offs, (g * go).to(grad_ptr.dtype.element_ty), mask=mask)

@@ -81,10 +81,10 @@ def _fake(module, results):
 
 
 def softmax_case(n_rows: int, n_cols: int, dtype: torch.dtype, kind: str) -> list[dict]:
-    from fastloss.kernels import softmax_xent
+    from fastloss.kernels import softmax as softmax_kernels
 
     results: list[dict] = []
-    ops_softmax._kernels = lambda: (_fake(softmax_xent, results), TL_DTYPES)
+    ops_softmax._kernels = lambda: (_fake(softmax_kernels, results), TL_DTYPES)
     x = torch.empty(n_rows, n_cols, dtype=dtype, device="meta")
     t = torch.empty(n_rows, dtype=torch.int64, device="meta")
     ops_softmax._fwd(x, t, None, None, kind, -100, 0.0, 0.0, 0.0, 0.25, 2.0, "mean", False, False,
@@ -99,7 +99,7 @@ def embedding_case(n_rows: int, n_cols: int, dtype: torch.dtype, loss: str) -> l
     ops_embedding._kernels = lambda: (_fake(embedding, results), TL_DTYPES)
     x, y = (torch.empty(n_rows, n_cols, dtype=dtype, device="meta") for _ in range(2))
     z = torch.empty(n_rows, dtype=dtype, device="meta") if loss == "contrastive" else y.clone()
-    ops_embedding._fwd(loss, x, y, z, 1.0, 2.0, 1e-6, False, "mean", True, True, False)
+    ops_embedding._fwd(x, y, z, loss, 1.0, 2.0, 1e-6, False, "mean", True, True, False)
     return results
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,45 +68,90 @@ def _differentiable_grads(ctx, grad_loss: torch.Tensor, reference: Callable) -> 
     return tuple(out)
 
 
+class BackwardSteps(NamedTuple):
+    """The launches a family's backward makes, in one of the two forms autograd_pair runs it: the
+    launchers themselves (eager) or their custom ops (traced by torch.compile). Fields a family
+    does not use stay None."""
+
+    fwd: Callable | None = None         # the forward launcher, for a backward that recomputes with it
+    bwd: Callable | None = None         # recompute the gradients with a given grad_output
+    rescale: Callable | None = None     # 16-bit forward-made gradients times grad_output, rounded once
+    scale_grad: Callable | None = None  # a forward-made gradient times grad_output
+    eager: bool = True                  # the launchers (buffers may be scaled in place), else the ops
+
+
 def autograd_pair(
     op: Callable[..., tuple[torch.Tensor, ...]],
     launcher: Callable[..., tuple[torch.Tensor, ...]],
-    setup_context: Callable[[Any, tuple, tuple], None],
-    backward_op: Callable[[Any, torch.Tensor], tuple],
-    backward_eager: Callable[[Any, torch.Tensor], tuple],
+    params: type[tuple],
+    n_tensors: int,
+    *,
+    setup_context: Callable[[Any, tuple, Any, tuple, tuple], tuple | None],
+    scale_stored: Callable[[Any, torch.Tensor, tuple, BackwardSteps], tuple],
+    recompute: Callable[[Any, torch.Tensor, BackwardSteps], tuple],
     reference: Callable[[Any], tuple[torch.Tensor, tuple]],
+    eager: BackwardSteps,
+    traced: BackwardSteps,
 ) -> Callable[..., torch.Tensor]:
-    """Autograd for a family's forward, once for both ways it runs; returns ``run(*args) -> loss``.
+    """Autograd for a family's forward, once for both ways it runs; returns
+    ``run(*tensors, params, want) -> loss``.
 
-    ``op`` is the torch.library custom op (traced by torch.compile) that wraps ``launcher``; both
-    return ``(loss, *buffers)`` where the buffers (gradients made in the forward, statistics) are
-    internal. ``setup_context(ctx, inputs, output)`` is shared; ``backward_op`` calls the custom ops,
-    ``backward_eager`` the launchers. In eager mode ``run`` goes through an autograd.Function that
-    calls ``launcher`` directly, which saves the custom-op dispatch cost (tens of microseconds a
-    call, a large share of a loss that runs in ~100 us).
+    The family's forward takes ``n_tensors`` tensor arguments (None where absent), then the fields
+    of its ``params`` record (a NamedTuple of the loss's non-tensor arguments), then ``want``, one
+    flag per tensor that needs a gradient from the forward. ``op`` is the torch.library custom op
+    (traced by torch.compile) that wraps ``launcher``; both take these arguments flat (a custom
+    op's schema has no records) and return ``(loss, *buffers)`` where the buffers (gradients made
+    in the forward, statistics) are internal. In eager mode ``run`` goes through an
+    autograd.Function that calls ``launcher`` directly, which saves the custom-op dispatch cost
+    (tens of microseconds a call, a large share of a loss that runs in ~100 us).
+
+    In both forms ``ctx.params`` is the record and ``ctx.want`` the flags.
+    ``setup_context(ctx, tensors, params, want, output)`` saves what backward needs and returns
+    the gradients the forward made (a tuple, None where one was not made), or None when backward
+    computes them. The first backward hands those out once: ``scale_stored(ctx, grad_loss, stored,
+    steps)`` multiplies them by grad_output (in place where it can), and autograd takes the
+    buffers without a copy; a backward with nothing stored (the forward made no gradients, or a
+    second backward after ``retain_graph=True``) calls ``recompute(ctx, grad_loss, steps)``. Both
+    return gradients in the order of the tensor arguments (shorter is fine); ``steps`` is
+    ``eager`` or ``traced``, the launches of the form that runs.
 
     ``reference(ctx) -> (loss, inputs)`` evaluates the same loss with differentiable PyTorch ops
-    from what ``setup_context`` saved; ``inputs`` lines up with the positional arguments of ``run``
-    (None where there is no tensor). It serves the double backward (see _differentiable_grads).
+    from what ``setup_context`` saved; ``inputs`` lines up with the tensor arguments (None where
+    there is no tensor). It serves the double backward (see _differentiable_grads).
     ``setup_context`` may set ``ctx.overwritten`` to the input tensors the launcher wrote into
     (``inplace_backward``): the eager Function marks them dirty, so autograd raises, as for any
     in-place operation, when a saved copy of them is used later, and a later use of the
     overwritten values in the graph raises in this backward.
     """
+    n_flat = n_tensors + len(params._fields)
+
+    def setup(ctx, tensors, p, want, output):
+        ctx.params, ctx.want = p, want
+        ctx.grads = setup_context(ctx, tensors, p, want, output)
+
+    def backward(ctx, grad_loss, steps: BackwardSteps) -> tuple:
+        stored, ctx.grads = ctx.grads, None  # handed out once
+        if stored is not None:
+            grads = scale_stored(ctx, grad_loss, stored, steps)
+        else:
+            grads = recompute(ctx, grad_loss, steps)
+        needs = ctx.needs_input_grad
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (len(needs) - len(grads))
 
     def setup_context_op(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
+        setup(ctx, inputs[:n_tensors], params._make(inputs[n_tensors:n_flat]), inputs[n_flat:], output)
         ctx.mark_non_differentiable(*output[1:])
 
-    op.register_autograd(lambda ctx, grad_loss, *_: backward_op(ctx, grad_loss),
+    op.register_autograd(lambda ctx, grad_loss, *_: backward(ctx, grad_loss, traced),
                          setup_context=setup_context_op)
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = launcher(*inputs)
+            *tensors, p, want = inputs
+            output = launcher(*tensors, *p, *want)
             ctx.overwritten = ()
-            setup_context(ctx, inputs, output)
+            setup(ctx, tensors, p, want, output)
             if ctx.overwritten:
                 ctx.mark_dirty(*ctx.overwritten)
                 ctx.set_materialize_grads(False)
@@ -123,13 +168,15 @@ def autograd_pair(
                 return (None,) * len(ctx.needs_input_grad)
             if torch.is_grad_enabled():  # create_graph=True
                 return _differentiable_grads(ctx, grad_loss, reference)
-            return backward_eager(ctx, grad_loss)
+            return backward(ctx, grad_loss, eager)
 
     Eager.__name__ = Eager.__qualname__ = f"{getattr(op, '_name', 'fastloss')}_eager".replace("::", "_")
 
     def run(*args) -> torch.Tensor:
+        """``run(*tensors, params, want)``: the loss, differentiable."""
         if torch.compiler.is_compiling():
-            return op(*args)[0]
+            *tensors, p, want = args
+            return op(*tensors, *p, *want)[0]
         return Eager.apply(*args)[0]
 
     return run

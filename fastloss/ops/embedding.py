@@ -5,7 +5,7 @@
 computed in the same pass. Operands are ``(x, y, z)`` = (output1, output2, label) for the
 contrastive loss and (anchor, positive, negative) for the triplet loss, each ``(n_rows, n_cols)``
 (the label ``(n_rows,)``). Backward of a reduced loss scales those gradients by ``grad_output`` in
-place (fastloss.ops.pointwise's scale kernel, a no-op on device when it is 1; in float16 and
+place (ops._common.scale_grad, a no-op on device when it is 1; in float16 and
 bfloat16, where that product would round the gradients twice, ``embedding_rescale_`` instead keeps
 them, scales them when grad_output is a power of two, or recomputes them: one launch, rounded once);
 backward of ``reduction="none"`` recomputes them in one pass.
@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
-from fastloss.ops.pointwise import _scale_grad, scale_grad_
+from fastloss.ops._common import HALF_DTYPES, scale_each, scale_grad, scale_grad_
+from fastloss.ops._utils import (
+    BackwardSteps,
+    acc_dtype,
+    autograd_pair,
+    cdiv,
+    count_launch,
+    empty,
+    next_pow2,
+    pow2_align,
+)
 
 __all__ = ["LOSSES", "embedding_loss"]
 
@@ -37,8 +47,9 @@ def _kernels():
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
+@functools.lru_cache(maxsize=1024)
 def _block_config(n_cols: int) -> tuple[int, int, bool, int]:
-    """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements."""
+    """(BLOCK_ROWS, BLOCK_COLS, SINGLE_PASS, num_warps) for rows of n_cols elements (cached)."""
     block_cols = min(next_pow2(max(n_cols, 1)), 1024)
     block_rows = max(1, 2048 // block_cols)
     return block_rows, block_cols, n_cols <= block_cols, 4 if block_rows * block_cols <= 1024 else 8
@@ -54,10 +65,10 @@ def _grad_buffers(x: Tensor, y: Tensor, z: Tensor, want: tuple[bool, bool, bool]
 
 
 def _fwd(
-    loss: str,
     x: Tensor,
     y: Tensor,
     z: Tensor,
+    loss: str,
     margin: float,
     p: float,
     eps: float,
@@ -67,7 +78,8 @@ def _fwd(
     grad_y: bool,
     grad_z: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Loss and, for reduced losses, d(loss)/d(x, y, z) (empty tensors when not asked)."""
+    """Loss and, for reduced losses, d(loss)/d(x, y, z) (empty tensors when not asked). The
+    operands come first here (autograd_pair's order: tensors, parameters, gradient flags)."""
     k, tl_dtype = _kernels()
     x, y, z = x.contiguous(), y.contiguous(), z.contiguous()
     n_rows, n_cols = x.shape
@@ -108,7 +120,7 @@ embedding_fwd = torch.library.custom_op("fastloss::embedding_fwd", mutates_args=
 
 
 @embedding_fwd.register_fake
-def _(loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z):
+def _(x, y, z, loss, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z):
     reduce = reduction != "none"
     out = x.new_empty(()) if reduce else x.new_empty(x.shape[:1])
     grads = tuple(t.new_empty(t.shape) if reduce and w else t.new_empty(0)
@@ -173,10 +185,6 @@ def _(loss, x, y, z, grad_output, margin, p, eps, swap, count, grad_x, grad_y, g
 
 
 
-#: Dtypes whose forward-made gradients ``_rescale`` scales (or recomputes) so that they are rounded once.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def _rescale(
     loss: str,
     x: Tensor,
@@ -236,53 +244,65 @@ def _(loss, x, y, z, grad_output, grad_x, grad_y, grad_z, margin, p, eps, swap, 
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    loss, x, y, z, margin, p, eps, swap, reduction, grad_x, grad_y, grad_z = inputs
-    ctx.save_for_backward(x, y, z)
-    ctx.args = (loss, margin, p, eps, swap, reduction)
-    # Gradients of a reduced loss come from the forward; they are handed to autograd in backward
-    # (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
-    ctx.grads = tuple(g if want else None for g, want in zip(output[1:], (grad_x, grad_y, grad_z)))
+class _Params(NamedTuple):
+    """The non-tensor arguments of the forward, as they cross autograd."""
+
+    loss: str       # "contrastive" or "triplet"
+    margin: float
+    p: float        # the triplet loss's norm degree
+    eps: float
+    swap: bool
+    reduction: str
 
 
-def _backward(ctx, grad_loss, scale_grad, recompute, rescale):
+def _setup_context(ctx, tensors, params: _Params, want, output):
+    ctx.save_for_backward(*tensors)
+    # A reduced loss's gradients are made by the forward (None where not asked)
+    return tuple(g if w else None for g, w in zip(output[1:], want)) if params.reduction != "none" else None
+
+
+def _count(params: _Params, n_rows: int) -> int:
+    """The divisor of every row's gradient in a backward launch: n_rows for "mean"."""
+    return n_rows if params.reduction == "mean" and n_rows else 1
+
+
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
     x, y, z = ctx.saved_tensors
-    loss, margin, p, eps, swap, reduction = ctx.args
-    needs = ctx.needs_input_grad[1:4]
-    n_rows = x.shape[0]
-    count = n_rows if reduction == "mean" and n_rows else 1
-    if reduction != "none" and ctx.grads is not None:
-        grads = ctx.grads
-        ctx.grads = None
-        if x.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
-            rescale(loss, x, y, z, grad_loss, *grads, margin, p, eps, swap, count)
-        else:
-            for g in grads:
-                if g is not None:
-                    scale_grad(g, grad_loss)
+    params = ctx.params
+    if x.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
+        steps.rescale(params.loss, x, y, z, grad_loss, *stored, params.margin, params.p, params.eps,
+                      params.swap, _count(params, x.shape[0]))
     else:
-        # reduction="none", or a second backward through a reduced loss (retain_graph=True) whose
-        # forward-made gradients were already handed out: recompute from the operands.
-        grads = recompute(loss, x, y, z, grad_loss, margin, p, eps, swap, count, *needs)
-    return (None,) + tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
+        scale_each(stored, grad_loss, steps.scale_grad)
+    return stored
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """reduction="none", or a second backward through a reduced loss (retain_graph=True) whose
+    forward-made gradients were already handed out: from the operands."""
+    x, y, z = ctx.saved_tensors
+    params = ctx.params
+    return steps.bwd(params.loss, x, y, z, grad_loss, params.margin, params.p, params.eps, params.swap,
+                     _count(params, x.shape[0]), *ctx.needs_input_grad[:3])
 
 
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     x, y, z = ctx.saved_tensors
-    loss, margin, p, eps, swap, reduction = ctx.args
-    if loss == "contrastive":
-        out = reference.contrastive_loss(x, y, z, margin, reduction)
+    params = ctx.params
+    if params.loss == "contrastive":
+        out = reference.contrastive_loss(x, y, z, params.margin, params.reduction)
     else:
-        out = reference.triplet_margin_loss(x, y, z, margin, p, eps, swap, reduction)
-    return out, (None, x, y, z)
+        out = reference.triplet_margin_loss(x, y, z, params.margin, params.p, params.eps, params.swap,
+                                            params.reduction)
+    return out, (x, y, z)
 
 
 _apply = autograd_pair(
-    embedding_fwd, _fwd, _setup_context,
-    reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, embedding_bwd, embedding_rescale_),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd, _rescale),
+    embedding_fwd, _fwd, _Params, 3,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(bwd=_bwd, rescale=_rescale, scale_grad=scale_grad),
+    traced=BackwardSteps(bwd=embedding_bwd, rescale=embedding_rescale_, scale_grad=scale_grad_, eager=False),
 )
 
 
@@ -301,6 +321,5 @@ def embedding_loss(
     contrastive label ``(rows,)``) and of one floating dtype; the result has x's dtype and, for
     ``reduction="none"``, shape ``(rows,)``."""
     grad = torch.is_grad_enabled()
-    args = (loss, x, y, z, float(margin), float(p), float(eps), bool(swap), reduction,
-            grad and x.requires_grad, grad and y.requires_grad, grad and z.requires_grad)
-    return _apply(*args)
+    return _apply(x, y, z, _Params(loss, float(margin), float(p), float(eps), bool(swap), reduction),
+                  (grad and x.requires_grad, grad and y.requires_grad, grad and z.requires_grad))

@@ -5,7 +5,7 @@ of ``b``, never holding the ``(n_rows, n_cols)`` score matrix.
 ``reduction="none"``), the log-sum-exps and, for reduced losses, the gradients of both operands:
 the row weights of a reduced loss are known in advance (1/n_rows or 1, halves for the symmetric
 loss), so the forward computes them in the same sweep over chunks of rows and backward only scales
-them by grad_output (the pointwise family's scale kernel, a no-op on device when it is 1).
+them by grad_output (ops._common.scale_grad, a no-op on device when it is 1).
 ``reduction="none"`` (per-row weights known only in backward) and a second backward recompute them
 in ``info_nce_bwd``. ``with_cols`` is the symmetric loss of one process (square, offset 0): the
 column direction's log-sum-exps come from the tiled forward kernel with the roles swapped.
@@ -19,13 +19,23 @@ CHUNK_ELEMENTS, so extra memory is O((n_rows + n_cols) * D + CHUNK_ELEMENTS).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
-from fastloss.ops.pointwise import _scale_grad, scale_grad_
+from fastloss.ops._common import scale_grad, scale_grad_
+from fastloss.ops._utils import (
+    BackwardSteps,
+    acc_dtype,
+    autograd_pair,
+    cdiv,
+    count_launch,
+    empty,
+    next_pow2,
+    pow2_align,
+)
 
 __all__ = ["info_nce_loss"]
 
@@ -273,48 +283,55 @@ def _(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, 
 
 
 
-def _setup_context(ctx, inputs, output):
-    a, b, offset, scale, with_cols, reduction, need_a, need_b = inputs
+class _Params(NamedTuple):
+    """The non-tensor arguments of the forward, as they cross autograd."""
+
+    offset: int      # the positive of row i is row i + offset of b
+    scale: float
+    with_cols: bool  # the symmetric loss of one process
+    reduction: str
+
+
+def _setup_context(ctx, tensors, p: _Params, want, output):
+    a, b = tensors
     _, lse, lse_c, ga, gb = output
     ctx.save_for_backward(a, b, lse, lse_c)
-    ctx.args = (offset, scale, with_cols, reduction)
-    # Gradients of a reduced loss come from the forward; they are handed to autograd in backward
-    # (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
-    ctx.grads = (ga if need_a else None, gb if need_b else None) if reduction != "none" else None
+    # A reduced loss's gradients are made by the forward (None where not asked)
+    return (ga if want[0] else None, gb if want[1] else None) if p.reduction != "none" else None
 
 
-def _backward(ctx, grad_loss, scale_grad, recompute):
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
+    a = ctx.saved_tensors[0]
+    for g in stored:
+        if g is not None and g.dtype == a.dtype:
+            steps.scale_grad(g, grad_loss)
+    # half-precision operands: fp32 gradients, scaled and then rounded once
+    return tuple(g if g is None or g.dtype == a.dtype else (g * grad_loss).to(a.dtype) for g in stored)
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
+    forward-made gradients were already handed out."""
     a, b, lse, lse_c = ctx.saved_tensors
-    offset, scale, with_cols, reduction = ctx.args
-    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if ctx.grads is not None:
-        grads = ctx.grads
-        ctx.grads = None
-        for g in grads:
-            if g is not None and g.dtype == a.dtype:
-                scale_grad(g, grad_loss)
-        # half-precision operands: fp32 gradients, scaled and then rounded once
-        grads = tuple(g if g is None or g.dtype == a.dtype else (g * grad_loss).to(a.dtype) for g in grads)
-    else:
-        # reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
-        # forward-made gradients were already handed out: recompute.
-        grads = recompute(a, b, lse, lse_c, grad_loss, offset, scale, with_cols, reduction, need_a, need_b)
-    return (grads[0] if need_a else None, grads[1] if need_b else None) + (None,) * 6
+    p = ctx.params
+    return steps.bwd(a, b, lse, lse_c, grad_loss, p.offset, p.scale, p.with_cols, p.reduction,
+                     *ctx.needs_input_grad[:2])
 
 
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     a, b, _, _ = ctx.saved_tensors
-    offset, scale, with_cols, reduction = ctx.args
-    loss = reference.info_nce_rows(a, b, scale, offset)
-    return _combine(loss, reference.info_nce_rows(b, a, scale, -offset) if with_cols else None, reduction), (a, b)
+    p = ctx.params
+    loss = reference.info_nce_rows(a, b, p.scale, p.offset)
+    loss_c = reference.info_nce_rows(b, a, p.scale, -p.offset) if p.with_cols else None
+    return _combine(loss, loss_c, p.reduction), (a, b)
 
 
 _apply = autograd_pair(
-    info_nce_fwd, _fwd, _setup_context,
-    reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, info_nce_bwd),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd),
+    info_nce_fwd, _fwd, _Params, 2,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(bwd=_bwd, scale_grad=scale_grad),
+    traced=BackwardSteps(bwd=info_nce_bwd, scale_grad=scale_grad_, eager=False),
 )
 
 
@@ -325,6 +342,5 @@ def info_nce_loss(a: Tensor, b: Tensor, scale: float, offset: int = 0, with_cols
     direction. Reduced over rows by ``reduction`` (per-row losses for "none"). Operands validated,
     2-D, one floating dtype, M, N >= 1; the result in float32 (float64 for float64 operands)."""
     grad = torch.is_grad_enabled()
-    args = (a, b, int(offset), float(scale), bool(with_cols), reduction,
-            grad and a.requires_grad, grad and b.requires_grad)
-    return _apply(*args)
+    return _apply(a, b, _Params(int(offset), float(scale), bool(with_cols), reduction),
+                  (grad and a.requires_grad, grad and b.requires_grad))

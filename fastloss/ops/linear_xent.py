@@ -18,11 +18,11 @@ beside the gradients themselves.
 
 Reduced losses: the "mean" denominator (sum over non-ignored rows of class weight x token weight)
 is computed on device before the sweep, so the forward makes the gradients already divided by it
-and backward only multiplies them by grad_output (no host sync; the pointwise family's scale
-kernel on the Triton path, a no-op on device when grad_output is 1). ``reduction="none"``: the
+and backward only multiplies them by grad_output (no host sync; on the Triton path the shared scale
+kernel, ops._common.scale_grad, a no-op on device when grad_output is 1). ``reduction="none"``: the
 forward computes the losses only; backward sweeps again with s = grad_output x token weight.
 
-Per-row formulas (those of the row kernel, kernels/softmax_xent.py): class-index target t, class
+Per-row formulas (those of the row kernel, kernels/softmax.py): class-index target t, class
 weight w (1 when absent, w_t = 0 on ignored rows), smoothing eps, C classes, z-loss zl, softcap s
 (``z = s tanh(x / s)``, else ``z = x``), ``W = sum_j w_j``::
 
@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, empty
-from fastloss.ops.pointwise import _scale_grad, scale_grad_
+from fastloss.ops._common import HALF_DTYPES, scale_grad, scale_grad_
+from fastloss.ops._utils import BackwardSteps, acc_dtype, autograd_pair, empty
 
 __all__ = ["CHUNK_BYTES", "CHUNK_ROWS", "chunk_rows", "linear_xent_loss"]
 
@@ -55,11 +55,8 @@ CHUNK_ROWS: int | None = None
 #: Fewest rows a budget-chosen chunk gets (GEMMs of fewer rows run far below their peak rate).
 MIN_CHUNK_ROWS = 16
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 class _Params(NamedTuple):
-    """The non-tensor arguments of the loss, as they cross autograd."""
+    """The non-tensor arguments of the loss, as they cross autograd (and reach the sweep)."""
 
     ignore_index: int
     label_smoothing: float
@@ -212,7 +209,7 @@ def _rows_kernel(z: Tensor, target: Tensor, weight: Tensor | None, p: _Params, g
     loss, gi = softmax_ops._fwd(
         input=z, target=target, weight=weight, alpha_weight=None, kind="cross_entropy",
         ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, z_loss=p.z_loss,
-        softcap=p.softcap, alpha=1.0, gamma=0.0, reduction="none", out_float32=z.dtype in _HALF,
+        softcap=p.softcap, alpha=1.0, gamma=0.0, reduction="none", out_float32=z.dtype in HALF_DTYPES,
         inplace=True, grad_input=grad, grad_target=False,
     )[:2]
     if grad and gi is not z:  # the launcher declined to write in place
@@ -250,7 +247,7 @@ def _sweep(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, class_weight:
     # on the PyTorch path the accumulation dtype (fp32 copies of 16-bit operands: CPU has no
     # 16-bit GEMM writing fp32).
     op = x.dtype if p.kernel else acc
-    fp32_out = op in _HALF          # backward GEMMs of 16-bit operands write fp32 products
+    fp32_out = op in HALF_DTYPES          # backward GEMMs of 16-bit operands write fp32 products
     w_op = w.to(op)
     b_op = b.to(op) if b is not None else None
     losses = empty((n,), acc, device)
@@ -407,18 +404,11 @@ def _(input, weight, bias, target, class_weight, row_scale, ignore_index, label_
 # Autograd
 # --------------------------------------------------------------------------------------------
 
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, target, class_weight, token_weight = inputs[:6]
-    ctx.params = _Params(*inputs[6:14])
+def _setup_context(ctx, tensors, p: _Params, want, output):
     _, losses, gx, gw, gb, gt = output
-    ctx.save_for_backward(input, weight, bias, target, class_weight, token_weight, losses)
-    # Gradients of a reduced loss come from the forward; they are handed to autograd in backward
-    # (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
-    need = inputs[14:18]
-    if ctx.params.reduction != "none":
-        ctx.grads = tuple(g if n else None for g, n in zip((gx, gw, gb, gt), need))
-    else:
-        ctx.grads = None
+    ctx.save_for_backward(*tensors, losses)
+    # A reduced loss's gradients are made by the forward (None where not asked)
+    return tuple(g if n else None for g, n in zip((gx, gw, gb, gt), want)) if p.reduction != "none" else None
 
 
 def _row_scale(ctx, grad_loss: Tensor) -> Tensor:
@@ -436,30 +426,29 @@ def _row_scale(ctx, grad_loss: Tensor) -> Tensor:
     return s.contiguous()
 
 
-def _backward(ctx, grad_loss, scale_grad, recompute):
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
+    gx, gw, gb, gt = (steps.scale_grad(g, grad_loss, ctx.params.kernel) if g is not None else None
+                      for g in stored)
+    return gx, gw, gb, None, None, gt
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
+    forward-made gradients were already handed out: sweep again."""
     input, weight, bias, target, class_weight, token_weight, losses = ctx.saved_tensors
     p = ctx.params
     need = ctx.needs_input_grad
-    if ctx.grads is not None:
-        gx, gw, gb, gt = ctx.grads
-        ctx.grads = None
-        gx, gw, gb, gt = (scale_grad(g, grad_loss, p.kernel) if g is not None else None
-                          for g in (gx, gw, gb, gt))
-    else:
-        # reduction="none", or a second backward (retain_graph=True) through a reduced loss whose
-        # forward-made gradients were already handed out: sweep again.
-        s = _row_scale(ctx, grad_loss)
-        gx, gw, gb = recompute(input, weight, bias, target, class_weight, s, p.ignore_index,
-                               p.label_smoothing, p.z_loss, p.softcap, p.kernel, p.chunk_rows,
-                               need[0], need[1], need[2] and bias is not None)
-        gt = None
-        if need[5]:
-            if p.reduction == "none":
-                gt = (grad_loss.reshape(-1).to(losses.dtype) * losses).to(token_weight.dtype)
-            else:
-                gt = _token_weight_grad(ctx, grad_loss)
-    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None,
-            gt if need[5] else None) + (None,) * 12
+    s = _row_scale(ctx, grad_loss)
+    gx, gw, gb = steps.bwd(input, weight, bias, target, class_weight, s, p.ignore_index, p.label_smoothing,
+                           p.z_loss, p.softcap, p.kernel, p.chunk_rows, need[0], need[1],
+                           need[2] and bias is not None)
+    gt = None
+    if need[5]:
+        if p.reduction == "none":
+            gt = (grad_loss.reshape(-1).to(losses.dtype) * losses).to(token_weight.dtype)
+        else:
+            gt = _token_weight_grad(ctx, grad_loss)
+    return gx, gw, gb, None, None, gt
 
 
 def _token_weight_grad(ctx, grad_loss: Tensor) -> Tensor:
@@ -476,8 +465,8 @@ def _token_weight_grad(ctx, grad_loss: Tensor) -> Tensor:
 
 
 def _scale_op(g: Tensor, grad_loss: Tensor, kernel: bool) -> Tensor:
-    """grad * grad_output under torch.compile: the pointwise family's custom op (in place) on the
-    kernel path, an out-of-place product on the PyTorch path."""
+    """grad * grad_output under torch.compile: the scale custom op (in place) on the kernel path,
+    an out-of-place product on the PyTorch path."""
     if kernel:
         scale_grad_(g, grad_loss)
         return g
@@ -485,10 +474,10 @@ def _scale_op(g: Tensor, grad_loss: Tensor, kernel: bool) -> Tensor:
 
 
 def _scale_eager(g: Tensor, grad_loss: Tensor, kernel: bool) -> Tensor:
-    """grad *= grad_output in place: the pointwise family's kernel on the kernel path (no pass on
-    device when grad_output is 1), torch's mul_ on the PyTorch path."""
+    """grad *= grad_output in place: the scale kernel on the kernel path (no pass on device when
+    grad_output is 1), torch's mul_ on the PyTorch path."""
     if kernel:
-        _scale_grad(g, grad_loss)
+        scale_grad(g, grad_loss)
     else:
         g.mul_(grad_loss.to(g.dtype))
     return g
@@ -507,10 +496,10 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
 
 
 _apply = autograd_pair(
-    linear_xent_fwd, _fwd, _setup_context,
-    reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, _scale_op, linear_xent_bwd),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_eager, _bwd),
+    linear_xent_fwd, _fwd, _Params, 6,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(bwd=_bwd, scale_grad=_scale_eager),
+    traced=BackwardSteps(bwd=linear_xent_bwd, scale_grad=_scale_op, eager=False),
 )
 
 
@@ -540,10 +529,9 @@ def linear_xent_loss(
     eager mode an autograd.Function calls the same functions directly.
     """
     grad = torch.is_grad_enabled()
-    args = (input, weight, bias, target, class_weight, token_weight, int(ignore_index),
-            float(label_smoothing), float(z_loss), float(softcap or 0.0), reduction, bool(out_float32),
-            bool(kernel), int(chunk_rows),
-            grad and input.requires_grad, grad and weight.requires_grad,
+    p = _Params(int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0), reduction,
+                bool(out_float32), bool(kernel), int(chunk_rows))
+    want = (grad and input.requires_grad, grad and weight.requires_grad,
             grad and bias is not None and bias.requires_grad,
             grad and token_weight is not None and token_weight.requires_grad)
-    return _apply(*args)
+    return _apply(input, weight, bias, target, class_weight, token_weight, p, want)

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty
+from fastloss.ops._common import (
+    HALF_DTYPES,
+    flat_block_config,
+    max_programs,
+    scale_each,
+    scale_grad,
+    scale_grad_,
+)
+from fastloss.ops._utils import BackwardSteps, acc_dtype, autograd_pair, cdiv, count_launch, empty
 
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
@@ -45,18 +54,6 @@ def _kernels():
     return k, terms, {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
-def _block_config(n: int) -> tuple[int, int]:
-    """(BLOCK_SIZE, num_warps) for a flat pass over n elements."""
-    return (1024, 4) if n <= 65536 else (4096, 8)
-
-
-@functools.cache
-def _max_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _broadcast_layout(t: Tensor | None, shape: torch.Size) -> tuple[Tensor | None, int, int]:
     """(flat storage, inner, period) so that element i of ``shape`` reads storage[(i // inner) % period].
 
@@ -76,11 +73,26 @@ def _broadcast_layout(t: Tensor | None, shape: torch.Size) -> tuple[Tensor | Non
     return t.expand(shape).contiguous().reshape(-1), 1, math.prod(shape)
 
 
+#: _member_args results by (losses, params, scale, terms table); cleared when full.
+_MEMBER_ARGS_CACHE: dict[tuple, dict] = {}
+_MEMBER_ARGS_CACHE_SIZE = 1024
+
+
 def _member_args(losses: str, params: list[float], scale: float) -> dict:
     """Kernel keyword arguments of the members: ``losses`` is a comma-separated list of names,
     ``params`` holds (coef, param1, param2) per loss; every coef is multiplied by ``scale``;
-    absent members get TERMS_* = None."""
+    absent members get TERMS_* = None. Cached (callers unpack the dict, never change it)."""
     _, terms, _ = _kernels()
+    key = (losses, tuple(params), scale, id(terms))
+    kwargs = _MEMBER_ARGS_CACHE.get(key)
+    if kwargs is None:
+        if len(_MEMBER_ARGS_CACHE) >= _MEMBER_ARGS_CACHE_SIZE:
+            _MEMBER_ARGS_CACHE.clear()
+        kwargs = _MEMBER_ARGS_CACHE[key] = _work_out_member_args(terms, losses, params, scale)
+    return kwargs
+
+
+def _work_out_member_args(terms: dict, losses: str, params: list[float], scale: float) -> dict:
     names = losses.split(",")
     kwargs = {}
     for i, suffix in enumerate(("", "_b", "_c")):
@@ -121,7 +133,7 @@ def _fwd(
     want_gi, want_gt = reduce and grad_input, reduce and grad_target
     gi = empty(x.shape, x.dtype, x.device) if want_gi else x.new_empty(0)
     gt = empty(x.shape, x.dtype, x.device) if want_gt else x.new_empty(0)
-    block, warps = _block_config(n)
+    block, warps = flat_block_config(n)
     n_programs = cdiv(n, block)
     out = empty((n_programs,), acc, x.device) if reduce else empty(x.shape, x.dtype, x.device)
     w, pw, layout = _launch_args(x, weight, pos_weight)
@@ -182,7 +194,7 @@ def _bwd(
     else:
         go, stride = grad_output.expand(x.shape).contiguous(), 1
     w, pw, layout = _launch_args(x, weight, pos_weight)
-    block, warps = _block_config(n)
+    block, warps = flat_block_config(n)
     if n > 0 and (grad_input or grad_target):
         k.pointwise_bwd_kernel[(cdiv(n, block),)](
             x, y, w, pw, go, gi, gt, n, stride, *layout, **_member_args(losses, params, scale),
@@ -203,10 +215,6 @@ def _(input, target, weight, pos_weight, grad_output, losses, params, scale, gra
     gi = input.new_empty(input.shape) if grad_input else input.new_empty(0)
     gt = input.new_empty(input.shape) if grad_target else input.new_empty(0)
     return gi, gt
-
-
-#: Dtypes whose forward-made gradients ``_rescale`` scales (or recomputes) so that they are rounded once.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _rescale(
@@ -231,8 +239,8 @@ def _rescale(
     if n == 0 or (grad_input is None and grad_target is None):
         return
     w, pw, layout = _launch_args(x, weight, pos_weight)
-    block, warps = _block_config(n)
-    grid = min(cdiv(n, block), _max_programs(x.device))
+    block, warps = flat_block_config(n)
+    grid = min(cdiv(n, block), max_programs(x.device))
     k.pointwise_bwd_kernel[(grid,)](
         # pointers: operands, grad_output (a scalar), the gradients scaled in place
         x, y, w, pw, grad_output,
@@ -257,65 +265,50 @@ def _(input, target, weight, pos_weight, grad_output, grad_input, grad_target, l
     return None
 
 
-def _scale_grad(grad: Tensor, grad_output: Tensor) -> None:
-    """grad *= grad_output in place; the kernel skips the pass on device when grad_output == 1."""
-    k, _, tl_dtype = _kernels()
-    n = grad.numel()
-    if n == 0:
-        return
-    block, warps = _block_config(n)
-    grid = min(cdiv(n, block), _max_programs(grad.device))
-    k.scale_grad_kernel[(grid,)](
-        grad, grad_output, n, ACC_DTYPE=tl_dtype[acc_dtype(grad.dtype)], BLOCK_SIZE=block,
-        num_warps=warps,
-    )
-    count_launch("scale_grad_kernel")
+class _Params(NamedTuple):
+    """The non-tensor arguments of the family's forward, as they cross autograd."""
+
+    losses: str          # member names, comma-separated
+    params: list[float]  # (coef, param1, param2) per member
+    reduction: str
 
 
-# The custom-op form of _scale_grad, for torch.compile (same signature; eager autograd calls _scale_grad)
-scale_grad_ = torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))(_scale_grad)
+def _setup_context(ctx, tensors, p: _Params, want, output):
+    ctx.save_for_backward(*tensors)
+    # A reduced loss's gradients are made by the forward (None where not asked)
+    return (output[1] if want[0] else None, output[2] if want[1] else None) if p.reduction != "none" else None
 
 
-@scale_grad_.register_fake
-def _(grad, grad_output):
-    return None
+def _mean_scale(p: _Params, input: Tensor) -> float:
+    """The factor of every coef in a backward launch: 1 / n for "mean"."""
+    return 1.0 / input.numel() if p.reduction == "mean" and input.numel() else 1.0
 
 
-
-def _setup_context(ctx, inputs, output):
-    input, target, weight, pos_weight, losses, params, reduction, grad_input, grad_target = inputs
-    ctx.save_for_backward(input, target, weight, pos_weight)
-    ctx.args = (losses, params, reduction)
-    # The gradients of a reduced loss are made by the forward; they are handed to autograd in
-    # backward (and dropped from ctx then), so a leaf's .grad can take the buffer without a copy.
-    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None)
-
-
-def _backward(ctx, grad_loss, scale_grad, recompute, rescale):
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
     input, target, weight, pos_weight = ctx.saved_tensors
-    losses, params, reduction = ctx.args
-    need_gi, need_gt = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    scale = 1.0 / input.numel() if reduction == "mean" and input.numel() else 1.0
-    if reduction != "none" and ctx.grads is not None:
-        gi, gt = ctx.grads
-        ctx.grads = None
-        if input.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
-            rescale(input, target, weight, pos_weight, grad_loss, gi, gt, losses, params, scale)
-        else:
-            for g in (gi, gt):
-                if g is not None:
-                    scale_grad(g, grad_loss)
+    p = ctx.params
+    if input.dtype in HALF_DTYPES:  # scaling would round the stored gradients a second time
+        steps.rescale(input, target, weight, pos_weight, grad_loss, *stored, p.losses, p.params,
+                      _mean_scale(p, input))
     else:
-        # reduction="none", or a second backward through a reduced loss (retain_graph=True),
-        # whose forward-made gradients were already handed out: recompute from input and target.
-        gi, gt = recompute(input, target, weight, pos_weight, grad_loss, losses, params, scale, need_gi, need_gt)
-    return (gi if need_gi else None, gt if need_gt else None) + (None,) * 7
+        scale_each(stored, grad_loss, steps.scale_grad)
+    return stored
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """reduction="none", or a second backward through a reduced loss (retain_graph=True), whose
+    forward-made gradients were already handed out: from input and target."""
+    input, target, weight, pos_weight = ctx.saved_tensors
+    p = ctx.params
+    return steps.bwd(input, target, weight, pos_weight, grad_loss, p.losses, p.params, _mean_scale(p, input),
+                     *ctx.needs_input_grad[:2])
 
 
 def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     input, target, weight, pos_weight = ctx.saved_tensors
-    losses, params, reduction = ctx.args
+    p = ctx.params
+    reduction, params = p.reduction, p.params
     calls = {
         "mse": lambda p1, p2: reference.mse_loss(input, target, reduction),
         "l1": lambda p1, p2: reference.l1_loss(input, target, reduction),
@@ -327,24 +320,23 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         "kl_div": lambda p1, p2: reference.kl_div(input, target, reduction, p1 != 0.0),
     }
     loss = sum(params[3 * i] * calls[name](*params[3 * i + 1:3 * i + 3])
-               for i, name in enumerate(losses.split(",")))
+               for i, name in enumerate(p.losses.split(",")))
     return loss, (input, target)
 
 
 _apply = autograd_pair(
-    pointwise_fwd, _fwd, _setup_context,
-    backward_op=lambda ctx, g: _backward(ctx, g, scale_grad_, pointwise_bwd, pointwise_rescale_),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _scale_grad, _bwd, _rescale),
-    reference=_reference,
+    pointwise_fwd, _fwd, _Params, 4,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(bwd=_bwd, rescale=_rescale, scale_grad=scale_grad),
+    traced=BackwardSteps(bwd=pointwise_bwd, rescale=pointwise_rescale_, scale_grad=scale_grad_, eager=False),
 )
 
 
 def _run(input: Tensor, target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
          losses: str, params: list[float], reduction: str) -> Tensor:
     grad = torch.is_grad_enabled()
-    args = (input, target, weight, pos_weight, losses, params, reduction,
-            grad and input.requires_grad, grad and target.requires_grad)
-    return _apply(*args)
+    return _apply(input, target, weight, pos_weight, _Params(losses, params, reduction),
+                  (grad and input.requires_grad, grad and target.requires_grad))
 
 
 def pointwise_loss(

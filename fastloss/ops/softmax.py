@@ -1,4 +1,4 @@
-"""Launchers and autograd for the softmax row family (kernels/softmax_xent.py): cross-entropy and
+"""Launchers and autograd for the softmax row family (kernels/softmax.py): cross-entropy and
 softmax focal loss.
 
 ``softmax_loss_fwd`` is one torch.library custom op for both losses: it returns the loss and the
@@ -23,13 +23,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
-from fastloss.ops._utils import acc_dtype, autograd_pair, cdiv, count_launch, empty, next_pow2, pow2_align
-from fastloss.ops.pointwise import _scale_grad, scale_grad_
+from fastloss.ops._common import HALF_DTYPES, scale_each, scale_grad, scale_grad_
+from fastloss.ops._common import check_targets_cpu as _check_targets_cpu  # the name tests patch
+from fastloss.ops._utils import (
+    BackwardSteps,
+    acc_dtype,
+    autograd_pair,
+    cdiv,
+    count_launch,
+    empty,
+    next_pow2,
+    pow2_align,
+)
 
 __all__ = ["KINDS", "softmax_loss"]
 
@@ -48,15 +59,13 @@ LOOP_BLOCK_16BIT_LONG = 4096
 ROW_TILE = 2048
 #: Column offsets at or past this need int64 arithmetic in the kernel.
 INT32_OFFSET_LIMIT = 2**31
-#: Logits dtypes whose gradient backward computes with grad_output applied before rounding.
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @functools.cache
 def _kernels():
     import triton.language as tl
 
-    from fastloss.kernels import softmax_xent as k
+    from fastloss.kernels import softmax as k
 
     return k, {torch.float32: tl.float32, torch.float64: tl.float64}
 
@@ -135,13 +144,6 @@ def _grads_in_forward(dtype: torch.dtype, reduction: str) -> bool:
     return reduction != "none" or dtype not in HALF_DTYPES
 
 
-def _check_targets_cpu(target: Tensor, n_cols: int, ignore_index: int) -> None:
-    """torch's IndexError for an out-of-range class index (CPU only: this reads the values)."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_cols))
-    if bad.any():
-        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
-
-
 def _quiet_interpreter(device: torch.device):
     """Masked lanes compute with -inf by design; on CPU (Triton's interpreter runs numpy) silence
     numpy's warnings about them."""
@@ -152,12 +154,38 @@ def _quiet_interpreter(device: torch.device):
     return numpy.errstate(all="ignore")
 
 
+#: Launch configurations of the row kernels already worked out (see _launch_meta); cleared when full.
+_LAUNCH_CACHE: dict[tuple, tuple[int, tuple, dict, bool]] = {}
+_LAUNCH_CACHE_SIZE = 1024
+
+
 def _launch_meta(x: Tensor, g3: Tensor | None, y: Tensor, gt: Tensor | None, prob: bool,
                  n_cols: int) -> tuple[int, tuple, dict]:
     """(grid size, stride arguments, compile-time arguments) of the row kernels for (N, C, D) logits
-    ``x``, gradient ``g3`` (None when not written), targets ``y`` and target gradient ``gt``."""
+    ``x``, gradient ``g3`` (None when not written), targets ``y`` and target gradient ``gt``.
+
+    Cached per shapes, strides, dtype and flags (and the tuning constants, which tests and sweeps
+    change): only PEEL of looped misaligned rows, which also depends on the data pointers, is
+    worked out per call."""
+    y_strides = y.stride() if prob else None
+    key = (x.shape, x.stride(), g3.stride() if g3 is not None else None, y_strides, gt is not None, n_cols,
+           x.dtype, MAX_FUSED_COLS, MAX_FUSED_COLS_16BIT, LOOP_BLOCK, LOOP_BLOCK_16BIT_LONG, ROW_TILE,
+           INT32_OFFSET_LIMIT, _row_config)
+    hit = _LAUNCH_CACHE.get(key)
+    if hit is None:
+        if len(_LAUNCH_CACHE) >= _LAUNCH_CACHE_SIZE:
+            _LAUNCH_CACHE.clear()
+        hit = _LAUNCH_CACHE[key] = _launch_config(x, g3, y_strides or (0, 0, 0), gt, prob, n_cols)
+    grid, strides, meta, peel = hit
+    if peel:
+        meta = {**meta, "PEEL": _peel(meta["SINGLE_PASS"], x.shape[2], meta["ROW_ALIGN"], x, g3)}
+    return grid, strides, meta
+
+
+def _launch_config(x: Tensor, g3: Tensor | None, y_strides: tuple, gt: Tensor | None, prob: bool,
+                   n_cols: int) -> tuple[int, tuple, dict, bool]:
+    """_launch_meta's result worked out, with PEEL 1 and whether PEEL depends on the pointers."""
     n_rows = x.shape[0] * x.shape[2]
-    y_strides = y.stride() if prob else (0, 0, 0)
     rows, block, single, warps = _row_config(n_rows, n_cols, x.dtype)
     row_align = _row_align(x.shape[2], n_cols, x.stride(), *([g3.stride()] if g3 is not None else []),
                            *([y_strides] if prob else []))
@@ -166,10 +194,11 @@ def _launch_meta(x: Tensor, g3: Tensor | None, y: Tensor, gt: Tensor | None, pro
         "SINGLE_PASS": single,
         "COLS_I64": _cols_need_int64(n_cols, x.stride(1), g3.stride(1) if g3 is not None else 0,
                                      y_strides[1], x.shape[2] if gt is not None else 0),
-        "ROW_ALIGN": row_align, "PEEL": _peel(single, x.shape[2], row_align, x, g3),
+        "ROW_ALIGN": row_align, "PEEL": 1,
         "BLOCK_ROWS": rows, "BLOCK_SIZE": block, "num_warps": warps,
     }
-    return cdiv(n_rows, rows), strides, meta
+    peel = not (single or x.shape[2] != 1 or row_align >= 16 // x.element_size() or x.stride(1) != 1)
+    return cdiv(n_rows, rows), strides, meta, peel
 
 
 def _options(kind: str, prob: bool, weight: Tensor | None, alpha_weight: Tensor | None,
@@ -383,18 +412,30 @@ def _scale_rows(grad: Tensor, grad_output: Tensor, n_cols: int, inplace: bool) -
     return (g3 * go).reshape(grad.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    input, target, weight, alpha_weight = inputs[:4]
-    ctx.args = inputs[4:]
-    grad_input, grad_target = inputs[14:16]
+class _Params(NamedTuple):
+    """The non-tensor arguments of the forward, as they cross autograd."""
+
+    kind: str               # "cross_entropy" or "focal"
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+    softcap: float          # 0.0: no softcap
+    alpha: float            # 1.0 when a per-class alpha_weight is given
+    gamma: float
+    reduction: str
+    out_float32: bool       # a float32 loss whatever the logits dtype (autocast)
+    inplace: bool           # inplace_backward: the gradient may overwrite the logits
+
+
+def _setup_context(ctx, tensors, p: _Params, want, output):
+    input, target, weight, alpha_weight = tensors
     ctx.n_cols = input.shape[0] if input.dim() == 1 else input.shape[1]
-    ctx.reduction = inputs[11]
     # torch's backward rejects a (1,) class-index target of a (C,) input (its forward takes it)
-    ctx.one_element_target = (inputs[4] == "cross_entropy" and input.dim() == 1 and target.dim() == 1
+    ctx.one_element_target = (p.kind == "cross_entropy" and input.dim() == 1 and target.dim() == 1
                               and not target.is_floating_point())
     # the logits are kept for a second backward (retain_graph) unless they were overwritten: with
     # inplace_backward on a contiguous input in eager mode (never by the custom op)
-    overwritten = grad_input and output[1] is input
+    overwritten = want[0] and output[1] is input
     ctx.save_for_backward(None if overwritten else input, target, weight, alpha_weight)
     if overwritten and input._base is None:
         # marked dirty by autograd_pair's Function: a saved copy of the logits can no longer be
@@ -405,61 +446,67 @@ def _setup_context(ctx, inputs, output):
         # outputs, so only the version counter moves (shared with the base): a saved copy of the
         # logits raises as after any in-place change, a later read sees the gradient
         torch.autograd.graph.increment_version(input)
-    # the forward-made gradients go to autograd in backward (and leave ctx then), so a leaf's
-    # .grad can take the buffer without a copy; None when backward computes them
-    made = overwritten or _grads_in_forward(input.dtype, ctx.reduction)
-    ctx.grads = (output[1] if grad_input else None, output[2] if grad_target else None) if made else None
     ctx.denom = output[3]
+    # the forward-made gradients (None when backward computes them)
+    if overwritten or _grads_in_forward(input.dtype, p.reduction):
+        return (output[1] if want[0] else None, output[2] if want[1] else None)
+    return None
 
 
-def _backward(ctx, grad_loss, forward, backward, scale_grad, inplace):
+def _reject_one_element_target(ctx) -> None:
+    """torch's backward error for a (1,) class-index target of a (C,) input."""
     if ctx.one_element_target:
         raise RuntimeError(f"size mismatch (got input: [{ctx.n_cols}], target: [1])")
-    stored, ctx.grads = ctx.grads, None
+
+
+def _backward_16bit(ctx, grad_loss: Tensor, stored: tuple | None, steps: BackwardSteps) -> tuple:
+    """16-bit logits: grad_output enters the gradient before its one rounding (see the module
+    docstring), scaling the forward's ``stored`` gradients or computing them."""
     input, target, weight, alpha_weight = ctx.saved_tensors
-    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction = ctx.args[:8]
-    grad_input, grad_target = ctx.args[10:12]
-    if input is not None and input.dtype in HALF_DTYPES:
-        # 16-bit: grad_output enters the gradient before its one rounding (see the module docstring)
-        if stored is None:
-            gi = empty(input.shape, input.dtype, input.device) if grad_input else input.new_empty(0)
-            gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
-        else:
-            gi = stored[0] if grad_input else input.new_empty(0)
-            gt = stored[1] if grad_target else target.new_empty(0)
-        backward(input, target, weight, alpha_weight, ctx.denom, grad_loss, gi, gt, kind, ignore_index,
-                 label_smoothing, z_loss, softcap, alpha, gamma, reduction, stored is not None)
-        gi = gi if grad_input else None
-        gt = gt if grad_target else None
+    p, (grad_input, grad_target) = ctx.params, ctx.want
+    if stored is None:
+        gi = empty(input.shape, input.dtype, input.device) if grad_input else input.new_empty(0)
+        gt = empty(target.shape, target.dtype, target.device) if grad_target else target.new_empty(0)
     else:
-        if stored is not None:
-            gi, gt = stored
-        elif input is None:
-            raise RuntimeError(
-                "fastloss: a second backward through a loss computed with inplace_backward=True "
-                "is not supported (its logits were overwritten by the gradient)"
-            )
-        else:
-            args = list(ctx.args)
-            args[9] = False  # never in place when recomputing
-            _, gi, gt, _ = forward(input, target, weight, alpha_weight, *args)
-            gi = gi if args[10] else None
-            gt = gt if args[11] else None
-        # fp32 / fp64 (and 16-bit logits overwritten by inplace_backward, which rounds twice here)
-        for g in (gi, gt):
-            if g is None:
-                continue
-            if ctx.reduction == "none":
-                g2 = _scale_rows(g, grad_loss, ctx.n_cols, inplace)
-                if g is gi:
-                    gi = g2
-                else:
-                    gt = g2
-            else:
-                scale_grad(g, grad_loss)
-    return (gi if ctx.needs_input_grad[0] else None, gt if ctx.needs_input_grad[1] else None) + (
-        None,
-    ) * 14
+        gi = stored[0] if grad_input else input.new_empty(0)
+        gt = stored[1] if grad_target else target.new_empty(0)
+    steps.bwd(input, target, weight, alpha_weight, ctx.denom, grad_loss, gi, gt, p.kind, p.ignore_index,
+              p.label_smoothing, p.z_loss, p.softcap, p.alpha, p.gamma, p.reduction, stored is not None)
+    return (gi if grad_input else None, gt if grad_target else None)
+
+
+def _scale(ctx, grad_loss: Tensor, grads: tuple, steps: BackwardSteps) -> tuple:
+    """fp32 / fp64 gradients (and 16-bit ones of logits overwritten by inplace_backward, which
+    rounds twice here) times grad_output: in place for a reduced loss, per row for "none"."""
+    if ctx.params.reduction != "none":
+        return scale_each(grads, grad_loss, steps.scale_grad)
+    return tuple(_scale_rows(g, grad_loss, ctx.n_cols, steps.eager) if g is not None else None for g in grads)
+
+
+def _scale_stored(ctx, grad_loss: Tensor, stored: tuple, steps: BackwardSteps) -> tuple:
+    _reject_one_element_target(ctx)
+    input = ctx.saved_tensors[0]
+    if input is not None and input.dtype in HALF_DTYPES:
+        return _backward_16bit(ctx, grad_loss, stored, steps)
+    return _scale(ctx, grad_loss, stored, steps)
+
+
+def _recompute(ctx, grad_loss: Tensor, steps: BackwardSteps) -> tuple:
+    """16-bit reduction="none" (the forward made no gradient), or a second backward (retain_graph)
+    whose forward-made gradients were already handed out."""
+    _reject_one_element_target(ctx)
+    input, target, weight, alpha_weight = ctx.saved_tensors
+    if input is None:
+        raise RuntimeError(
+            "fastloss: a second backward through a loss computed with inplace_backward=True "
+            "is not supported (its logits were overwritten by the gradient)"
+        )
+    if input.dtype in HALF_DTYPES:
+        return _backward_16bit(ctx, grad_loss, None, steps)
+    want = ctx.want
+    # never in place when recomputing
+    _, gi, gt, _ = steps.fwd(input, target, weight, alpha_weight, *ctx.params._replace(inplace=False), *want)
+    return _scale(ctx, grad_loss, (gi if want[0] else None, gt if want[1] else None), steps)
 
 
 def _reference(ctx) -> tuple[Tensor, tuple]:
@@ -469,23 +516,22 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
         raise RuntimeError(
             "fastloss: a double backward (create_graph=True) through a loss computed with "
             "inplace_backward=True is not supported (its logits were overwritten by the gradient)")
-    kind, ignore_index, label_smoothing, z_loss, softcap, alpha, gamma, reduction, out_float32 = ctx.args[:9]
-    x = input.float() if out_float32 else input
-    if kind == "cross_entropy":
-        loss = reference.cross_entropy(x, target, weight, ignore_index, reduction, label_smoothing,
-                                       z_loss, softcap or None)
+    p = ctx.params
+    x = input.float() if p.out_float32 else input
+    if p.kind == "cross_entropy":
+        loss = reference.cross_entropy(x, target, weight, p.ignore_index, p.reduction, p.label_smoothing,
+                                       p.z_loss, p.softcap or None)
     else:
-        loss = reference.focal_loss(x, target, alpha if alpha_weight is None else alpha_weight, gamma,
-                                    reduction, weight, ignore_index)
+        loss = reference.focal_loss(x, target, p.alpha if alpha_weight is None else alpha_weight, p.gamma,
+                                    p.reduction, weight, p.ignore_index)
     return loss, (input, target)
 
 
 _apply = autograd_pair(
-    softmax_loss_fwd, _fwd, _setup_context,
-    reference=_reference,
-    backward_op=lambda ctx, g: _backward(ctx, g, softmax_loss_fwd, softmax_loss_bwd_, scale_grad_,
-                                         inplace=False),
-    backward_eager=lambda ctx, g: _backward(ctx, g, _fwd, _bwd, _scale_grad, inplace=True),
+    softmax_loss_fwd, _fwd, _Params, 4,
+    setup_context=_setup_context, scale_stored=_scale_stored, recompute=_recompute, reference=_reference,
+    eager=BackwardSteps(fwd=_fwd, bwd=_bwd, scale_grad=scale_grad),
+    traced=BackwardSteps(fwd=softmax_loss_fwd, bwd=softmax_loss_bwd_, scale_grad=scale_grad_, eager=False),
 )
 
 
@@ -514,8 +560,8 @@ def softmax_loss(
     """
     grad = torch.is_grad_enabled()
     alpha_weight = alpha if isinstance(alpha, Tensor) else None
-    args = (input, target, weight, alpha_weight, kind, int(ignore_index), float(label_smoothing),
-            float(z_loss), float(softcap or 0.0), 1.0 if alpha_weight is not None else float(alpha),
-            float(gamma), reduction, bool(out_float32), bool(inplace_backward),
-            grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
-    return _apply(*args)
+    p = _Params(kind, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
+                1.0 if alpha_weight is not None else float(alpha), float(gamma), reduction, bool(out_float32),
+                bool(inplace_backward))
+    want = (grad and input.requires_grad, grad and target.is_floating_point() and target.requires_grad)
+    return _apply(input, target, weight, alpha_weight, p, want)

@@ -54,7 +54,7 @@ ignore_index is never used as an address (it is clamped); its row gets NaN loss 
 import triton
 import triton.language as tl
 
-from .pointwise import _pow
+from .common import torch_pow
 
 
 @triton.jit
@@ -356,7 +356,7 @@ def _softmax_rows(
                 a_t = tl.load(alpha_ptr + t, mask=valid, other=0.0).to(ACC_DTYPE)
             else:
                 a_t = alpha
-            q_g = _pow(q, gamma)
+            q_g = torch_pow(q, gamma)
             ratio = tl.where(q > 0, nll / tl.where(q > 0, q, 1.0), 1.0)    # l / q -> 1 as q -> 0
             loss = a_t * w_t * q_g * nll
             coef_p = a_t * w_t * (q_g + gamma * p_t * q_g * ratio)
