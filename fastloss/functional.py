@@ -12,6 +12,7 @@ from torch.nn import _reduction
 
 from fastloss import reference
 from fastloss._backend import transforms_active, use_triton
+from fastloss.ops import cpu
 from fastloss.ops.cpu import sigmoid_focal_loss as cpu_sigmoid_focal_loss
 from fastloss.ops.cpu import softmax_focal_loss
 from fastloss.ops.embedding import embedding_loss
@@ -720,6 +721,8 @@ def contrastive_loss(
     ``clamp(margin - d, min=0)**2 - d**2``. ``reduction``: "mean" (over pairs, the default),
     "sum" or "none" (shape ``(B,)``).
     """
+    if cpu.contrastive_applies(output1, output2, label, margin, reduction):  # fused CPU path (ops.cpu)
+        return cpu.contrastive_loss(output1, output2, label, margin, reduction)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     _check_tensors("contrastive_loss", output1=output1, output2=output2, label=label)
@@ -837,6 +840,8 @@ def info_nce(
     reduced losses; extra memory O(B * D) plus the chunk (fastloss.ops.info_nce.CHUNK_ELEMENTS).
     The PyTorch path also works in chunks of rows (peak O(B * chunk)).
     """
+    if cpu.info_nce_applies(query, key, temperature, reduction, symmetric, gather):  # fused CPU path (ops.cpu)
+        return cpu.info_nce(query, key, temperature, reduction, symmetric, normalize)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
     _check_tensors("info_nce", query=query, key=key)
