@@ -776,6 +776,8 @@ def triplet_margin_loss(
     complex ones a real loss, as torch's). Under autocast, half-precision operands are cast to
     float32 first and the loss is float32, as autocast runs torch's triplet_margin_loss.
     """
+    if cpu.triplet_applies(anchor, positive, negative, margin, p, eps, swap, size_average, reduce, reduction):
+        return torch.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, _REDUCTION_ENUM[reduction])
     reduction = _reduction_arg(size_average, reduce, reduction)
     if margin <= 0:
         raise ValueError(f"margin must be greater than 0, got {margin}")

@@ -1,4 +1,5 @@
-"""The fused CPU paths of contrastive_loss and info_nce (fastloss.ops.cpu, issue 11 item 2).
+"""The fused CPU paths of contrastive_loss and info_nce (fastloss.ops.cpu, issue 11 item 2), the
+lean triplet_margin_loss (torch's op) and the accuracy of CombinedLoss's fused sums.
 
 On CPU in eager mode these losses run one autograd.Function that makes the gradient in the forward.
 Each test checks the fused path ran (the autograd node's class) and compares its values and every
@@ -15,8 +16,9 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from helpers import TOLERANCES, assert_close, dtype_id
+from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
 
+import fastloss
 import fastloss.functional as FL
 from fastloss import reference
 
@@ -346,3 +348,63 @@ def test_info_nce_other_cases_keep_the_full_path(torch_backend):
         FL.info_nce(q[0], k[0])
     with pytest.raises(TypeError, match="expected floating-point embeddings"):
         FL.info_nce(q.long(), k.long())
+
+
+# --------------------------------------------------------------------------------------------
+# Triplet margin loss: the common case is torch's own op
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("p,swap", [(2.0, False), (1, True), (3.5, False), (float("inf"), True)])
+@pytest.mark.parametrize("shape", [(5,), (7, 3), (2, 3, 4)], ids=lambda s: "x".join(map(str, s)))
+def test_triplet_common_case_is_torch_op(shape, p, swap, reduction, dtype, torch_backend, monkeypatch):
+    """Plain CPU operands of one shape and dtype go straight to torch.triplet_margin_loss: exactly
+    torch.nn's values and gradients, without the reference."""
+    monkeypatch.setattr(reference, "triplet_margin_loss", lambda *a, **k: pytest.fail("reference ran"))
+    ops = [_randn(*shape, dtype=dtype, seed=i) for i in range(3)]
+    actual = FL.triplet_margin_loss(*ops, margin=0.7, p=p, eps=1e-5, swap=swap, reduction=reduction)
+    expected = F.triplet_margin_loss(*ops, margin=0.7, p=p, eps=1e-5, swap=swap, reduction=reduction)
+    go = torch.rand(actual.shape, generator=_gen(5), dtype=F64).to(dtype)
+    assert torch.equal(actual, expected)
+    for a, e in zip(torch.autograd.grad(actual, ops, go), torch.autograd.grad(expected, ops, go)):
+        assert torch.equal(a, e)
+
+
+def test_triplet_other_cases_keep_the_full_path(torch_backend):
+    """Legacy arguments, broadcasting, mixed and integer dtypes and the errors behave as before."""
+    a, pos, neg = (_randn(4, 3, seed=i) for i in range(3))
+    with pytest.raises(ValueError, match="margin must be greater than 0"):
+        FL.triplet_margin_loss(a, pos, neg, margin=0.0)
+    with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
+        FL.triplet_margin_loss(a, pos, neg, reduction="bogus")
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        FL.triplet_margin_loss(a, pos, neg[0])
+    with pytest.warns(UserWarning, match="size_average and reduce args will be deprecated"):
+        legacy = FL.triplet_margin_loss(a, pos, neg, reduce=False)
+    assert_close(legacy, reference.triplet_margin_loss(a, pos, neg, reduction="none"))
+    for args in ((a, pos, neg[:1]), (a, pos.float(), neg), (a.long(), pos.long(), neg.long())):
+        expected = F.triplet_margin_loss(*args)
+        assert_close(FL.triplet_margin_loss(*args), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# CombinedLoss: the fused sums stay as accurate as torch's at large sizes
+# --------------------------------------------------------------------------------------------
+
+def test_combined_fused_sums_are_accurate_at_large_sizes(torch_backend):
+    """A float32 dot of 4M elements accumulates 1e-5 of relative error: the fused combination sums
+    in chunks, no less accurate than torch.nn's own two calls, against float64."""
+    n = (1 << 22) + 5
+    x = torch.randn(n, generator=_gen(0))
+    y = torch.randn(n, generator=_gen(1))
+    members = [
+        ({fastloss.MSELoss(): 0.7, fastloss.L1Loss(): 0.3}, lambda a, b: 0.7 * F.mse_loss(a, b) + 0.3 * F.l1_loss(a, b)),
+        ({fastloss.HuberLoss(delta=0.5): 0.5, fastloss.SmoothL1Loss(): 0.5},
+         lambda a, b: 0.5 * F.huber_loss(a, b, delta=0.5) + 0.5 * F.smooth_l1_loss(a, b)),
+    ]
+    for losses, composition in members:
+        xg = x.clone().requires_grad_()
+        actual = fastloss.CombinedLoss(losses)(xg, y)
+        assert type(actual.grad_fn).__name__ == "_CombinationBackward"
+        assert_no_less_accurate(actual, composition(x, y), composition(x.double(), y.double()))

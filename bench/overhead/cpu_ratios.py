@@ -1,10 +1,12 @@
 """Issue 11, items 1-2: CPU forward+backward time of fastloss (backend auto) against torch.nn / the
 eager composition, one thread, the two implementations interleaved sample by sample (each sample
-~20 ms of calls, the order alternating); prints per case the medians and the median and range of
+~20 ms of calls, the order alternating; timed in CPU time of the process, time.process_time, so
+that waiting for a core of a shared machine is not counted; ``--wall`` times wall-clock); prints per case the medians and the median and range of
 the per-sample ratios fastloss / torch (> 1: fastloss is slower). Run from the repository root:
 
     python bench/overhead/cpu_ratios.py [rounds] [case filter]           issue 11's table
     python bench/overhead/cpu_ratios.py --sweep [rounds] [loss filter]   every loss, 2^5 .. 2^24
+    (add --wall for wall-clock time)
 
 The sweep times each loss at 2^5, 2^8, ..., 2^20, 2^22 and 2^24 elements per operand (embedding
 losses: rows of a fixed width; cross-entropy: 8 classes, then 1000 and 32000 up to 8192 x 32000;
@@ -26,7 +28,8 @@ import fastloss.functional as FL
 torch.set_num_threads(1)
 torch.manual_seed(0)
 SWEEP = "--sweep" in sys.argv
-ARGS = [a for a in sys.argv[1:] if a != "--sweep"]
+TIMER = time.perf_counter if "--wall" in sys.argv else time.process_time
+ARGS = [a for a in sys.argv[1:] if a not in ("--sweep", "--wall")]
 ROUNDS = int(ARGS[0]) if ARGS else 7
 ONLY = ARGS[1] if len(ARGS) > 1 else None
 
@@ -147,12 +150,12 @@ def measure(name, args, f, t):
     runs = {"f": step(f, args), "t": step(t, args)}
     for r in runs.values():
         r()
-    t0 = time.perf_counter(); runs["t"](); dt = time.perf_counter() - t0
+    t0 = TIMER(); runs["t"](); dt = TIMER() - t0
     number = max(1, int(0.02 / max(dt, 1e-6)))  # each sample ~20 ms
     samp = {"f": [], "t": []}
     for i in range(ROUNDS):
         for k in (("f", "t") if i % 2 == 0 else ("t", "f")):
-            samp[k].append(timeit.timeit(runs[k], number=number) / number * 1e6)
+            samp[k].append(timeit.timeit(runs[k], number=number, timer=TIMER) / number * 1e6)
     ratios = [a / b for a, b in zip(samp["f"], samp["t"])]
     mf, mt = statistics.median(samp["f"]), statistics.median(samp["t"])
     print(f"{name:42s} {mt:13.1f} {mf:13.1f} {statistics.median(ratios):9.2f} "
