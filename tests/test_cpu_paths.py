@@ -371,6 +371,28 @@ def test_triplet_common_case_is_torch_op(shape, p, swap, reduction, dtype, torch
         assert torch.equal(a, e)
 
 
+def test_triplet_lean_path_autograd_features(torch_backend):
+    """torch.func transforms take the full path (torch's op has no batching rule and would warn);
+    torch.compile, autocast and double backward give torch.nn's results."""
+    a, pos, neg = (_randn(4, 3, seed=i) for i in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "performance drop" warning from vmap's fallback
+        per_sample = torch.func.vmap(torch.func.grad(
+            lambda x, y, z: FL.triplet_margin_loss(x[None], y[None], z[None], margin=2.0)))(
+            a.detach(), pos.detach(), neg.detach())
+    for i in range(4):
+        (expected,) = torch.autograd.grad(F.triplet_margin_loss(a[i:i + 1], pos[i:i + 1], neg[i:i + 1], margin=2.0), a)
+        assert_close(per_sample[i], expected[i])
+    assert torch.autograd.gradgradcheck(lambda x: FL.triplet_margin_loss(x, pos, neg, margin=2.0), (a,))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y, z: FL.triplet_margin_loss(x, y, z, swap=True), backend="eager",
+                             fullgraph=True)
+    assert_close(compiled(a, pos, neg), F.triplet_margin_loss(a, pos, neg, swap=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close(FL.triplet_margin_loss(a.float(), pos.float(), neg.float()),
+                     F.triplet_margin_loss(a.float(), pos.float(), neg.float()))
+
+
 def test_triplet_other_cases_keep_the_full_path(torch_backend):
     """Legacy arguments, broadcasting, mixed and integer dtypes and the errors behave as before."""
     a, pos, neg = (_randn(4, 3, seed=i) for i in range(3))

@@ -28,6 +28,7 @@ __all__ = ["DIFFERENCE_LOSSES", "contrastive_applies", "contrastive_loss", "diff
            "info_nce_applies", "sigmoid_focal_loss", "softmax_focal_loss", "triplet_applies"]
 
 _FLOATS = (torch.float32, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
 
 
 def _forward_made(ctx, recompute: Callable[..., Any]) -> Any:
@@ -43,11 +44,17 @@ def _forward_made(ctx, recompute: Callable[..., Any]) -> Any:
 def _eager_cpu(*tensors: Tensor) -> bool:
     """Whether plain CPU tensors (no __torch_function__) of one float32 / float64 dtype may take a
     fused path here: eager mode, no torch.func transform or forward-mode AD, no CPU autocast, and
-    the PyTorch path selected for them (the backend is not "triton")."""
+    the PyTorch path selected for them (the backend is not "triton"). (Written for speed: it runs
+    on every call of the losses that use it.)"""
     dtype = tensors[0].dtype
-    return (dtype in _FLOATS and all(t.dtype is dtype and t.is_cpu for t in tensors)
-            and not torch.overrides.has_torch_function(tensors) and not torch.compiler.is_compiling()
-            and not transforms_active() and not torch.is_autocast_enabled("cpu") and not use_triton(*tensors))
+    if dtype not in _FLOATS:
+        return False
+    for t in tensors:
+        if t.dtype is not dtype or not t.is_cpu:
+            return False
+    return not (torch.overrides.has_torch_function(tensors) or torch.compiler.is_compiling()
+                or transforms_active() or torch.is_autocast_enabled("cpu") or use_triton(tensors[0]))
+
 
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
 #: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
@@ -241,10 +248,12 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
 
     mse: d**2, gradient 2d. l1: |d|, gradient sign(d). huber (delta): with c = clamp(d, -delta,
     delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
-    (beta > 0): huber(beta) / beta.
+    (beta > 0): huber(beta) / beta. The gradient is summed in place into the members' own buffers
+    (sign(d), c) and d itself, once the losses have read it: a fresh buffer costs its page faults.
     """
     d = torch.sub(input, target).reshape(-1)
-    loss = g = None
+    loss = None
+    parts = []  # the gradient's (buffer, coefficient) terms
     for name, coef, param, _ in members:
         c = coef * scale
         if name == "mse":
@@ -259,9 +268,20 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
             term = _dot(clamped, d).sub_(_dot(clamped, clamped), alpha=0.5)
             dterm, dcoef = clamped, c
         loss = term * c if loss is None else loss.add_(term, alpha=c)
-        if grad:
-            g = dterm * dcoef if g is None else g.add_(dterm, alpha=dcoef)
-    return loss, (g.reshape(input.shape) if grad else None)
+        parts.append((dterm, dcoef))
+    if not grad:
+        return loss, None
+    own = [(t, c) for t, c in parts if t is not d]
+    d_coef = [c for t, c in parts if t is d]
+    if own:
+        g = own[0][0].mul_(own[0][1])
+        for t, c in own[1:]:
+            g.add_(t, alpha=c)
+        if d_coef:
+            g.add_(d, alpha=sum(d_coef))
+    else:
+        g = d.mul_(sum(d_coef))
+    return loss, g.reshape(input.shape)
 
 
 class _Combination(torch.autograd.Function):
@@ -561,13 +581,21 @@ def triplet_applies(anchor: object, positive: object, negative: object, margin: 
                     swap: object, size_average: object, reduce: object, reduction: object) -> bool:
     """Whether fastloss.functional.triplet_margin_loss's arguments may go straight to
     ``torch.triplet_margin_loss`` (the ATen op torch.nn.functional's wrapper calls, which computes
-    the reference's formula: pairwise distances, clamp_min, the reduction): CPU operands of one
-    shape, at least 1-D, one float32 / float64 dtype (see _eager_cpu), real margin > 0, p and eps,
-    a bool swap, a valid reduction and no legacy arguments. Anything else (and every error) takes
-    the full path. The lean call costs torch.nn's host work, not the reference's ten Python-level
-    ops and their checks (1.2-1.3x torch.nn's time below 2**14 elements)."""
-    return (isinstance(anchor, Tensor) and isinstance(positive, Tensor) and isinstance(negative, Tensor)
+    the reference's formula: pairwise distances, clamp_min, the reduction): plain CPU tensors of one
+    shape, at least 1-D, one float32 / float64 dtype, real margin > 0, p and eps, a bool swap, a
+    valid reduction, no legacy arguments, no __torch_function__ mode, outside torch.func transforms and forward-mode AD (where
+    torch's op has no batching rule and warns), and the PyTorch path selected. Anything else (and
+    every error) takes the full path. The lean call costs torch.nn's host work plus these reads,
+    not the reference's ten Python-level ops and their checks (1.2-1.3x torch.nn's time below 2**14
+    elements). torch.compile and autocast need no exclusion: it is torch's op, as torch.nn calls it.
+    """
+    if not (type(anchor) is Tensor and type(positive) is Tensor and type(negative) is Tensor):
+        return False  # (a subclass, nn.Parameter included, takes the full path)
+    dtype = anchor.dtype
+    return (positive.dtype is dtype and negative.dtype is dtype and dtype in _FLOATS
+            and anchor.is_cpu and positive.is_cpu and negative.is_cpu
             and anchor.dim() > 0 and anchor.shape == positive.shape == negative.shape
-            and isinstance(margin, (int, float)) and margin > 0 and isinstance(p, (int, float))
-            and isinstance(eps, (int, float)) and isinstance(swap, bool) and size_average is None and reduce is None
-            and reduction in ("none", "mean", "sum") and _eager_cpu(anchor, positive, negative))
+            and type(margin) in (int, float) and margin > 0 and type(p) in (int, float)
+            and type(eps) in (int, float) and type(swap) is bool and size_average is None and reduce is None
+            and reduction in _REDUCTIONS and not torch.overrides.has_torch_function((anchor, positive, negative))
+            and not transforms_active() and not use_triton(anchor))
