@@ -129,7 +129,7 @@ SWEEP_CASES = [  # (loss, fastloss, torch / composition, size -> operands, sizes
     ("softmax focal C=8 vs classic", foc_f, classic_focal, lambda n: ce(n // 8, 8), SWEEP_SIZES),
     ("sigmoid focal vs classic", sfoc_f, classic_sfocal, bce, SWEEP_SIZES),
     (f"contrastive D={EMB_WIDTH} vs seed", con_f, classic_con,
-     lambda n: emb(n // EMB_WIDTH, EMB_WIDTH, True), SWEEP_SIZES),
+     lambda n: emb(n // EMB_WIDTH, EMB_WIDTH, True), SWEEP_SIZES + [1 << 16]),
     (f"InfoNCE D={NCE_WIDTH} vs naive", fl_info_nce, naive_info_nce, lambda n: emb(n // NCE_WIDTH, NCE_WIDTH),
      [s for s in SWEEP_SIZES + [1 << 16] if NCE_WIDTH <= s <= NCE_WIDTH * NCE_MAX_ROWS]),
     ("CombinedLoss .7 MSE + .3 L1", comb_f, torch_combined, pw, SWEEP_SIZES + [1 << 16]),
