@@ -8,7 +8,8 @@ over (scaled when grad_output is not 1). It runs on CPU tensors in eager mode on
 fastloss.functional routes torch.compile, torch.func transforms and forward-mode AD to the
 reference, and a double backward (``create_graph=True``) differentiates the reference again on the
 saved operands (ops._utils._differentiable_grads), so every autograd feature keeps torch's results.
-The reference stays the oracle: tests/test_lean.py checks these paths against it.
+The reference stays the oracle: tests/test_lean.py and tests/test_cpu_paths.py check these paths
+against it. (triplet_applies, at the end, routes plain triplet calls to torch's own op instead.)
 """
 
 from __future__ import annotations
