@@ -38,6 +38,7 @@ from fastloss._validation import (
     _result_dtype,
     _torch_only,
 )
+from fastloss.ops import cpu
 from fastloss.ops._common import check_targets_cpu as _check_targets_cpu
 from fastloss.ops.cpu import sigmoid_focal_loss as cpu_sigmoid_focal_loss
 from fastloss.ops.cpu import softmax_focal_loss
@@ -492,6 +493,8 @@ def contrastive_loss(
     ``clamp(margin - d, min=0)**2 - d**2``. ``reduction``: "mean" (over pairs, the default),
     "sum" or "none" (shape ``(B,)``).
     """
+    if cpu.contrastive_applies(output1, output2, label, margin, reduction):  # fused CPU path (ops.cpu)
+        return cpu.contrastive_loss(output1, output2, label, margin, reduction)
     reduction = _reduction_arg(None, None, reduction)
     label = _contrastive_label(output1, output2, label)
     batch = output1.shape[:-1]
@@ -530,6 +533,8 @@ def triplet_margin_loss(
     complex ones a real loss, as torch's). Under autocast, half-precision operands are cast to
     float32 first and the loss is float32, as autocast runs torch's triplet_margin_loss.
     """
+    if cpu.triplet_applies(anchor, positive, negative, margin, p, eps, swap, size_average, reduce, reduction):
+        return torch.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, _REDUCTION_ENUM[reduction])
     reduction = _reduction_arg(size_average, reduce, reduction)
     _check_triplet(anchor, positive, negative, margin)
     if torch.is_autocast_enabled(anchor.device.type):  # autocast's float32 list has triplet_margin_loss
@@ -586,6 +591,8 @@ def info_nce(
     reduced losses; extra memory O(B * D) plus the chunk (fastloss.ops.info_nce.CHUNK_ELEMENTS).
     The PyTorch path also works in chunks of rows (peak O(B * chunk)).
     """
+    if cpu.info_nce_applies(query, key, temperature, reduction, symmetric, gather):  # fused CPU path (ops.cpu)
+        return cpu.info_nce(query, key, temperature, reduction, symmetric, normalize)
     reduction = _reduction_arg(None, None, reduction)
     temperature = _info_nce_temperature(query, key, temperature)
     dtype = _floating_dtype("info_nce", query, key)

@@ -8,20 +8,54 @@ over (scaled when grad_output is not 1). It runs on CPU tensors in eager mode on
 fastloss.functional routes torch.compile, torch.func transforms and forward-mode AD to the
 reference, and a double backward (``create_graph=True``) differentiates the reference again on the
 saved operands (ops._utils._differentiable_grads), so every autograd feature keeps torch's results.
-The reference stays the oracle: tests/test_lean.py checks these paths against it.
+The reference stays the oracle: tests/test_lean.py and tests/test_cpu_paths.py check these paths
+against it. (triplet_applies, at the end, routes plain triplet calls to torch's own op instead.)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastloss import reference
+from fastloss._backend import transforms_active, use_triton
 from fastloss.ops._utils import _differentiable_grads
 
-__all__ = ["DIFFERENCE_LOSSES", "difference_combination", "sigmoid_focal_loss", "softmax_focal_loss"]
+__all__ = ["DIFFERENCE_LOSSES", "contrastive_applies", "contrastive_loss", "difference_combination", "info_nce",
+           "info_nce_applies", "sigmoid_focal_loss", "softmax_focal_loss", "triplet_applies"]
+
+_FLOATS = (torch.float32, torch.float64)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _forward_made(ctx, recompute: Callable[..., Any]) -> Any:
+    """The gradients the forward made (``ctx.grads``), handed over once: a second backward
+    (``retain_graph=True``) finds them taken and recomputes them as ``recompute(*saved)``, the saved
+    tensors detached."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        grads = recompute(*(t.detach() for t in ctx.saved_tensors))
+    return grads
+
+
+def _eager_cpu(*tensors: Tensor) -> bool:
+    """Whether plain CPU tensors (no __torch_function__) of one float32 / float64 dtype may take a
+    fused path here: eager mode, no torch.func transform or forward-mode AD, no CPU autocast, and
+    the PyTorch path selected for them (the backend is not "triton"). (Written for speed: it runs
+    on every call of the losses that use it.)"""
+    dtype = tensors[0].dtype
+    if dtype not in _FLOATS:
+        return False
+    for t in tensors:
+        if t.dtype is not dtype or not t.is_cpu:
+            return False
+    return not (torch.overrides.has_torch_function(tensors) or torch.compiler.is_compiling()
+                or transforms_active() or torch.is_autocast_enabled("cpu") or use_triton(tensors[0]))
+
 
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
 #: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
@@ -88,11 +122,8 @@ class _SoftmaxFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _focal_reference)
-        grad, ctx.grads = ctx.grads, None
-        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
-            input, target = ctx.saved_tensors
-            alpha, gamma, _, scale = ctx.args
-            _, grad = _focal_terms(input.detach(), target.unsqueeze(1), alpha, gamma, scale, True)
+        alpha, gamma, _, scale = ctx.args
+        grad = _forward_made(ctx, lambda x, t: _focal_terms(x, t.unsqueeze(1), alpha, gamma, scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         return grad, None, None, None, None
@@ -168,11 +199,8 @@ class _SigmoidFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _sigmoid_focal_reference)
-        grad, ctx.grads = ctx.grads, None
         alpha, gamma, reduction = ctx.args
-        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
-            input, target = ctx.saved_tensors
-            _, grad = _sigmoid_focal_terms(input.detach(), target, alpha, gamma, reduction, True)
+        grad = _forward_made(ctx, lambda x, y: _sigmoid_focal_terms(x, y, alpha, gamma, reduction, True)[1])
         # (reduced: a host read is free on CPU, and the common loss.backward() skips a pass)
         if reduction == "none" or grad_loss.item() != 1.0:
             grad.mul_(grad_loss)
@@ -199,6 +227,20 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
 #: Members the fused CPU combination evaluates: losses of d = input - target alone.
 DIFFERENCE_LOSSES = ("mse", "l1", "huber", "smooth_l1")
 
+#: Elements per BLAS dot in _dot.
+_DOT_CHUNK = 1 << 16
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``a . b`` of 1-D tensors, as accurate as torch.sum: BLAS dots of at most _DOT_CHUNK elements
+    (measured on float32 normals: relative error about 1e-8 at 2**16; a single dot of 2**24 elements
+    is off by 5e-4, torch.sum's pairwise sum by 5e-8), their sum pairwise. One pass over memory,
+    where ``(a * b).sum()`` makes two."""
+    n = a.shape[0]
+    if n <= _DOT_CHUNK:
+        return torch.dot(a, b)
+    return torch.stack([torch.dot(a[i:i + _DOT_CHUNK], b[i:i + _DOT_CHUNK]) for i in range(0, n, _DOT_CHUNK)]).sum()
+
 
 def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: float, grad: bool
                        ) -> tuple[Tensor, Tensor | None]:
@@ -207,26 +249,40 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
 
     mse: d**2, gradient 2d. l1: |d|, gradient sign(d). huber (delta): with c = clamp(d, -delta,
     delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
-    (beta > 0): huber(beta) / beta.
+    (beta > 0): huber(beta) / beta. The gradient is summed in place into the members' own buffers
+    (sign(d), c) and d itself, once the losses have read it: a fresh buffer costs its page faults.
     """
     d = torch.sub(input, target).reshape(-1)
-    loss = g = None
+    loss = None
+    parts = []  # the gradient's (buffer, coefficient) terms
     for name, coef, param, _ in members:
         c = coef * scale
         if name == "mse":
-            term, dterm, dcoef = torch.dot(d, d), d, 2.0 * c
+            term, dterm, dcoef = _dot(d, d), d, 2.0 * c
         elif name == "l1":
-            term, dterm, dcoef = torch.linalg.vector_norm(d, 1), (torch.sign(d) if grad else None), c
+            sign = torch.sign(d)  # sum |d| as d . sign(d): vector_norm(d, 1) is several times slower
+            term, dterm, dcoef = _dot(d, sign), sign, c
         else:
             if name == "smooth_l1":
                 c = c / param
             clamped = d.clamp(-param, param)
-            term = torch.dot(clamped, d).sub_(torch.dot(clamped, clamped), alpha=0.5)
+            term = _dot(clamped, d).sub_(_dot(clamped, clamped), alpha=0.5)
             dterm, dcoef = clamped, c
         loss = term * c if loss is None else loss.add_(term, alpha=c)
-        if grad:
-            g = dterm * dcoef if g is None else g.add_(dterm, alpha=dcoef)
-    return loss, (g.reshape(input.shape) if grad else None)
+        parts.append((dterm, dcoef))
+    if not grad:
+        return loss, None
+    own = [(t, c) for t, c in parts if t is not d]
+    d_coef = [c for t, c in parts if t is d]
+    if own:
+        g = own[0][0].mul_(own[0][1])
+        for t, c in own[1:]:
+            g.add_(t, alpha=c)
+        if d_coef:
+            g.add_(d, alpha=sum(d_coef))
+    else:
+        g = d.mul_(sum(d_coef))
+    return loss, g.reshape(input.shape)
 
 
 class _Combination(torch.autograd.Function):
@@ -249,11 +305,8 @@ class _Combination(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _combination_reference)
-        grad, ctx.grads = ctx.grads, None
         members, _, scale = ctx.args
-        if grad is None:  # a second backward (retain_graph=True): the first one took the buffer
-            input, target = ctx.saved_tensors
-            _, grad = _combination_terms(input.detach(), target.detach(), members, scale, True)
+        grad = _forward_made(ctx, lambda x, y: _combination_terms(x, y, members, scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         need_input, need_target = ctx.needs_input_grad[:2]
@@ -280,3 +333,270 @@ def difference_combination(members: list[tuple[str, float, float, float]], input
     DIFFERENCE_LOSSES, reduction "mean" or "sum", CPU operands of one shape and one float32 / float64
     dtype: the fused CPU path of CombinedLoss (one Function, the gradient made in the forward)."""
     return _Combination.apply(input, target, tuple(members), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Contrastive loss
+# --------------------------------------------------------------------------------------------
+
+def _contrastive_terms(x1: Tensor, x2: Tensor, y: Tensor, margin: float, reduction: str, grad: bool,
+                       grad_label: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The contrastive loss of (B, D) pairs, B > 0, reduced with ``reduction``, and what its
+    gradients are made of: ``diff`` = x1 - x2 + 1e-6, the per-pair factor ``k`` with
+    dL/dx1_i = k_i diff_i = -dL/dx2_i (when ``grad``) and the label's gradient ``h**2 - d**2`` (when
+    ``grad_label``); for "mean" / "sum" both carry the reduction's scale.
+
+    d = ||diff|| (torch's pairwise_distance), h = clamp(margin - d, min=0), L_i = (1 - y) d**2 +
+    y h**2, evaluated as lerp(d**2, h**2, y) (exact at y = 0 and 1, as the reference's form).
+    dL_i/dd = 2 (1 - y) d - 2 y h and dd/dx1 = diff / d, so with d + h = max(d, margin),
+    k = 2 (1 - y max(d, margin) / d); where d = 0, diff = 0 and its gradient is 0 (torch's norm has
+    gradient 0 there), so k is set to 0 there.
+    """
+    diff = torch.sub(x1, x2).add_(1e-6)
+    d = torch.linalg.vector_norm(diff, dim=1)
+    h = torch.rsub(d, margin).clamp_min_(0.0)
+    d2, h2 = d * d, h.mul_(h)
+    loss = torch.lerp(d2, h2, y)
+    scale = 1.0
+    if reduction == "mean":
+        loss, scale = loss.mean(), 1.0 / d.shape[0]
+    elif reduction == "sum":
+        loss = loss.sum()
+    k = dy = None
+    if grad:
+        k = torch.clamp_min(d, margin).div_(d).mul_(y).sub_(1.0).mul_(-2.0 * scale)
+        if d.min().item() == 0.0:  # CPU: a host read is free here
+            k.masked_fill_(d == 0.0, 0.0)
+    if grad_label:
+        dy = h2.sub_(d2)
+        if scale != 1.0:
+            dy.mul_(scale)
+    return loss, diff, k, dy
+
+
+class _Contrastive(torch.autograd.Function):
+    """The contrastive loss of (B, D) CPU pairs, B > 0, of one float32 / float64 dtype, and their
+    (B,) labels of that dtype; every reduction."""
+
+    @staticmethod
+    def forward(ctx, x1: Tensor, x2: Tensor, label: Tensor, margin: float, reduction: str) -> Tensor:
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, diff, k, dy = _contrastive_terms(x1, x2, label, margin, reduction, grad, ctx.needs_input_grad[2])
+        ctx.save_for_backward(x1, x2, label)
+        ctx.args = (margin, reduction)
+        ctx.grads = (diff, k, dy)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
+            return _differentiable_grads(ctx, grad_loss, _contrastive_reference)
+        margin, reduction = ctx.args
+        need1, need2, need_label = ctx.needs_input_grad[:3]
+        diff, k, dy = _forward_made(ctx, lambda x1, x2, y: _contrastive_terms(
+            x1, x2, y, margin, reduction, need1 or need2, need_label)[1:])
+        if reduction == "none":
+            k = k * grad_loss if k is not None else None
+            dy = dy.mul_(grad_loss) if dy is not None else None
+        elif grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
+            k = k.mul_(grad_loss) if k is not None else None
+            dy = dy.mul_(grad_loss) if dy is not None else None
+        g1 = diff.mul_(k.unsqueeze(1)) if k is not None else None
+        return (g1 if need1 else None), (g1.neg() if need2 else None), dy, None, None
+
+
+def _contrastive_reference(ctx) -> tuple[Tensor, tuple]:
+    x1, x2, label = ctx.saved_tensors
+    margin, reduction = ctx.args
+    return reference.contrastive_loss(x1, x2, label, margin, reduction), (x1, x2, label, None, None)
+
+
+def contrastive_applies(x1: object, x2: object, label: object, margin: object, reduction: object) -> bool:
+    """Whether fastloss.functional.contrastive_loss's arguments take the fused path below as they
+    are: (B, D) pairs of one shape, B > 0, a (B,) label, all CPU tensors of one float32 / float64
+    dtype (see _eager_cpu), a real margin and a valid reduction; anything else (and every error)
+    takes the full path."""
+    return (isinstance(x1, Tensor) and isinstance(x2, Tensor) and isinstance(label, Tensor)
+            and x1.dim() == 2 and x1.shape == x2.shape and x1.shape[0] > 0 and label.shape == x1.shape[:1]
+            and isinstance(margin, (int, float)) and reduction in ("none", "mean", "sum")
+            and _eager_cpu(x1, x2, label))
+
+
+def contrastive_loss(x1: Tensor, x2: Tensor, label: Tensor, margin: float, reduction: str) -> Tensor:
+    """The contrastive loss (fastloss.functional.contrastive_loss's), fused CPU path: (B, D) CPU
+    pairs, B > 0, of one float32 / float64 dtype, (B,) labels of that dtype, any reduction."""
+    return _Contrastive.apply(x1, x2, label, float(margin), reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# InfoNCE
+# --------------------------------------------------------------------------------------------
+
+#: F.normalize's default eps: rows are divided by max(||row||, eps).
+_NORMALIZE_EPS = 1e-12
+
+
+def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
+    """F.normalize(x, dim=1) and the (B, 1) divisors max(||x_i||, eps)."""
+    r = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_NORMALIZE_EPS)
+    return x / r, r
+
+
+def _normalize_backward(xn: Tensor, r: Tensor, g: Tensor) -> Tensor:
+    """The gradient with respect to x of F.normalize(x) = x / max(||x||, eps), given ``xn`` (the
+    normalised rows), ``r`` (their divisors) and ``g`` (the gradient with respect to xn; consumed):
+    (g - xn <xn, g>) / r on rows of norm > eps, g / eps on the others (a constant divisor)."""
+    dot = torch.linalg.vecdot(xn, g).unsqueeze(1)
+    if r.min().item() <= _NORMALIZE_EPS:  # CPU: a host read is free here
+        dot.masked_fill_(r <= _NORMALIZE_EPS, 0.0)
+    return g.sub_(xn * dot).div_(r)
+
+
+def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, symmetric: bool, normalize: bool,
+                    grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """InfoNCE (reduction "mean" or "sum") of (B, D) CPU queries and keys, B, D > 0, and its
+    gradients with respect to both when ``grad``.
+
+    s = scale q_n k_n^T (q_n, k_n the normalised rows when ``normalize``), P = softmax(s, 1): the
+    row losses are -log P_ii and ds = w (P - I) (w the reduction's scale); with ``symmetric`` also
+    the columns' Q = softmax(s, 0), the loss (-log P_ii - log Q_ii) / 2 and ds = w ((P - I) + (Q - I)) / 2.
+    Then dq_n = scale ds k_n, dk_n = scale ds^T q_n. Without symmetric the rows are scored in chunks
+    (reference.INFO_NCE_CHUNK_ELEMENTS scores at a time, the reference's bound on memory), each
+    chunk's gradient made at once, so the scores are computed once (the reference recomputes them
+    under checkpointing); symmetric needs every column at once: the caller keeps it to one chunk.
+    A diagonal probability below _TINY_PROB takes its log as s_ii - logsumexp instead.
+    """
+    if normalize:
+        qn, rq = _normalized(query)
+        kn, rk = _normalized(key)
+    else:
+        qn, kn = query, key
+    n_rows = query.shape[0]
+    qs = qn * scale
+    chunk = n_rows if symmetric else max(1, reference.INFO_NCE_CHUNK_ELEMENTS // n_rows)
+    tiny = _TINY_PROB[query.dtype]
+    log_sum = None
+    gq_parts = []
+    gk = None
+    for start in range(0, n_rows, chunk):
+        q_c = qs[start:start + chunk]
+        s = torch.mm(q_c, kn.T)
+        p = torch.softmax(s, 1)
+        dirs = [(p, 1)]
+        if symmetric:
+            dirs.append((torch.softmax(s, 0), 0))
+        for probs, dim in dirs:
+            p_t = probs.diagonal(start)
+            log_p = p_t.log()
+            if p_t.min().item() < tiny:  # CPU: a host read is free here
+                log_p = s.diagonal(start) - torch.logsumexp(s, dim)
+            part = log_p.sum()
+            log_sum = part if log_sum is None else log_sum.add_(part)
+        if not grad:
+            continue
+        p.diagonal(start).sub_(1.0)  # exact where p_ii >= 1/2 (Sterbenz), as autograd's P - I
+        if symmetric:
+            q_cols = dirs[1][0]
+            q_cols.diagonal().sub_(1.0)
+            p.add_(q_cols).mul_(0.5)
+        gq_parts.append(torch.mm(p, kn))
+        # dk_n^T = q_n^T ds: (D, B), faster than ds^T q_n on MKL's CPU gemm
+        qn_t = qn[start:start + chunk].T
+        gk = torch.mm(qn_t, p) if gk is None else gk.addmm_(qn_t, p)
+    w = 1.0 / n_rows if reduction == "mean" else 1.0
+    loss = log_sum.mul_(-0.5 * w if symmetric else -w)
+    if not grad:
+        return loss, None, None
+    gq = gq_parts[0] if len(gq_parts) == 1 else torch.cat(gq_parts)
+    gq.mul_(scale * w)
+    gk = gk.mul_(scale * w).T
+    if normalize:
+        gq = _normalize_backward(qn, rq, gq)
+        gk = _normalize_backward(kn, rk, gk)
+    return loss, gq, gk
+
+
+class _InfoNCE(torch.autograd.Function):
+    """InfoNCE, reduced ("mean" or "sum"), of (B, D) CPU queries and keys of one float32 / float64
+    dtype, B, D > 0, a float temperature."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, temperature: float, reduction: str, symmetric: bool,
+                normalize: bool) -> Tensor:
+        grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, gq, gk = _info_nce_terms(query, key, 1.0 / temperature, reduction, symmetric, normalize, grad)
+        ctx.save_for_backward(query, key)
+        ctx.args = (temperature, reduction, symmetric, normalize)
+        ctx.grads = (gq, gk)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
+            return _differentiable_grads(ctx, grad_loss, _info_nce_reference)
+        temperature, reduction, symmetric, normalize = ctx.args
+        gq, gk = _forward_made(ctx, lambda q, k: _info_nce_terms(
+            q, k, 1.0 / temperature, reduction, symmetric, normalize, True)[1:])
+        if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
+            gq.mul_(grad_loss)
+            gk.mul_(grad_loss)
+        need_q, need_k = ctx.needs_input_grad[:2]
+        return (gq if need_q else None), (gk if need_k else None), None, None, None, None
+
+
+def _info_nce_reference(ctx) -> tuple[Tensor, tuple]:
+    query, key = ctx.saved_tensors
+    temperature, reduction, symmetric, normalize = ctx.args
+    return (reference.info_nce(query, key, temperature, reduction, symmetric, normalize),
+            (query, key, None, None, None, None))
+
+
+def info_nce_applies(query: object, key: object, temperature: object, reduction: object, symmetric: object,
+                     gather: object) -> bool:
+    """Whether fastloss.functional.info_nce's arguments take the fused path below as they are: (B, D)
+    queries and keys of one shape, B, D > 0, CPU tensors of one float32 / float64 dtype (see
+    _eager_cpu), a positive finite float temperature, reduction "mean" or "sum", no gather, and for
+    ``symmetric`` a B small enough for one chunk; anything else (and every error) takes the full path."""
+    return (isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() == 2
+            and query.shape == key.shape and query.shape[0] > 0 and query.shape[1] > 0
+            and isinstance(temperature, (int, float)) and 0 < temperature < math.inf
+            and reduction in ("mean", "sum") and not gather
+            and (not symmetric or query.shape[0] ** 2 <= reference.INFO_NCE_CHUNK_ELEMENTS)
+            and _eager_cpu(query, key))
+
+
+def info_nce(query: Tensor, key: Tensor, temperature: float, reduction: str, symmetric: bool,
+             normalize: bool) -> Tensor:
+    """InfoNCE (fastloss.functional.info_nce's), fused CPU path: (B, D) CPU queries and keys of one
+    float32 / float64 dtype, B, D > 0, a positive finite float temperature, reduction "mean" or
+    "sum"; symmetric only while the B x B scores fit in one chunk (see info_nce_applies)."""
+    return _InfoNCE.apply(query, key, float(temperature), reduction, bool(symmetric), bool(normalize))
+
+
+
+# --------------------------------------------------------------------------------------------
+# Triplet margin loss: torch's own op
+# --------------------------------------------------------------------------------------------
+
+def triplet_applies(anchor: object, positive: object, negative: object, margin: object, p: object, eps: object,
+                    swap: object, size_average: object, reduce: object, reduction: object) -> bool:
+    """Whether fastloss.functional.triplet_margin_loss's arguments may go straight to
+    ``torch.triplet_margin_loss`` (the ATen op torch.nn.functional's wrapper calls, which computes
+    the reference's formula: pairwise distances, clamp_min, the reduction): plain CPU tensors of one
+    shape, at least 1-D, one float32 / float64 dtype, real margin > 0, p and eps, a bool swap, a
+    valid reduction, no legacy arguments, no __torch_function__ mode, outside torch.func transforms and forward-mode AD (where
+    torch's op has no batching rule and warns), and the PyTorch path selected. Anything else (and
+    every error) takes the full path. The lean call costs torch.nn's host work plus these reads,
+    not the reference's ten Python-level ops and their checks (1.2-1.3x torch.nn's time below 2**14
+    elements). torch.compile and autocast need no exclusion: it is torch's op, as torch.nn calls it.
+    """
+    if not (type(anchor) is Tensor and type(positive) is Tensor and type(negative) is Tensor):
+        return False  # (a subclass, nn.Parameter included, takes the full path)
+    dtype = anchor.dtype
+    return (positive.dtype is dtype and negative.dtype is dtype and dtype in _FLOATS
+            and anchor.is_cpu and positive.is_cpu and negative.is_cpu
+            and anchor.dim() > 0 and anchor.shape == positive.shape == negative.shape
+            and type(margin) in (int, float) and margin > 0 and type(p) in (int, float)
+            and type(eps) in (int, float) and type(swap) is bool and size_average is None and reduce is None
+            and reduction in _REDUCTIONS and not torch.overrides.has_torch_function((anchor, positive, negative))
+            and not transforms_active() and not use_triton(anchor))
