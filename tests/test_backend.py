@@ -16,6 +16,7 @@ from helpers import assert_close, assert_launched, assert_not_launched
 import fastloss
 import fastloss.functional as FF
 from fastloss import _backend
+from fastloss.ops import cpu as ops_cpu
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -370,6 +371,9 @@ def test_each_loss_routes_as_its_family(monkeypatch):
         return False
 
     monkeypatch.setattr(FF, "use_triton", record)
+    # the fused CPU paths (fastloss.ops.cpu) stand aside, as when the kernels are selected, so that
+    # these CPU calls reach the dispatch that CUDA inputs take
+    monkeypatch.setattr(ops_cpu, "use_triton", lambda *tensors, **kwargs: True)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, generator=g), torch.rand(4, 3, generator=g)
     t = torch.randint(0, 3, (4,), generator=g)
