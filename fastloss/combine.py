@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from fastloss import modules
+from fastloss import modules, specs
 from fastloss._backend import transforms_active, use_triton
 from fastloss.ops.cpu import DIFFERENCE_LOSSES, difference_combination
 from fastloss.ops.pointwise import MAX_MEMBERS, pointwise_combination
@@ -24,21 +24,36 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+#: fastloss module class -> (kernel loss name, the module attributes that are its param1, param2),
+#: for the pointwise losses CombinedLoss fuses (``fused`` in fastloss.specs; read once, here).
+_FUSED_MEMBERS: dict[type, tuple[str, tuple[str, ...]]] = {
+    getattr(modules, s.module): (s.kind, s.kernel_params) for s in specs.by_family("pointwise") if s.fused
+}
+
+#: Per kernel loss name, whether a module's parameters can run fused: False for values the module
+#: would reject (it must raise, member by member) and for BCE weights (the fused pass takes none).
+_FUSABLE: dict[str, Callable[[nn.Module], bool]] = {
+    "huber": lambda m: m.delta > 0,
+    "smooth_l1": lambda m: m.beta >= 0,
+    "bce_with_logits": lambda m: m.weight is None and m.pos_weight is None,
+    "sigmoid_focal": lambda m: m.gamma >= 0 and (0 <= m.alpha <= 1 or m.alpha == -1),
+}
+
+
 def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
     """(kernel loss name, param1, param2) of a fastloss pointwise module the fused pass can run, or
     None (other losses, BCE with weights, invalid parameters that must raise in the module)."""
-    kind = type(module)
-    if kind in (modules.MSELoss, modules.L1Loss):
-        return ("mse" if kind is modules.MSELoss else "l1", 0.0, 0.0)
-    if kind is modules.HuberLoss and module.delta > 0:
-        return ("huber", float(module.delta), 0.0)
-    if kind is modules.SmoothL1Loss and module.beta >= 0:
-        return ("smooth_l1", float(module.beta), 0.0) if module.beta > 0 else ("l1", 0.0, 0.0)
-    if kind is modules.BCEWithLogitsLoss and module.weight is None and module.pos_weight is None:
-        return ("bce_with_logits", 0.0, 0.0)
-    if kind is modules.SigmoidFocalLoss and module.gamma >= 0 and (0 <= module.alpha <= 1 or module.alpha == -1):
-        return ("sigmoid_focal", float(module.alpha), float(module.gamma))
-    return None
+    member = _FUSED_MEMBERS.get(type(module))
+    if member is None:
+        return None
+    name, attributes = member
+    fusable = _FUSABLE.get(name)
+    if fusable is not None and not fusable(module):
+        return None
+    values = [float(getattr(module, a)) for a in attributes]
+    if name == "smooth_l1" and values[0] == 0:  # beta = 0 is the L1 loss, as in functional
+        return ("l1", 0.0, 0.0)
+    return (name, *values, *(0.0,) * (2 - len(values)))
 
 
 class CombinedLoss(modules.NotScriptable, nn.Module):

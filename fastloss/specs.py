@@ -1,11 +1,15 @@
-"""One declarative record per loss: the registry the command line (bench, check) reads.
+"""One declarative record per loss: the registry that ops, combine, the exports, bench, check and the
+tests read.
 
 A :class:`LossSpec` names, for one loss, everything that is otherwise written in several places:
 its family, the ops module and kernel kind that run it, its fastloss.functional function and
 module class, its PyTorch reference (fastloss.reference), the torch baseline benchmarks time it
 against, the keyword arguments benchmarks and checks call both with, how its operands are made and
-its default benchmark shapes. Names are strings resolved on use, so that importing this module
-imports nothing of fastloss (ops, functional and combine can read it without an import cycle).
+its default benchmark shapes; for a pointwise loss also its kernel terms, the parameters the kernel
+carries and whether CombinedLoss fuses it. Names are strings resolved on use, so that importing this
+module imports nothing of fastloss (ops, functional and combine can read it without an import
+cycle). Readers copy what they need into their own tables at import time: no loss's call looks a
+spec up.
 
 Families (one word everywhere: bench output, records, ops):
 
@@ -96,11 +100,19 @@ class LossSpec:
     fallback_label: str | None = None
     torch_module: str | None = None    # the torch.nn class fastloss's module replaces, if any
     aliases: tuple[str, ...] = ()
+    # pointwise family only (fastloss.ops.pointwise builds its tables from these at import time):
+    terms: str | None = None           # the ``*_terms`` function in kernels/pointwise.py ("<kind>_terms")
+    kernel_params: tuple[str, ...] = ()  # the kernel's param1, param2: reference keywords, module attributes
+    fused: bool = False                # CombinedLoss runs the module in its fused kernel pass
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES or self.ops not in OPS or self.operands not in OPERANDS:
             raise ValueError(f"{self.name}: unknown family, ops or operands "
                              f"({self.family!r}, {self.ops!r}, {self.operands!r})")
+        if self.family == "pointwise" and self.terms is None:
+            object.__setattr__(self, "terms", self.kind + "_terms")
+        if len(self.kernel_params) > 2 or ((self.kernel_params or self.fused) and self.family != "pointwise"):
+            raise ValueError(f"{self.name}: kernel_params (at most two) and fused are pointwise fields")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
         object.__setattr__(self, "shapes", MappingProxyType(dict(self.shapes)))
 
@@ -158,26 +170,28 @@ def _spec(name: str, family: str, ops: str, kind: str, functional: str, module: 
 #: Every loss, in report order.
 SPECS: dict[str, LossSpec] = {s.name: s for s in (
     _spec("mse", "pointwise", "pointwise", "mse", "mse_loss", "MSELoss", "F.mse_loss",
-          "torch.nn.functional.mse_loss", "regression", torch_module="MSELoss"),
+          "torch.nn.functional.mse_loss", "regression", torch_module="MSELoss", fused=True),
     _spec("l1", "pointwise", "pointwise", "l1", "l1_loss", "L1Loss", "F.l1_loss",
-          "torch.nn.functional.l1_loss", "regression", torch_module="L1Loss"),
+          "torch.nn.functional.l1_loss", "regression", torch_module="L1Loss", fused=True),
     _spec("huber", "pointwise", "pointwise", "huber", "huber_loss", "HuberLoss", "F.huber_loss",
           "torch.nn.functional.huber_loss(delta=1.0)", "regression", params={"delta": 1.0},
-          torch_module="HuberLoss"),
+          torch_module="HuberLoss", kernel_params=("delta",), fused=True),
     _spec("smooth_l1", "pointwise", "pointwise", "smooth_l1", "smooth_l1_loss", "SmoothL1Loss",
           "F.smooth_l1_loss", "torch.nn.functional.smooth_l1_loss(beta=1.0)", "regression",
-          params={"beta": 1.0}, torch_module="SmoothL1Loss", aliases=("smoothl1",)),
+          params={"beta": 1.0}, torch_module="SmoothL1Loss", aliases=("smoothl1",), kernel_params=("beta",),
+          fused=True),
     _spec("bce_with_logits", "pointwise", "pointwise", "bce_with_logits", "binary_cross_entropy_with_logits",
           "BCEWithLogitsLoss", "F.binary_cross_entropy_with_logits",
           "torch.nn.functional.binary_cross_entropy_with_logits", "binary", torch_module="BCEWithLogitsLoss",
-          aliases=("bce",)),
+          aliases=("bce",), fused=True),
     _spec("sigmoid_focal", "pointwise", "pointwise", "sigmoid_focal", "sigmoid_focal_loss", "SigmoidFocalLoss",
           "torchvision.ops.sigmoid_focal_loss", "torchvision.ops.sigmoid_focal_loss", "binary",
           params={"alpha": 0.25, "gamma": 2.0, "reduction": "mean"}, fallback="baselines.sigmoid_focal",
-          fallback_label="inline torchvision formula", aliases=("focal",)),
+          fallback_label="inline torchvision formula", aliases=("focal",), kernel_params=("alpha", "gamma"),
+          fused=True),
     _spec("kl_div", "pointwise", "pointwise", "kl_div", "kl_div", "KLDivLoss", "F.kl_div",
           "torch.nn.functional.kl_div(reduction='batchmean')", "log_probs", params={"reduction": "batchmean"},
-          torch_module="KLDivLoss", aliases=("kldiv", "kl")),
+          torch_module="KLDivLoss", aliases=("kldiv", "kl"), kernel_params=("log_target",)),
     _spec("cross_entropy", "softmax", "softmax", "cross_entropy", "cross_entropy", "CrossEntropyLoss",
           "F.cross_entropy", "torch.nn.functional.cross_entropy", "classes", torch_module="CrossEntropyLoss",
           shapes={"cuda": ((8192, 32000), (8192, 128256), (4096, 256000)), "cpu": ((256, 4096),)},

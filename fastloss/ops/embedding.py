@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastloss import reference
+from fastloss import reference, specs
 from fastloss.ops._common import HALF_DTYPES, scale_each, scale_grad, scale_grad_
 from fastloss.ops._utils import (
     BackwardSteps,
@@ -35,7 +35,8 @@ from fastloss.ops._utils import (
 
 __all__ = ["LOSSES", "embedding_loss"]
 
-LOSSES = ("contrastive", "triplet")
+#: Loss names understood by the kernels (the kinds of fastloss.specs's losses this module runs).
+LOSSES = tuple(s.kind for s in specs.SPECS.values() if s.ops == "embedding")
 
 
 @functools.cache

@@ -11,13 +11,14 @@ gradients from input and target in one pass.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from fastloss import reference
+from fastloss import reference, specs
 from fastloss.ops._common import (
     HALF_DTYPES,
     flat_block_config,
@@ -30,8 +31,34 @@ from fastloss.ops._utils import BackwardSteps, acc_dtype, autograd_pair, cdiv, c
 
 __all__ = ["LOSSES", "MAX_MEMBERS", "pointwise_combination", "pointwise_loss"]
 
-#: Loss names understood by the kernels; each maps to a ``*_terms`` function in kernels/pointwise.py.
-LOSSES = ("mse", "l1", "huber", "smooth_l1", "bce_with_logits", "sigmoid_focal", "kl_div")
+_SPECS = specs.by_family("pointwise")
+
+#: Loss names understood by the kernels (the pointwise specs' kinds); each maps to the spec's
+#: ``*_terms`` function in kernels/pointwise.py.
+LOSSES = tuple(s.kind for s in _SPECS)
+
+
+def _reference_call(spec: specs.LossSpec):
+    """The spec's fastloss.reference function as ``f(input, target, weight, pos_weight, reduction,
+    param1, param2)``: param1 and param2 go to the keywords the spec's ``kernel_params`` name (cast
+    to bool where the reference's default is one), weight and pos_weight only when given."""
+    fn = getattr(reference, spec.reference)
+    signature = inspect.signature(fn).parameters
+    names = [(n, bool if isinstance(signature[n].default, bool) else float) for n in spec.kernel_params]
+
+    def call(input, target, weight, pos_weight, reduction, *kernel_params):
+        kwargs = {n: cast(v) for (n, cast), v in zip(names, kernel_params)}
+        if weight is not None:
+            kwargs["weight"] = weight
+        if pos_weight is not None:
+            kwargs["pos_weight"] = pos_weight
+        return fn(input, target, reduction=reduction, **kwargs)
+
+    return call
+
+
+#: The PyTorch evaluation of each loss (what a double backward differentiates), by kind.
+_REFERENCES = {s.kind: _reference_call(s) for s in _SPECS}
 
 #: Most member losses one kernel pass evaluates (TERMS, TERMS_B, TERMS_C in the kernels).
 MAX_MEMBERS = 3
@@ -42,15 +69,7 @@ def _kernels():
 
     from fastloss.kernels import pointwise as k
 
-    terms = {
-        "mse": k.mse_terms,
-        "l1": k.l1_terms,
-        "huber": k.huber_terms,
-        "smooth_l1": k.smooth_l1_terms,
-        "bce_with_logits": k.bce_with_logits_terms,
-        "sigmoid_focal": k.sigmoid_focal_terms,
-        "kl_div": k.kl_div_terms,
-    }
+    terms = {s.kind: getattr(k, s.terms) for s in _SPECS}
     return k, terms, {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -308,18 +327,9 @@ def _reference(ctx) -> tuple[Tensor, tuple]:
     """The loss again in PyTorch, from the saved operands (for a double backward)."""
     input, target, weight, pos_weight = ctx.saved_tensors
     p = ctx.params
-    reduction, params = p.reduction, p.params
-    calls = {
-        "mse": lambda p1, p2: reference.mse_loss(input, target, reduction),
-        "l1": lambda p1, p2: reference.l1_loss(input, target, reduction),
-        "huber": lambda p1, p2: reference.huber_loss(input, target, reduction, p1),
-        "smooth_l1": lambda p1, p2: reference.smooth_l1_loss(input, target, reduction, p1),
-        "bce_with_logits": lambda p1, p2: reference.binary_cross_entropy_with_logits(
-            input, target, weight, reduction, pos_weight),
-        "sigmoid_focal": lambda p1, p2: reference.sigmoid_focal_loss(input, target, p1, p2, reduction),
-        "kl_div": lambda p1, p2: reference.kl_div(input, target, reduction, p1 != 0.0),
-    }
-    loss = sum(params[3 * i] * calls[name](*params[3 * i + 1:3 * i + 3])
+    params = p.params
+    loss = sum(params[3 * i] * _REFERENCES[name](input, target, weight, pos_weight, p.reduction,
+                                                 *params[3 * i + 1:3 * i + 3])
                for i, name in enumerate(p.losses.split(",")))
     return loss, (input, target)
 

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastloss import reference
+from fastloss import reference, specs
 from fastloss.ops._common import HALF_DTYPES, scale_each, scale_grad, scale_grad_
 from fastloss.ops._common import check_targets_cpu as _check_targets_cpu  # the name tests patch
 from fastloss.ops._utils import (
@@ -44,8 +44,8 @@ from fastloss.ops._utils import (
 
 __all__ = ["KINDS", "softmax_loss"]
 
-#: Loss names understood by the row kernel.
-KINDS = ("cross_entropy", "focal")
+#: Loss names understood by the row kernel (the kinds of fastloss.specs's losses this module runs).
+KINDS = tuple(s.kind for s in specs.SPECS.values() if s.ops == "softmax")
 
 #: Longest row (in classes) kept on chip in one block and read once; longer rows are looped (an
 #: online log-sum-exp pass, then the gradient pass, whose reads mostly hit L2). Measured on an
