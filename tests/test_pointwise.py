@@ -31,8 +31,9 @@ from torch import Tensor, nn
 
 import fastloss
 import fastloss.functional as FF
-from fastloss import _backend, baselines
+from fastloss import _backend, baselines, specs
 from fastloss import reference as R
+from fastloss.cli import cases as spec_cases
 from fastloss.ops import pointwise as ops
 
 REDUCTIONS = ["none", "mean", "sum"]
@@ -1458,3 +1459,69 @@ def test_half_precision_gradient_that_overflowed_in_the_forward_is_recomputed(gr
     (g,) = torch.autograd.grad(loss, x, torch.tensor(grad_output, dtype=loss.dtype, device=device))
     expected = (2 * 80000.0 * torch.tensor(grad_output, dtype=torch.float16).double()).to(torch.float16)
     assert torch.equal(g, expected.reshape(1).to(device)), (g, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Every pointwise loss of fastloss.specs, with no hand-written table: a new spec is tested here as
+# soon as it is registered. The oracle is the spec's torch baseline in float64 (torch.nn, or the
+# eager formula of fastloss.baselines); operands are the benchmarks' (fastloss.cli.cases).
+# --------------------------------------------------------------------------------------------
+
+POINTWISE_SPECS = specs.by_family("pointwise")
+SPEC_SHAPES = {"regression": (1025,), "binary": (1025,), "log_probs": (9, 131)}
+SPEC_REDUCTIONS = ["spec", "none", "sum"]  # the spec's own params (its default reduction), then two more
+
+
+def _spec_params(spec, reduction: str) -> dict:
+    return dict(spec.params) if reduction == "spec" else {**spec.params, "reduction": reduction}
+
+
+def _baseline(spec):
+    """The spec's torch baseline, unbound (its fallback where torchvision does not import)."""
+    try:
+        return specs.resolve(spec.baseline)
+    except ImportError:
+        return specs.resolve(spec.fallback)
+
+
+def _spec_operands(spec, dtype, device):
+    x, y = spec_cases.make_inputs(spec, SPEC_SHAPES[spec.operands], torch.float64, device, seed=3)
+    return x.detach().to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+
+
+@pytest.mark.parametrize("reduction", SPEC_REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("spec", POINTWISE_SPECS, ids=lambda s: s.name)
+def test_every_pointwise_spec_runs_its_kernel_like_its_baseline(spec, dtype, reduction, device):
+    """fastloss.functional on the kernels against the spec's baseline in float64: value and both
+    gradients, within the tolerance of the dtype."""
+    params = _spec_params(spec, reduction)
+    x, y = _spec_operands(spec, dtype, device)
+    with fastloss.use_backend("triton"), assert_launched("pointwise_fwd_kernel"):
+        loss = getattr(FF, spec.functional)(x, y, **params)
+    x64, y64 = (t.detach().double().requires_grad_() for t in (x, y))
+    expected = _baseline(spec)(x64, y64, **params)
+    grad_output = random_grad_output(expected)
+    got = torch.autograd.grad(loss, (x, y), grad_output.to(loss.dtype))
+    want = torch.autograd.grad(expected, (x64, y64), grad_output)
+    assert_close(loss, expected.to(dtype), dtype, spec.name)
+    for actual, exact, what in zip(got, want, ("grad_input", "grad_target")):
+        assert_close(actual, exact.to(dtype), dtype, f"{spec.name} {what}")
+
+
+@pytest.mark.parametrize("reduction", SPEC_REDUCTIONS)
+@pytest.mark.parametrize("spec", POINTWISE_SPECS, ids=lambda s: s.name)
+def test_every_pointwise_spec_second_derivative_like_its_baseline(spec, reduction, device):
+    """A double backward differentiates the ops module's PyTorch evaluation of the loss (its table
+    built from the specs): d/dx of <dL/dx, v> against the baseline's, in float64."""
+    params = _spec_params(spec, reduction)
+    results = []
+    for fn, backend in ((getattr(FF, spec.functional), "triton"), (_baseline(spec), "torch")):
+        x, y = _spec_operands(spec, F64, device)
+        with fastloss.use_backend(backend):
+            loss = fn(x, y, **params)
+        v = torch.linspace(-1, 1, x.numel(), dtype=F64, device=x.device).reshape(x.shape)
+        (gx,) = torch.autograd.grad(loss.sum(), x, create_graph=True)
+        results.append(torch.autograd.grad((gx * v).sum(), (x, y), materialize_grads=True))
+    for actual, exact in zip(*results):
+        assert_close(actual, exact, F64, spec.name)
