@@ -24,12 +24,6 @@ _NORM_TYPES: tuple[type[nn.Module], ...] = (
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
-#: fastloss module class -> (kernel loss name, the module attributes that are its param1, param2),
-#: for the pointwise losses CombinedLoss fuses (``fused`` in fastloss.specs; read once, here).
-_FUSED_MEMBERS: dict[type, tuple[str, tuple[str, ...]]] = {
-    getattr(modules, s.module): (s.kind, s.kernel_params) for s in specs.by_family("pointwise") if s.fused
-}
-
 #: Per kernel loss name, whether a module's parameters can run fused: False for values the module
 #: would reject (it must raise, member by member) and for BCE weights (the fused pass takes none).
 _FUSABLE: dict[str, Callable[[nn.Module], bool]] = {
@@ -39,6 +33,14 @@ _FUSABLE: dict[str, Callable[[nn.Module], bool]] = {
     "sigmoid_focal": lambda m: m.gamma >= 0 and (0 <= m.alpha <= 1 or m.alpha == -1),
 }
 
+#: fastloss module class -> (kernel loss name, the module attributes that are its param1, param2,
+#: its _FUSABLE check), for the pointwise losses CombinedLoss fuses (``fused`` in fastloss.specs;
+#: read once, here).
+_FUSED_MEMBERS: dict[type, tuple[str, tuple[str, ...], Callable[[nn.Module], bool] | None]] = {
+    getattr(modules, s.module): (s.kind, s.kernel_params, _FUSABLE.get(s.kind))
+    for s in specs.by_family("pointwise") if s.fused
+}
+
 
 def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
     """(kernel loss name, param1, param2) of a fastloss pointwise module the fused pass can run, or
@@ -46,14 +48,15 @@ def _kernel_member(module: nn.Module) -> tuple[str, float, float] | None:
     member = _FUSED_MEMBERS.get(type(module))
     if member is None:
         return None
-    name, attributes = member
-    fusable = _FUSABLE.get(name)
+    name, attributes, fusable = member
     if fusable is not None and not fusable(module):
         return None
-    values = [float(getattr(module, a)) for a in attributes]
-    if name == "smooth_l1" and values[0] == 0:  # beta = 0 is the L1 loss, as in functional
-        return ("l1", 0.0, 0.0)
-    return (name, *values, *(0.0,) * (2 - len(values)))
+    if not attributes:
+        return (name, 0.0, 0.0)
+    param1 = float(getattr(module, attributes[0]))
+    if len(attributes) == 1:  # smooth L1 with beta = 0 is the L1 loss, as in functional
+        return ("l1", 0.0, 0.0) if name == "smooth_l1" and param1 == 0 else (name, param1, 0.0)
+    return (name, param1, float(getattr(module, attributes[1])))
 
 
 class CombinedLoss(modules.NotScriptable, nn.Module):
