@@ -34,12 +34,6 @@ __all__ = [
 ]
 
 
-def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown fastloss backend {name!r}; expected one of {BACKENDS}")
-    return name
-
-
 def _from_environment() -> str:
     value = os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
@@ -56,11 +50,28 @@ _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastloss_b
 #: value of a module global, so a compiled function recompiles when this changes. It is the backend
 #: in effect where it was last selected or a block was left: in one thread, the block's own choice.
 _compiled: str = _default
+#: Whether "triton" has ever been selected in this process (FASTLOSS_BACKEND, set_backend or a
+#: use_backend block, in any thread or task); never reset. While it is False the backend in effect
+#: anywhere is "auto" or "torch", under both of which a tensor off CUDA means the PyTorch path:
+#: use_triton (and the lean checks of fastloss.functional) answer that case with this one global read,
+#: before the backend lookup and torch.compiler.is_compiling(). (A counter of open "triton" blocks
+#: would not do: an asyncio task or a copied context keeps a block's choice after the block ends.)
+_triton_selected: bool = _default == "triton"
 
 
 def _selected() -> None:
     global _compiled
     _compiled = _scoped.get() or _default
+
+
+def _check(name: str) -> str:
+    """``name`` when it is a backend (ValueError otherwise); notes a selection of "triton"."""
+    global _triton_selected
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastloss backend {name!r}; expected one of {BACKENDS}")
+    if name == "triton":
+        _triton_selected = True
+    return name
 
 
 def get_backend() -> str:
@@ -199,6 +210,12 @@ def use_triton(*tensors: torch.Tensor | None, family: str | None = None) -> bool
     (small_problem), except under torch.compile. Raises RuntimeError when the backend is "triton"
     and the kernels cannot run here.
     """
+    if not _triton_selected:  # "auto" or "torch": a tensor off CUDA answers (see _triton_selected)
+        for t in tensors:
+            if t is not None:
+                if not t.is_cuda:
+                    return False
+                break
     backend = _compiled if torch.compiler.is_compiling() else _scoped.get() or _default
     if backend == "torch":
         return False

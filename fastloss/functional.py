@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from fastloss import reference
+from fastloss import _backend, reference
 from fastloss._backend import transforms_active, use_triton
 from fastloss._validation import (
     _KL_MEAN_WARNING,
@@ -80,14 +80,15 @@ _KERNELS = -1
 _has_torch_function = torch.overrides.has_torch_function_variadic
 
 
-def _lean_route(input: Tensor, target: Tensor, reduction: str, family: str) -> int | None:
+def _lean_route(input: Tensor, target: Tensor, reduction: object, family: str) -> int | None:
     """For operands the lean checks accepted: _KERNELS when the kernels are selected for them (a
     loss of ``family``), else the reduction's enum (None for an invalid reduction: the full path
-    raises torch's error)."""
-    enum = _REDUCTION_ENUM.get(reduction)
-    if enum is not None and use_triton(input, target, family=family):
-        return _KERNELS
-    return enum
+    raises torch's error). Off CUDA, while "triton" was never selected (the common case), that is
+    the enum without a backend lookup (see fastloss._backend._triton_selected)."""
+    enum = _REDUCTION_ENUM.get(reduction) if isinstance(reduction, str) else None
+    if enum is None or (not _backend._triton_selected and not input.is_cuda):
+        return enum
+    return _KERNELS if use_triton(input, target, family=family) else enum
 
 
 def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
@@ -99,7 +100,6 @@ def _lean(input: Tensor, target: Tensor, reduction: str) -> int | None:
         and isinstance(target, Tensor)
         and input.dtype is target.dtype
         and input.dtype in _LEAN_DTYPES
-        and isinstance(reduction, str)
         and input.shape == target.shape
         and not _has_torch_function(input, target)
     ):
@@ -177,6 +177,18 @@ def _kl_kernels(input: Tensor, target: Tensor, reduction: str, log_target: bool,
                           reduction="sum" if reduction == "batchmean" else reduction, coef=1.0 / batch)
 
 
+def _kl_div_lean(input: Tensor, target: Tensor, reduction: str, log_target: bool) -> Tensor | None:
+    """kl_div without legacy arguments in the lean case (see _lean), else None. (torch's "mean"
+    warning is the caller's.)"""
+    if (enum := _lean(input, target, "sum" if reduction == "batchmean" else reduction)) is None:
+        return None
+    batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
+    if enum != _KERNELS:
+        loss = torch.kl_div(input, target, enum, log_target=log_target)
+        return loss / batch if batch != 1 else loss
+    return _kl_kernels(input, target, reduction, log_target, batch) if batch else None
+
+
 def kl_div(
     input: Tensor,
     target: Tensor,
@@ -196,13 +208,8 @@ def kl_div(
     legacy = size_average is not None or reduce is not None
     if not legacy and reduction == "mean":
         warnings.warn(_KL_MEAN_WARNING, stacklevel=2)
-    if not legacy and (enum := _lean(input, target, "sum" if reduction == "batchmean" else reduction)) is not None:
-        batch = input.size(0) if reduction == "batchmean" and input.dim() != 0 else 1
-        if enum == _KERNELS and batch:
-            return _kl_kernels(input, target, reduction, log_target, batch)
-        if enum != _KERNELS:
-            loss = torch.kl_div(input, target, enum, log_target=log_target)
-            return loss / batch if batch != 1 else loss
+    if not legacy and (loss := _kl_div_lean(input, target, reduction, log_target)) is not None:
+        return loss
     applied = _reduction_arg(size_average, reduce, reduction, _KL_REDUCTIONS)
     _check_kl_operands(input, target)
     dtype = _result_dtype(input, target)
@@ -271,6 +278,15 @@ def smooth_l1_loss(
     return reference.smooth_l1_loss(input, target, reduction, beta)
 
 
+def _bce_with_logits_lean(input: Tensor, target: Tensor, reduction: str) -> Tensor | None:
+    """binary_cross_entropy_with_logits without weights in the lean case (see _lean), else None."""
+    if (enum := _lean(input, target, reduction)) is None:
+        return None
+    if enum == _KERNELS:
+        return pointwise_loss("bce_with_logits", input, target, reduction=reduction)
+    return torch.binary_cross_entropy_with_logits(input, target, None, None, enum)
+
+
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -286,10 +302,8 @@ def binary_cross_entropy_with_logits(
     last dimension, one value per class) weights the positive term.
     """
     if (weight is None and pos_weight is None and size_average is None and reduce is None
-            and (enum := _lean(input, target, reduction)) is not None):
-        if enum == _KERNELS:
-            return pointwise_loss("bce_with_logits", input, target, reduction=reduction)
-        return torch.binary_cross_entropy_with_logits(input, target, None, None, enum)
+            and (loss := _bce_with_logits_lean(input, target, reduction)) is not None):
+        return loss
     reduction = _reduction_arg(size_average, reduce, reduction)
     _check_bce_operands(input, target)
     # torch.nn's result has the target's dtype, also when the input's is wider; fastloss computes
@@ -355,6 +369,21 @@ def _grad_wanted(t: Tensor | None) -> bool:
     return isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
 
 
+def _cross_entropy_lean(input: Tensor, target: Tensor, ignore_index: int, reduction: str,
+                        label_smoothing: float, inplace_backward: bool) -> Tensor | None:
+    """cross_entropy without weight, legacy arguments, z_loss or softcap in the lean case (see
+    _lean_class_indices; label_smoothing in [0, 1]), else None."""
+    if not 0.0 <= label_smoothing <= 1.0 or (enum := _lean_class_indices(input, target, reduction)) is None:
+        return None
+    if enum != _KERNELS:
+        return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
+    if input.shape[1] > 0 and input.shape[0] == target.shape[0]:
+        return softmax_loss("cross_entropy", input, target, None, ignore_index=ignore_index,
+                            label_smoothing=label_smoothing, reduction=reduction,
+                            inplace_backward=inplace_backward)
+    return None
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -390,14 +419,9 @@ def cross_entropy(
     NaN loss and gradient instead of an out-of-bounds access.
     """
     if (weight is None and size_average is None and reduce is None and not z_loss and softcap is None
-            and 0.0 <= label_smoothing <= 1.0
-            and (enum := _lean_class_indices(input, target, reduction)) is not None):
-        if enum != _KERNELS:
-            return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
-        if input.shape[1] > 0 and input.shape[0] == target.shape[0]:
-            return softmax_loss("cross_entropy", input, target, None, ignore_index=ignore_index,
-                                label_smoothing=label_smoothing, reduction=reduction,
-                                inplace_backward=inplace_backward)
+            and (loss := _cross_entropy_lean(input, target, ignore_index, reduction, label_smoothing,
+                                             inplace_backward)) is not None):
+        return loss
     reduction = _reduction_arg(size_average, reduce, reduction)
     label_smoothing = _cross_entropy_options(label_smoothing, z_loss, softcap)
     prob = _check_class_operands("cross_entropy", input, target, weight, allow_probabilities=True,
@@ -513,6 +537,15 @@ def contrastive_loss(
     return reference.contrastive_loss(x1, x2, y, margin, reduction)
 
 
+def _triplet_lean(anchor: Tensor, positive: Tensor, negative: Tensor, margin: float, p: float, eps: float,
+                  swap: bool, reduction: str) -> Tensor | None:
+    """triplet_margin_loss without legacy arguments, straight to torch's op where
+    fastloss.ops.cpu.triplet_applies says it may go, else None."""
+    if cpu.triplet_applies(anchor, positive, negative, margin, p, eps, swap, None, None, reduction):
+        return torch.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, _REDUCTION_ENUM[reduction])
+    return None
+
+
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -533,8 +566,9 @@ def triplet_margin_loss(
     complex ones a real loss, as torch's). Under autocast, half-precision operands are cast to
     float32 first and the loss is float32, as autocast runs torch's triplet_margin_loss.
     """
-    if cpu.triplet_applies(anchor, positive, negative, margin, p, eps, swap, size_average, reduce, reduction):
-        return torch.triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, _REDUCTION_ENUM[reduction])
+    if size_average is None and reduce is None and (
+            loss := _triplet_lean(anchor, positive, negative, margin, p, eps, swap, reduction)) is not None:
+        return loss
     reduction = _reduction_arg(size_average, reduce, reduction)
     _check_triplet(anchor, positive, negative, margin)
     if torch.is_autocast_enabled(anchor.device.type):  # autocast's float32 list has triplet_margin_loss

@@ -30,6 +30,15 @@ __all__ = [
 ]
 
 
+#: What ``self._buffers.get`` answers for a name that is not a buffer (a forward then reads the
+#: attribute through the full path).
+_ABSENT = object()
+
+# The forwards of losses torch.nn has first try the lean path (fastloss.functional's ``_*_lean``:
+# torch's op, or the kernels, for plain tensors and the default options), with the module's
+# attributes passed straight in; anything else goes through the functional form as before.
+
+
 class NotScriptable:
     """Mixin of every fastloss nn.Module: ``torch.jit.script`` raises a plain RuntimeError.
 
@@ -79,6 +88,10 @@ class BCEWithLogitsLoss(NotScriptable, nn.BCEWithLogitsLoss):
     """Drop-in torch.nn.BCEWithLogitsLoss(weight=None, reduction="mean", pos_weight=None)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        buffers = self._buffers  # (self.weight is a buffer: _buffers skips Module.__getattr__)
+        if (buffers.get("weight", _ABSENT) is None and buffers.get("pos_weight", _ABSENT) is None
+                and (loss := F._bce_with_logits_lean(input, target, self.reduction)) is not None):
+            return loss
         return F.binary_cross_entropy_with_logits(
             input, target, self.weight, reduction=self.reduction, pos_weight=self.pos_weight
         )
@@ -88,6 +101,9 @@ class KLDivLoss(NotScriptable, nn.KLDivLoss):
     """Drop-in torch.nn.KLDivLoss(reduction="mean", log_target=False); input holds log-probabilities."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        reduction = self.reduction
+        if reduction != "mean" and (loss := F._kl_div_lean(input, target, reduction, self.log_target)) is not None:
+            return loss  # ("mean" takes F.kl_div, which warns as torch's)
         return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
 
 
@@ -158,6 +174,10 @@ class CrossEntropyLoss(NotScriptable, nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if (self._buffers.get("weight", _ABSENT) is None and not self.z_loss and self.softcap is None
+                and (loss := F._cross_entropy_lean(input, target, self.ignore_index, self.reduction,
+                                                   self.label_smoothing, self.inplace_backward)) is not None):
+            return loss
         return F.cross_entropy(
             input, target, weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
@@ -253,6 +273,9 @@ class TripletMarginLoss(NotScriptable, nn.TripletMarginLoss):
     """Drop-in torch.nn.TripletMarginLoss(margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")."""
 
     def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        if (loss := F._triplet_lean(anchor, positive, negative, self.margin, self.p, self.eps, self.swap,
+                                    self.reduction)) is not None:
+            return loss
         return F.triplet_margin_loss(anchor, positive, negative, margin=self.margin, p=self.p,
                                      eps=self.eps, swap=self.swap, reduction=self.reduction)
 

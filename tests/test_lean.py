@@ -9,7 +9,9 @@ PyTorch reference (the oracle) and the classic composition, with every autograd 
 
 from __future__ import annotations
 
+import contextvars
 import math
+import threading
 import warnings
 
 import pytest
@@ -20,7 +22,7 @@ from helpers import TOLERANCES, assert_close, dtype_id
 
 import fastloss
 import fastloss.functional as FL
-from fastloss import reference
+from fastloss import _backend, reference
 
 F64 = torch.float64
 LEAN_DTYPES = [torch.float32, torch.float64]
@@ -107,6 +109,16 @@ def test_lean_path_keeps_the_errors_and_warnings(torch_backend):
         FL.mse_loss(x, y)  # the common case warns about nothing
 
 
+def _assert_compiles_fullgraph(step, x, expected):
+    """torch.compile(step, fullgraph=True) gives ``expected`` and its gradient with respect to x."""
+    (g_expected,) = torch.autograd.grad(expected, x)
+    actual = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    (g_actual,) = torch.autograd.grad(actual, x)
+    assert_close(actual, expected, msg="compiled")
+    assert_close(g_actual, g_expected, msg="compiled grad")
+    torch._dynamo.reset()
+
+
 def test_lean_cross_entropy_compiles_fullgraph(torch_backend):
     torch._dynamo.reset()
     x = torch.randn(8, 5, generator=_gen(0), requires_grad=True)
@@ -117,12 +129,7 @@ def test_lean_cross_entropy_compiles_fullgraph(torch_backend):
         return ce(x, t) + mse(x, x.detach() * 0.5) + focal(x, t)
 
     expected = F.cross_entropy(x, t) + F.mse_loss(x, x.detach() * 0.5) + reference.focal_loss(x, t, 0.5, 2.0)
-    (g_expected,) = torch.autograd.grad(expected, x)
-    actual = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
-    (g_actual,) = torch.autograd.grad(actual, x)
-    assert_close(actual, expected, msg="compiled")
-    assert_close(g_actual, g_expected, msg="compiled grad")
-    torch._dynamo.reset()
+    _assert_compiles_fullgraph(step, x, expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,3 +415,161 @@ def test_kernel_path_common_case_skips_the_full_path(triton_backend, monkeypatch
         assert_close(actual, theirs(x, y, **kwargs), msg=ours.__name__)
     with assert_launched("cross_entropy_fwd_kernel"):
         assert_close(FL.cross_entropy(x, t, label_smoothing=0.1), F.cross_entropy(x, t, label_smoothing=0.1))
+
+
+# --------------------------------------------------------------------------------------------
+# Module forwards: the lean path straight from the module's attributes
+# --------------------------------------------------------------------------------------------
+
+def _module_cases():
+    """(name, fastloss module, torch.nn module, operands, the functional the full path calls)."""
+    x = torch.randn(9, 4, generator=_gen(0), dtype=F64, requires_grad=True)
+    y = torch.rand(9, 4, generator=_gen(1), dtype=F64)
+    t = torch.randint(0, 4, (9,), generator=_gen(2))
+    t[2] = 3
+    logp = torch.randn(9, 4, generator=_gen(3), dtype=F64).log_softmax(1).requires_grad_()
+    a, p, n = (torch.randn(5, 6, generator=_gen(4 + i), dtype=F64, requires_grad=True) for i in range(3))
+    return [
+        ("ce", fastloss.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1),
+         torch.nn.CrossEntropyLoss(ignore_index=3, label_smoothing=0.1), (x, t), "cross_entropy"),
+        ("bce", fastloss.BCEWithLogitsLoss(reduction="sum"), torch.nn.BCEWithLogitsLoss(reduction="sum"), (x, y),
+         "binary_cross_entropy_with_logits"),
+        ("kl", fastloss.KLDivLoss(reduction="batchmean", log_target=False),
+         torch.nn.KLDivLoss(reduction="batchmean"), (logp, y), "kl_div"),
+        ("triplet", fastloss.TripletMarginLoss(margin=0.5, p=1.5, swap=True),
+         torch.nn.TripletMarginLoss(margin=0.5, p=1.5, swap=True), (a, p, n), "triplet_margin_loss"),
+    ]
+
+
+def _grads(loss, args):
+    leaves = [v for v in args if v.requires_grad]
+    return torch.autograd.grad(loss.sum(), leaves)
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("case", range(4), ids=["ce", "bce", "kl", "triplet"])
+def test_module_common_case_skips_the_functional(case, backend_name, monkeypatch):
+    """A module with its default configuration runs torch's op from its forward: torch.nn's values
+    and gradients exactly, without the functional form (whose full path would give the same)."""
+    name, ours, theirs, args, functional = _module_cases()[case]
+    expected = theirs(*args)
+    g_expected = _grads(expected, args)
+    full = getattr(FL, functional)(*args, **({"reduction": "batchmean"} if name == "kl" else {}),
+                                   **({"reduction": "sum"} if name == "bce" else {}))
+    if name not in ("ce", "triplet"):  # (their module options are not the functional's defaults)
+        assert torch.equal(full, expected)
+    _reference_forbidden(monkeypatch)
+
+    def fail(*a, **k):
+        raise AssertionError(f"FL.{functional} ran")
+
+    monkeypatch.setattr(FL, functional, fail)
+    # while "triton" was never selected, CPU tensors answer without a backend lookup
+    monkeypatch.setattr(_backend, "_triton_selected", False)
+    with fastloss.use_backend(backend_name):
+        monkeypatch.setattr(_backend, "_triton_selected", False)
+        actual = ours(*args)
+    assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+    for g, ge in zip(_grads(actual, args), g_expected):
+        assert torch.equal(g, ge)
+
+
+class _Marked(torch.Tensor):
+    """A Tensor subclass (it has __torch_function__): the lean path must decline it."""
+
+
+@pytest.mark.parametrize("case", range(4), ids=["ce", "bce", "kl", "triplet"])
+def test_module_declines_what_the_lean_path_declines(case, torch_backend, monkeypatch):
+    """Changed options, weights set after construction (a buffer, or a Parameter in its place), a
+    Tensor subclass or a half dtype take the functional form, with torch.nn's numbers."""
+    name, ours, theirs, args, functional = _module_cases()[case]
+    calls = []
+    original = getattr(FL, functional)
+
+    def spy(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(FL, functional, spy)
+
+    def check(msg, operands=args):
+        calls.clear()
+        actual, expected = ours(*operands), theirs(*operands)
+        assert calls, f"{name} {msg}: the lean path took it"
+        assert_close(actual, expected, msg=f"{name} {msg}")
+
+    check("subclass", tuple(v.as_subclass(_Marked) if i == 0 else v for i, v in enumerate(args)))
+    check("float16", tuple(v.detach().half() if v.is_floating_point() else v for v in args))
+    if name == "ce":
+        ours.z_loss = 0.5
+        assert not torch.equal(ours(*args), theirs(*args)) and calls
+        ours.z_loss = 0.0
+        w = torch.rand(4, generator=_gen(9), dtype=F64) + 0.5
+        ours.weight = theirs.weight = w
+        check("weight buffer")
+        ours.weight = torch.nn.Parameter(w * 2, requires_grad=False)
+        theirs.weight = w * 2
+        check("weight parameter")
+    elif name == "bce":
+        for attr in ("weight", "pos_weight"):
+            value = torch.rand(4, generator=_gen(10), dtype=F64) + 0.5
+            setattr(ours, attr, value)
+            setattr(theirs, attr, value)
+            check(attr)
+            setattr(ours, attr, None)
+            setattr(theirs, attr, None)
+        ours.pos_weight = torch.nn.Parameter(torch.full((4,), 2.0, dtype=F64), requires_grad=False)
+        theirs.pos_weight = torch.full((4,), 2.0, dtype=F64)
+        check("pos_weight parameter")
+    elif name == "kl":
+        ours.reduction = theirs.reduction = "mean"
+        with pytest.warns(UserWarning, match="batchmean"):
+            check("mean")
+    else:
+        ours.reduction = theirs.reduction = "bogus"
+        with pytest.raises(ValueError, match="bogus is not a valid value for reduction"):
+            ours(*args)
+
+
+def test_lean_route_follows_a_triton_choice_made_anywhere(monkeypatch):
+    """The lean checks' shortcut for CPU tensors (no backend lookup while "triton" was never
+    selected) holds in a context copied inside a "triton" block after the block ended, and in a
+    thread after another thread's set_backend("triton") under its own "torch" block."""
+    monkeypatch.setattr(_backend, "_triton_selected", False)
+    x = torch.randn(6, 3, generator=_gen(0))
+    t = torch.randint(0, 3, (6,), generator=_gen(1))
+    assert FL._lean_class_indices(x, t, "mean") == 1
+    with fastloss.use_backend("triton"):
+        context = contextvars.copy_context()
+    assert context.run(FL._lean_class_indices, x, t, "sum") == FL._KERNELS
+    monkeypatch.setattr(_backend, "_triton_selected", False)
+    previous = _backend._default
+    try:
+        seen = []
+        with fastloss.use_backend("torch"):
+            fastloss.set_backend("triton")
+            thread = threading.Thread(target=lambda: seen.append(FL._lean(x, x, "mean")))
+            thread.start()
+            thread.join(30)
+        assert seen == [FL._KERNELS]
+    finally:
+        fastloss.set_backend(previous)
+
+
+def test_lean_modules_compile_fullgraph_without_a_triton_choice(monkeypatch):
+    """The shortcut reads a module global, which torch.compile guards: under "auto" with "triton"
+    never selected the modules compile to torch's ops in one graph."""
+    monkeypatch.setattr(_backend, "_triton_selected", False)
+    torch._dynamo.reset()
+    x = torch.randn(8, 5, generator=_gen(0), requires_grad=True)
+    t = torch.randint(0, 5, (8,), generator=_gen(1))
+    ce, bce, kl = fastloss.CrossEntropyLoss(), fastloss.BCEWithLogitsLoss(), fastloss.KLDivLoss(reduction="batchmean")
+    tri = fastloss.TripletMarginLoss()
+
+    def step(x):
+        return ce(x, t) + bce(x, x.detach().sigmoid()) + kl(x.log_softmax(1), x.detach().softmax(1)) + tri(x, x * 0.5, -x)
+
+    expected = (F.cross_entropy(x, t) + F.binary_cross_entropy_with_logits(x, x.detach().sigmoid())
+                + F.kl_div(x.log_softmax(1), x.detach().softmax(1), reduction="batchmean")
+                + F.triplet_margin_loss(x, x * 0.5, -x))
+    _assert_compiles_fullgraph(step, x, expected)
