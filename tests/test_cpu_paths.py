@@ -21,6 +21,7 @@ from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
 import fastloss
 import fastloss.functional as FL
 from fastloss import reference
+from fastloss.ops import cpu
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -408,6 +409,67 @@ def test_triplet_other_cases_keep_the_full_path(torch_backend):
     for args in ((a, pos, neg[:1]), (a, pos.float(), neg), (a.long(), pos.long(), neg.long())):
         expected = F.triplet_margin_loss(*args)
         assert_close(FL.triplet_margin_loss(*args), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax focal loss: the short-row form (few classes) and the softmax form
+# --------------------------------------------------------------------------------------------
+
+def _focal_logits(n, c, dtype, seed=0):
+    """Scale-3 logits, every fourth row confident (its target 25 above the rest: p_t rounds to 1 in
+    float32, q about 1e-11) and every fifth row hopeless (its target 200 below: p_t underflows in
+    float32), with their targets."""
+    x = torch.randn(n, c, generator=_gen(seed), dtype=F64) * 3.0
+    t = torch.randint(0, c, (n,), generator=_gen(seed + 1))
+    rows = torch.arange(n)
+    x[rows[::4], t[::4]] += 25.0
+    x[rows[1::5], t[1::5]] -= 200.0
+    return x.to(dtype).requires_grad_(), t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.5])
+@pytest.mark.parametrize("classes", [1, 2, 5, 17])
+@pytest.mark.parametrize("form", ["short", "softmax"])
+def test_fused_focal_forms_match_reference(form, classes, gamma, reduction, dtype, torch_backend, monkeypatch):
+    """Both forms of the fused softmax focal loss (forced with _SHORT_ROW), on odd shapes with
+    confident and underflowing rows, give the float64 reference's loss and gradient (grad_output
+    != 1) within the dtype's tolerance, and are no less accurate than the reference in the dtype."""
+    monkeypatch.setattr(cpu, "_SHORT_ROW", {d: (1 << 30) if form == "short" else 0 for d in DTYPES})
+    monkeypatch.setattr(cpu, "_SHORT_ROW_MIN_ROWS", 1)
+    x, t = _focal_logits(37, classes, dtype)
+    actual = FL.focal_loss(x, t, 0.25, gamma, reduction)
+    assert _node(actual) == "_SoftmaxFocalBackward"
+    grad_output = torch.tensor(1.7, dtype=dtype)
+    (g_actual,) = torch.autograd.grad(actual, x, grad_output)
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.focal_loss(x64, t, 0.25, gamma, reduction)
+    (g_exact,) = torch.autograd.grad(exact, x64, grad_output.double())
+    assert_close(actual.double(), exact, dtype, "loss")
+    assert_close(g_actual.double(), g_exact, dtype, "grad")
+    expected = reference.focal_loss(x, t, 0.25, gamma, reduction)
+    (g_expected,) = torch.autograd.grad(expected, x, grad_output)
+    assert_no_less_accurate(actual, expected.detach(), exact, "loss")
+    assert_no_less_accurate(g_actual, g_expected, g_exact, "grad")
+
+
+def test_fused_focal_short_rows_by_default(torch_backend, monkeypatch):
+    """Few classes on enough rows take the short-row form by default (no torch.softmax call); many
+    classes, or few rows, the softmax form."""
+    calls = []
+    real = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype in DTYPES:
+        for rows in (cpu._SHORT_ROW_MIN_ROWS - 1, cpu._SHORT_ROW_MIN_ROWS):
+            for classes in (2, cpu._SHORT_ROW[dtype] - 1, cpu._SHORT_ROW[dtype]):
+                x, t = _focal_logits(rows, classes, dtype)
+                calls.clear()
+                loss = FL.focal_loss(x, t)
+                assert _node(loss) == "_SoftmaxFocalBackward"
+                short = classes < cpu._SHORT_ROW[dtype] and rows >= cpu._SHORT_ROW_MIN_ROWS
+                assert bool(calls) != short, (dtype, rows, classes)
+                assert_close(loss, reference.focal_loss(x, t))
 
 
 # --------------------------------------------------------------------------------------------
