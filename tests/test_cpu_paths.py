@@ -255,6 +255,34 @@ def test_fused_info_nce_in_chunks(dtype, torch_backend, monkeypatch):
     assert_close(symmetric, reference.info_nce(q, k, 0.1, symmetric=True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+def test_fused_info_nce_cache_chunks(normalize, reduction, dtype, torch_backend, monkeypatch):
+    """The fused path's own chunks (_NCE_CHUNK_ELEMENTS, below the reference's bound; forced to
+    2 rows here, the last one short), a zero row and a key stored transposed give the float64
+    composition's loss and gradients (grad_output != 1), the gradients in the operands' layout."""
+    monkeypatch.setattr(cpu, "_NCE_CHUNK_ELEMENTS", 2 * 67)
+    scale = 1.0 if normalize else 0.3
+    q = _randn(67, 5, dtype=dtype, seed=0, scale=scale)
+    k = _randn(5, 67, dtype=dtype, seed=1, scale=scale).detach().T.requires_grad_()
+    with torch.no_grad():
+        q[3] = 0.0
+    actual = FL.info_nce(q, k, 0.2, reduction, normalize=normalize)
+    assert _node(actual) == "_InfoNCEBackward"
+    grad_output = torch.tensor(0.6, dtype=dtype)
+    g_actual = torch.autograd.grad(actual, (q, k), grad_output)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    naive = _naive_info_nce(q64, k64, 0.2, reduction, False, normalize)
+    g_naive = torch.autograd.grad(naive, (q64, k64), grad_output.double())
+    assert_close(actual.double(), naive, dtype, "loss vs naive")
+    for name, a, e in zip(("query", "key"), g_actual, g_naive):
+        _assert_grad_close(a, e, dtype, f"grad {name} vs naive")
+    q.grad = k.grad = None
+    FL.info_nce(q, k, 0.2, reduction, normalize=normalize).backward()
+    assert q.grad.stride() == q.stride()
+
+
 def test_fused_info_nce_zero_rows_and_underflow(torch_backend):
     """A zero row (norm below F.normalize's eps) and diagonal probabilities that underflow (a tiny
     temperature) give the reference's loss and gradients."""
