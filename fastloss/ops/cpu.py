@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -130,6 +130,15 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
     return loss, p.scatter_(1, t2, nq).mul_(k)
 
 
+class _FocalParams(NamedTuple):
+    """The softmax focal Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    alpha: float
+    gamma: float
+    reduction: str
+    scale: float  # the reduction's: 1 / N for "mean", 1 for "sum"
+
+
 class _SoftmaxFocal(torch.autograd.Function):
     """Softmax focal loss, reduced ("mean" or "sum"), of (N, C) CPU logits, N > 0."""
 
@@ -139,7 +148,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         t2 = target.unsqueeze(1)
         loss, grad = _focal_terms(input, t2, alpha, gamma, scale, ctx.needs_input_grad[0])
         ctx.save_for_backward(input, target)
-        ctx.args = (alpha, gamma, reduction, scale)
+        ctx.params = _FocalParams(alpha, gamma, reduction, scale)
         ctx.grads = grad
         return loss
 
@@ -147,8 +156,8 @@ class _SoftmaxFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _focal_reference)
-        alpha, gamma, _, scale = ctx.args
-        grad = _forward_made(ctx, lambda x, t: _focal_terms(x, t.unsqueeze(1), alpha, gamma, scale, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, t: _focal_terms(x, t.unsqueeze(1), p.alpha, p.gamma, p.scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         return grad, None, None, None, None
@@ -156,8 +165,8 @@ class _SoftmaxFocal(torch.autograd.Function):
 
 def _focal_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    alpha, gamma, reduction, _ = ctx.args
-    return reference.focal_loss(input, target, alpha, gamma, reduction), (input, target, None, None, None)
+    p = ctx.params
+    return reference.focal_loss(input, target, p.alpha, p.gamma, p.reduction), (input, target, None, None, None)
 
 
 def softmax_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
@@ -208,6 +217,14 @@ def _sigmoid_focal_terms(x: Tensor, y: Tensor, alpha: float, gamma: float, reduc
     return loss, g
 
 
+class _SigmoidFocalParams(NamedTuple):
+    """The sigmoid focal Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    alpha: float
+    gamma: float
+    reduction: str
+
+
 class _SigmoidFocal(torch.autograd.Function):
     """torchvision's sigmoid focal loss of CPU logits and targets of one shape and one float32 /
     float64 dtype, gamma >= 1, targets without a gradient."""
@@ -216,7 +233,7 @@ class _SigmoidFocal(torch.autograd.Function):
     def forward(ctx, input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
         loss, grad = _sigmoid_focal_terms(input, target, alpha, gamma, reduction, ctx.needs_input_grad[0])
         ctx.save_for_backward(input, target)
-        ctx.args = (alpha, gamma, reduction)
+        ctx.params = _SigmoidFocalParams(alpha, gamma, reduction)
         ctx.grads = grad
         return loss
 
@@ -224,18 +241,18 @@ class _SigmoidFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _sigmoid_focal_reference)
-        alpha, gamma, reduction = ctx.args
-        grad = _forward_made(ctx, lambda x, y: _sigmoid_focal_terms(x, y, alpha, gamma, reduction, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, y: _sigmoid_focal_terms(x, y, p.alpha, p.gamma, p.reduction, True)[1])
         # (reduced: a host read is free on CPU, and the common loss.backward() skips a pass)
-        if reduction == "none" or grad_loss.item() != 1.0:
+        if p.reduction == "none" or grad_loss.item() != 1.0:
             grad.mul_(grad_loss)
         return grad, None, None, None, None
 
 
 def _sigmoid_focal_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    alpha, gamma, reduction = ctx.args
-    return (reference.sigmoid_focal_loss(input, target, alpha, gamma, reduction),
+    p = ctx.params
+    return (reference.sigmoid_focal_loss(input, target, p.alpha, p.gamma, p.reduction),
             (input, target, None, None, None))
 
 
@@ -310,6 +327,14 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
     return loss, g.reshape(input.shape)
 
 
+class _CombinationParams(NamedTuple):
+    """The combination Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    members: tuple  # (name, coef, param1, param2) per member of DIFFERENCE_LOSSES
+    reduction: str
+    scale: float    # the reduction's: 1 / n for "mean", 1 for "sum"
+
+
 class _Combination(torch.autograd.Function):
     """A reduced ("mean" or "sum") weighted sum of difference losses of CPU operands of one shape
     and one float32 / float64 dtype."""
@@ -322,7 +347,7 @@ class _Combination(torch.autograd.Function):
         if n == 0:
             loss = input.new_full((), math.nan if reduction == "mean" else 0.0)
         ctx.save_for_backward(input, target)
-        ctx.args = (members, reduction, scale)
+        ctx.params = _CombinationParams(members, reduction, scale)
         ctx.grads = grad
         return loss
 
@@ -330,8 +355,8 @@ class _Combination(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _combination_reference)
-        members, _, scale = ctx.args
-        grad = _forward_made(ctx, lambda x, y: _combination_terms(x, y, members, scale, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, y: _combination_terms(x, y, p.members, p.scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         need_input, need_target = ctx.needs_input_grad[:2]
@@ -341,7 +366,7 @@ class _Combination(torch.autograd.Function):
 
 def _combination_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    members, reduction, _ = ctx.args
+    members, reduction = ctx.params.members, ctx.params.reduction
     calls = {
         "mse": lambda p: reference.mse_loss(input, target, reduction),
         "l1": lambda p: reference.l1_loss(input, target, reduction),
@@ -399,6 +424,13 @@ def _contrastive_terms(x1: Tensor, x2: Tensor, y: Tensor, margin: float, reducti
     return loss, diff, k, dy
 
 
+class _ContrastiveParams(NamedTuple):
+    """The contrastive Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    margin: float
+    reduction: str
+
+
 class _Contrastive(torch.autograd.Function):
     """The contrastive loss of (B, D) CPU pairs, B > 0, of one float32 / float64 dtype, and their
     (B,) labels of that dtype; every reduction."""
@@ -408,7 +440,7 @@ class _Contrastive(torch.autograd.Function):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, diff, k, dy = _contrastive_terms(x1, x2, label, margin, reduction, grad, ctx.needs_input_grad[2])
         ctx.save_for_backward(x1, x2, label)
-        ctx.args = (margin, reduction)
+        ctx.params = _ContrastiveParams(margin, reduction)
         ctx.grads = (diff, k, dy)
         return loss
 
@@ -416,11 +448,11 @@ class _Contrastive(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _contrastive_reference)
-        margin, reduction = ctx.args
+        p = ctx.params
         need1, need2, need_label = ctx.needs_input_grad[:3]
         diff, k, dy = _forward_made(ctx, lambda x1, x2, y: _contrastive_terms(
-            x1, x2, y, margin, reduction, need1 or need2, need_label)[1:])
-        if reduction == "none":
+            x1, x2, y, p.margin, p.reduction, need1 or need2, need_label)[1:])
+        if p.reduction == "none":
             k = k * grad_loss if k is not None else None
             dy = dy.mul_(grad_loss) if dy is not None else None
         elif grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
@@ -432,8 +464,8 @@ class _Contrastive(torch.autograd.Function):
 
 def _contrastive_reference(ctx) -> tuple[Tensor, tuple]:
     x1, x2, label = ctx.saved_tensors
-    margin, reduction = ctx.args
-    return reference.contrastive_loss(x1, x2, label, margin, reduction), (x1, x2, label, None, None)
+    p = ctx.params
+    return reference.contrastive_loss(x1, x2, label, p.margin, p.reduction), (x1, x2, label, None, None)
 
 
 def contrastive_applies(x1: object, x2: object, label: object, margin: object, reduction: object) -> bool:
@@ -554,6 +586,15 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     return loss, gq, gk
 
 
+class _InfoNCEParams(NamedTuple):
+    """The InfoNCE Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    temperature: float
+    reduction: str
+    symmetric: bool
+    normalize: bool
+
+
 class _InfoNCE(torch.autograd.Function):
     """InfoNCE, reduced ("mean" or "sum"), of (B, D) CPU queries and keys of one float32 / float64
     dtype, B, D > 0, a float temperature."""
@@ -564,7 +605,7 @@ class _InfoNCE(torch.autograd.Function):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, gq, gk = _info_nce_terms(query, key, 1.0 / temperature, reduction, symmetric, normalize, grad)
         ctx.save_for_backward(query, key)
-        ctx.args = (temperature, reduction, symmetric, normalize)
+        ctx.params = _InfoNCEParams(temperature, reduction, symmetric, normalize)
         ctx.grads = (gq, gk)
         return loss
 
@@ -572,9 +613,9 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _info_nce_reference)
-        temperature, reduction, symmetric, normalize = ctx.args
+        p = ctx.params
         gq, gk = _forward_made(ctx, lambda q, k: _info_nce_terms(
-            q, k, 1.0 / temperature, reduction, symmetric, normalize, True)[1:])
+            q, k, 1.0 / p.temperature, p.reduction, p.symmetric, p.normalize, True)[1:])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             gq.mul_(grad_loss)
             gk.mul_(grad_loss)
@@ -584,8 +625,8 @@ class _InfoNCE(torch.autograd.Function):
 
 def _info_nce_reference(ctx) -> tuple[Tensor, tuple]:
     query, key = ctx.saved_tensors
-    temperature, reduction, symmetric, normalize = ctx.args
-    return (reference.info_nce(query, key, temperature, reduction, symmetric, normalize),
+    p = ctx.params
+    return (reference.info_nce(query, key, p.temperature, p.reduction, p.symmetric, p.normalize),
             (query, key, None, None, None, None))
 
 
