@@ -10,6 +10,7 @@ shapes, transforms, compile, autocast, double backward) must keep the reference'
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -446,12 +447,14 @@ def test_triplet_other_cases_keep_the_full_path(torch_backend):
 def _focal_logits(n, c, dtype, seed=0):
     """Scale-3 logits, every fourth row confident (its target 25 above the rest: p_t rounds to 1 in
     float32, q about 1e-11) and every fifth row hopeless (its target 200 below: p_t underflows in
-    float32), with their targets."""
+    float32), one logit -inf, with their targets."""
     x = torch.randn(n, c, generator=_gen(seed), dtype=F64) * 3.0
     t = torch.randint(0, c, (n,), generator=_gen(seed + 1))
     rows = torch.arange(n)
     x[rows[::4], t[::4]] += 25.0
     x[rows[1::5], t[1::5]] -= 200.0
+    if c > 1:
+        x[2, (t[2] + 1) % c] = -math.inf  # a class that cannot be: probability 0, gradient 0
     return x.to(dtype).requires_grad_(), t
 
 

@@ -85,9 +85,10 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
     gradient in place (its target entry p_i - 1 = -q_i). Raises RuntimeError (gather's) when a
     target is out of range. Everything per row stays (N, 1).
 
-    Rows shorter than _SHORT_ROW classes, _SHORT_ROW_MIN_ROWS of them or more, skip torch.softmax: e = exp(x - max), s = sum e, and
-    l = (x_t - max) - log s (exact where p_t underflows), -q = expm1(l) (the reference's form,
-    exact as p_t -> 1); the gradient is e scaled by k / s per row, its target entries -q k.
+    Rows shorter than _SHORT_ROW classes, _SHORT_ROW_MIN_ROWS of them or more, skip torch.softmax:
+    e = exp(x - max), s = sum e, and l = (x_t - max) - log s (exact where p_t underflows),
+    -q = expm1(l) (the reference's form, exact as p_t -> 1); the gradient is e scaled by k / s per
+    row, its target entries -q k.
     """
     if x.shape[1] < _SHORT_ROW[x.dtype] and x.shape[0] >= _SHORT_ROW_MIN_ROWS:
         m = x.amax(1, keepdim=True)
