@@ -64,12 +64,13 @@ _TINY_PROB = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 
 
 #: Rows shorter than this many classes take _focal_terms' short-row form: torch.softmax along a
-#: short last dimension runs a scalar loop (measured, one thread, AVX512, 2**16 elements: float32
-#: 1.2-1.3 ms for C = 2..15 against 0.1 ms at C = 16; float64 0.6-1.4 ms for C = 4..24, 0.23 ms at
-#: 64), where amax, exp and sum along the rows take 0.2-0.3 ms at every C. Below
-#: _SHORT_ROW_MIN_ROWS rows the short-row form's extra small ops (about 10 us) cost more than the
-#: slow softmax (measured: equal at 64-256 rows for C = 2..40, the softmax form 30-40% faster at 32).
-_SHORT_ROW = {torch.float32: 16, torch.float64: 64}
+#: short last dimension runs a scalar loop. Measured (_focal_terms with its gradient, one thread,
+#: AVX512, 2**16 elements): float32 0.23-0.31 ms against the softmax form's 1.2-1.3 ms for
+#: C = 2..15, the softmax form faster from 16 (0.14 against 0.23 ms); float64 0.19-0.34 against
+#: 0.25-1.23 ms for C = 8..96, equal at 128. Below _SHORT_ROW_MIN_ROWS rows the short-row form's
+#: extra small ops (about 10 us) cost more than the slow softmax (measured: equal at 64-256 rows
+#: for C = 2..40, the softmax form 30-40% faster at 32).
+_SHORT_ROW = {torch.float32: 16, torch.float64: 128}
 _SHORT_ROW_MIN_ROWS = 128
 
 
