@@ -10,6 +10,7 @@ shapes, transforms, compile, autocast, double backward) must keep the reference'
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ from helpers import TOLERANCES, assert_close, assert_no_less_accurate, dtype_id
 import fastloss
 import fastloss.functional as FL
 from fastloss import reference
+from fastloss.ops import cpu
 
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
@@ -254,6 +256,34 @@ def test_fused_info_nce_in_chunks(dtype, torch_backend, monkeypatch):
     assert_close(symmetric, reference.info_nce(q, k, 0.1, symmetric=True))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
+def test_fused_info_nce_cache_chunks(normalize, reduction, dtype, torch_backend, monkeypatch):
+    """The fused path's own chunks (_NCE_CHUNK_ELEMENTS, below the reference's bound; forced to
+    2 rows here, the last one short), a zero row and a key stored transposed give the float64
+    composition's loss and gradients (grad_output != 1), the gradients in the operands' layout."""
+    monkeypatch.setattr(cpu, "_NCE_CHUNK_ELEMENTS", 2 * 67)
+    scale = 1.0 if normalize else 0.3
+    q = _randn(67, 5, dtype=dtype, seed=0, scale=scale)
+    k = _randn(5, 67, dtype=dtype, seed=1, scale=scale).detach().T.requires_grad_()
+    with torch.no_grad():
+        q[3] = 0.0
+    actual = FL.info_nce(q, k, 0.2, reduction, normalize=normalize)
+    assert _node(actual) == "_InfoNCEBackward"
+    grad_output = torch.tensor(0.6, dtype=dtype)
+    g_actual = torch.autograd.grad(actual, (q, k), grad_output)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    naive = _naive_info_nce(q64, k64, 0.2, reduction, False, normalize)
+    g_naive = torch.autograd.grad(naive, (q64, k64), grad_output.double())
+    assert_close(actual.double(), naive, dtype, "loss vs naive")
+    for name, a, e in zip(("query", "key"), g_actual, g_naive):
+        _assert_grad_close(a, e, dtype, f"grad {name} vs naive")
+    q.grad = k.grad = None
+    FL.info_nce(q, k, 0.2, reduction, normalize=normalize).backward()
+    assert q.grad.stride() == q.stride()
+
+
 def test_fused_info_nce_zero_rows_and_underflow(torch_backend):
     """A zero row (norm below F.normalize's eps) and diagonal probabilities that underflow (a tiny
     temperature) give the reference's loss and gradients."""
@@ -408,6 +438,69 @@ def test_triplet_other_cases_keep_the_full_path(torch_backend):
     for args in ((a, pos, neg[:1]), (a, pos.float(), neg), (a.long(), pos.long(), neg.long())):
         expected = F.triplet_margin_loss(*args)
         assert_close(FL.triplet_margin_loss(*args), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax focal loss: the short-row form (few classes) and the softmax form
+# --------------------------------------------------------------------------------------------
+
+def _focal_logits(n, c, dtype, seed=0):
+    """Scale-3 logits, every fourth row confident (its target 25 above the rest: p_t rounds to 1 in
+    float32, q about 1e-11) and every fifth row hopeless (its target 200 below: p_t underflows in
+    float32), one logit -inf, with their targets."""
+    x = torch.randn(n, c, generator=_gen(seed), dtype=F64) * 3.0
+    t = torch.randint(0, c, (n,), generator=_gen(seed + 1))
+    rows = torch.arange(n)
+    x[rows[::4], t[::4]] += 25.0
+    x[rows[1::5], t[1::5]] -= 200.0
+    if c > 1:
+        x[2, (t[2] + 1) % c] = -math.inf  # a class that cannot be: probability 0, gradient 0
+    return x.to(dtype).requires_grad_(), t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.5])
+@pytest.mark.parametrize("classes", [1, 2, 5, 17])
+@pytest.mark.parametrize("form", ["short", "softmax"])
+def test_fused_focal_forms_match_reference(form, classes, gamma, reduction, dtype, torch_backend, monkeypatch):
+    """Both forms of the fused softmax focal loss (forced with _SHORT_ROW), on odd shapes with
+    confident and underflowing rows, give the float64 reference's loss and gradient (grad_output
+    != 1) within the dtype's tolerance, and are no less accurate than the reference in the dtype."""
+    monkeypatch.setattr(cpu, "_SHORT_ROW", {d: (1 << 30) if form == "short" else 0 for d in DTYPES})
+    monkeypatch.setattr(cpu, "_SHORT_ROW_MIN_ROWS", 1)
+    x, t = _focal_logits(37, classes, dtype)
+    actual = FL.focal_loss(x, t, 0.25, gamma, reduction)
+    assert _node(actual) == "_SoftmaxFocalBackward"
+    grad_output = torch.tensor(1.7, dtype=dtype)
+    (g_actual,) = torch.autograd.grad(actual, x, grad_output)
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.focal_loss(x64, t, 0.25, gamma, reduction)
+    (g_exact,) = torch.autograd.grad(exact, x64, grad_output.double())
+    assert_close(actual.double(), exact, dtype, "loss")
+    assert_close(g_actual.double(), g_exact, dtype, "grad")
+    expected = reference.focal_loss(x, t, 0.25, gamma, reduction)
+    (g_expected,) = torch.autograd.grad(expected, x, grad_output)
+    assert_no_less_accurate(actual, expected.detach(), exact, "loss")
+    assert_no_less_accurate(g_actual, g_expected, g_exact, "grad")
+
+
+def test_fused_focal_short_rows_by_default(torch_backend, monkeypatch):
+    """Few classes on enough rows take the short-row form by default (no torch.softmax call); many
+    classes, or few rows, the softmax form."""
+    calls = []
+    real = torch.softmax
+    monkeypatch.setattr(torch, "softmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for dtype in DTYPES:
+        for rows in (cpu._SHORT_ROW_MIN_ROWS - 1, cpu._SHORT_ROW_MIN_ROWS):
+            for classes in (2, cpu._SHORT_ROW[dtype] - 1, cpu._SHORT_ROW[dtype]):
+                x, t = _focal_logits(rows, classes, dtype)
+                calls.clear()
+                loss = FL.focal_loss(x, t)
+                assert _node(loss) == "_SoftmaxFocalBackward"
+                short = classes < cpu._SHORT_ROW[dtype] and rows >= cpu._SHORT_ROW_MIN_ROWS
+                assert bool(calls) != short, (dtype, rows, classes)
+                assert_close(loss, reference.focal_loss(x, t))
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -63,6 +63,17 @@ def _eager_cpu(*tensors: Tensor) -> bool:
 _TINY_PROB = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 
 
+#: Rows shorter than this many classes take _focal_terms' short-row form: torch.softmax along a
+#: short last dimension runs a scalar loop. Measured (_focal_terms with its gradient, one thread,
+#: AVX512, 2**16 elements): float32 0.23-0.31 ms against the softmax form's 1.2-1.3 ms for
+#: C = 2..15, the softmax form faster from 16 (0.14 against 0.23 ms); float64 0.19-0.34 against
+#: 0.25-1.23 ms for C = 8..96, equal at 128. Below _SHORT_ROW_MIN_ROWS rows the short-row form's
+#: extra small ops (about 10 us) cost more than the slow softmax (measured: equal at 64-256 rows
+#: for C = 2..40, the softmax form 30-40% faster at 32).
+_SHORT_ROW = {torch.float32: 16, torch.float64: 128}
+_SHORT_ROW_MIN_ROWS = 128
+
+
 def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float, grad: bool
                  ) -> tuple[Tensor, Tensor | None]:
     """Softmax focal loss of (N, C) logits ``x`` and (N, 1) class indices ``t2`` (all in range),
@@ -74,13 +85,27 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
     [j = t_i] - p_ij: dL/dx_ij = scale k_i (p_ij - [j = t_i]). The row's softmax becomes the
     gradient in place (its target entry p_i - 1 = -q_i). Raises RuntimeError (gather's) when a
     target is out of range. Everything per row stays (N, 1).
+
+    Rows shorter than _SHORT_ROW classes, _SHORT_ROW_MIN_ROWS of them or more, skip torch.softmax:
+    e = exp(x - max), s = sum e, and l = (x_t - max) - log s (exact where p_t underflows),
+    -q = expm1(l) (the reference's form, exact as p_t -> 1); the gradient is e scaled by k / s per
+    row, its target entries -q k.
     """
-    p = torch.softmax(x, 1)
-    p_t = p.gather(1, t2)
-    log_p = p_t.log()
-    if p_t.min().item() < _TINY_PROB[x.dtype]:  # CPU only: a host read is free here
-        log_p = x.gather(1, t2) - torch.logsumexp(x, 1, keepdim=True)
-    nq = p_t - 1.0  # -q, exact where p_t >= 1/2 (Sterbenz): its error is p_t's, as the reference's
+    if x.shape[1] < _SHORT_ROW[x.dtype] and x.shape[0] >= _SHORT_ROW_MIN_ROWS:
+        m = x.amax(1, keepdim=True)
+        p = torch.sub(x, m).exp_()  # e: p times s
+        s = p.sum(1, keepdim=True)
+        log_p = x.gather(1, t2).sub_(m).sub_(s.log())
+        nq = torch.expm1(log_p)
+        p_t = nq + 1.0
+    else:
+        s = None
+        p = torch.softmax(x, 1)
+        p_t = p.gather(1, t2)
+        log_p = p_t.log()
+        if p_t.min().item() < _TINY_PROB[x.dtype]:  # CPU only: a host read is free here
+            log_p = x.gather(1, t2) - torch.logsumexp(x, 1, keepdim=True)
+        nq = p_t - 1.0  # -q, exact where p_t >= 1/2 (Sterbenz): its error is p_t's, as the reference's
     if gamma == 0.0:
         loss = log_p.sum()
     elif gamma == 2.0:
@@ -102,7 +127,18 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
         k = torch.addcmul(nq, p_t, log_p, value=gamma).mul_(-alpha * scale)
     else:
         k = q.pow_(gamma - 1.0).mul_(torch.addcmul(nq, p_t, log_p, value=gamma)).mul_(-alpha * scale)
+    if s is not None:  # short rows: e k / s, the target entries -q k
+        return loss, p.mul_(k / s).scatter_(1, t2, nq.mul_(k))
     return loss, p.scatter_(1, t2, nq).mul_(k)
+
+
+class _FocalParams(NamedTuple):
+    """The softmax focal Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    alpha: float
+    gamma: float
+    reduction: str
+    scale: float  # the reduction's: 1 / N for "mean", 1 for "sum"
 
 
 class _SoftmaxFocal(torch.autograd.Function):
@@ -114,7 +150,7 @@ class _SoftmaxFocal(torch.autograd.Function):
         t2 = target.unsqueeze(1)
         loss, grad = _focal_terms(input, t2, alpha, gamma, scale, ctx.needs_input_grad[0])
         ctx.save_for_backward(input, target)
-        ctx.args = (alpha, gamma, reduction, scale)
+        ctx.params = _FocalParams(alpha, gamma, reduction, scale)
         ctx.grads = grad
         return loss
 
@@ -122,8 +158,8 @@ class _SoftmaxFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _focal_reference)
-        alpha, gamma, _, scale = ctx.args
-        grad = _forward_made(ctx, lambda x, t: _focal_terms(x, t.unsqueeze(1), alpha, gamma, scale, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, t: _focal_terms(x, t.unsqueeze(1), p.alpha, p.gamma, p.scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         return grad, None, None, None, None
@@ -131,8 +167,8 @@ class _SoftmaxFocal(torch.autograd.Function):
 
 def _focal_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    alpha, gamma, reduction, _ = ctx.args
-    return reference.focal_loss(input, target, alpha, gamma, reduction), (input, target, None, None, None)
+    p = ctx.params
+    return reference.focal_loss(input, target, p.alpha, p.gamma, p.reduction), (input, target, None, None, None)
 
 
 def softmax_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
@@ -183,6 +219,14 @@ def _sigmoid_focal_terms(x: Tensor, y: Tensor, alpha: float, gamma: float, reduc
     return loss, g
 
 
+class _SigmoidFocalParams(NamedTuple):
+    """The sigmoid focal Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    alpha: float
+    gamma: float
+    reduction: str
+
+
 class _SigmoidFocal(torch.autograd.Function):
     """torchvision's sigmoid focal loss of CPU logits and targets of one shape and one float32 /
     float64 dtype, gamma >= 1, targets without a gradient."""
@@ -191,7 +235,7 @@ class _SigmoidFocal(torch.autograd.Function):
     def forward(ctx, input: Tensor, target: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
         loss, grad = _sigmoid_focal_terms(input, target, alpha, gamma, reduction, ctx.needs_input_grad[0])
         ctx.save_for_backward(input, target)
-        ctx.args = (alpha, gamma, reduction)
+        ctx.params = _SigmoidFocalParams(alpha, gamma, reduction)
         ctx.grads = grad
         return loss
 
@@ -199,18 +243,18 @@ class _SigmoidFocal(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _sigmoid_focal_reference)
-        alpha, gamma, reduction = ctx.args
-        grad = _forward_made(ctx, lambda x, y: _sigmoid_focal_terms(x, y, alpha, gamma, reduction, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, y: _sigmoid_focal_terms(x, y, p.alpha, p.gamma, p.reduction, True)[1])
         # (reduced: a host read is free on CPU, and the common loss.backward() skips a pass)
-        if reduction == "none" or grad_loss.item() != 1.0:
+        if p.reduction == "none" or grad_loss.item() != 1.0:
             grad.mul_(grad_loss)
         return grad, None, None, None, None
 
 
 def _sigmoid_focal_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    alpha, gamma, reduction = ctx.args
-    return (reference.sigmoid_focal_loss(input, target, alpha, gamma, reduction),
+    p = ctx.params
+    return (reference.sigmoid_focal_loss(input, target, p.alpha, p.gamma, p.reduction),
             (input, target, None, None, None))
 
 
@@ -285,6 +329,14 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
     return loss, g.reshape(input.shape)
 
 
+class _CombinationParams(NamedTuple):
+    """The combination Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    members: tuple  # (name, coef, param1, param2) per member of DIFFERENCE_LOSSES
+    reduction: str
+    scale: float    # the reduction's: 1 / n for "mean", 1 for "sum"
+
+
 class _Combination(torch.autograd.Function):
     """A reduced ("mean" or "sum") weighted sum of difference losses of CPU operands of one shape
     and one float32 / float64 dtype."""
@@ -297,7 +349,7 @@ class _Combination(torch.autograd.Function):
         if n == 0:
             loss = input.new_full((), math.nan if reduction == "mean" else 0.0)
         ctx.save_for_backward(input, target)
-        ctx.args = (members, reduction, scale)
+        ctx.params = _CombinationParams(members, reduction, scale)
         ctx.grads = grad
         return loss
 
@@ -305,8 +357,8 @@ class _Combination(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _combination_reference)
-        members, _, scale = ctx.args
-        grad = _forward_made(ctx, lambda x, y: _combination_terms(x, y, members, scale, True)[1])
+        p = ctx.params
+        grad = _forward_made(ctx, lambda x, y: _combination_terms(x, y, p.members, p.scale, True)[1])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             grad.mul_(grad_loss)
         need_input, need_target = ctx.needs_input_grad[:2]
@@ -316,7 +368,7 @@ class _Combination(torch.autograd.Function):
 
 def _combination_reference(ctx) -> tuple[Tensor, tuple]:
     input, target = ctx.saved_tensors
-    members, reduction, _ = ctx.args
+    members, reduction = ctx.params.members, ctx.params.reduction
     calls = {
         "mse": lambda p: reference.mse_loss(input, target, reduction),
         "l1": lambda p: reference.l1_loss(input, target, reduction),
@@ -374,6 +426,13 @@ def _contrastive_terms(x1: Tensor, x2: Tensor, y: Tensor, margin: float, reducti
     return loss, diff, k, dy
 
 
+class _ContrastiveParams(NamedTuple):
+    """The contrastive Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    margin: float
+    reduction: str
+
+
 class _Contrastive(torch.autograd.Function):
     """The contrastive loss of (B, D) CPU pairs, B > 0, of one float32 / float64 dtype, and their
     (B,) labels of that dtype; every reduction."""
@@ -383,7 +442,7 @@ class _Contrastive(torch.autograd.Function):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, diff, k, dy = _contrastive_terms(x1, x2, label, margin, reduction, grad, ctx.needs_input_grad[2])
         ctx.save_for_backward(x1, x2, label)
-        ctx.args = (margin, reduction)
+        ctx.params = _ContrastiveParams(margin, reduction)
         ctx.grads = (diff, k, dy)
         return loss
 
@@ -391,11 +450,11 @@ class _Contrastive(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _contrastive_reference)
-        margin, reduction = ctx.args
+        p = ctx.params
         need1, need2, need_label = ctx.needs_input_grad[:3]
         diff, k, dy = _forward_made(ctx, lambda x1, x2, y: _contrastive_terms(
-            x1, x2, y, margin, reduction, need1 or need2, need_label)[1:])
-        if reduction == "none":
+            x1, x2, y, p.margin, p.reduction, need1 or need2, need_label)[1:])
+        if p.reduction == "none":
             k = k * grad_loss if k is not None else None
             dy = dy.mul_(grad_loss) if dy is not None else None
         elif grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
@@ -407,8 +466,8 @@ class _Contrastive(torch.autograd.Function):
 
 def _contrastive_reference(ctx) -> tuple[Tensor, tuple]:
     x1, x2, label = ctx.saved_tensors
-    margin, reduction = ctx.args
-    return reference.contrastive_loss(x1, x2, label, margin, reduction), (x1, x2, label, None, None)
+    p = ctx.params
+    return reference.contrastive_loss(x1, x2, label, p.margin, p.reduction), (x1, x2, label, None, None)
 
 
 def contrastive_applies(x1: object, x2: object, label: object, margin: object, reduction: object) -> bool:
@@ -436,6 +495,14 @@ def contrastive_loss(x1: Tensor, x2: Tensor, label: Tensor, margin: float, reduc
 _NORMALIZE_EPS = 1e-12
 
 
+#: Scores per chunk of the one-way fused InfoNCE (see _info_nce_terms): 1 MiB of float32 scores
+#: stay in cache from the matmul through the softmax to the two gradient matmuls. Measured (one
+#: thread, float32, forward + gradients, 2**16 .. 2**17 elements): 2**18 against 2**22 (the
+#: reference's bound) 40 against 66 ms at B = 4096, D = 16; 24 against 39 ms at 2048 x 64; 153
+#: against 272 ms at 8192 x 16; within noise at B <= 1024; 2**16 and 2**20 slower.
+_NCE_CHUNK_ELEMENTS = 1 << 18
+
+
 def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
     """F.normalize(x, dim=1) and the (B, 1) divisors max(||x_i||, eps)."""
     r = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(_NORMALIZE_EPS)
@@ -444,12 +511,13 @@ def _normalized(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _normalize_backward(xn: Tensor, r: Tensor, g: Tensor) -> Tensor:
     """The gradient with respect to x of F.normalize(x) = x / max(||x||, eps), given ``xn`` (the
-    normalised rows), ``r`` (their divisors) and ``g`` (the gradient with respect to xn; consumed):
-    (g - xn <xn, g>) / r on rows of norm > eps, g / eps on the others (a constant divisor)."""
+    normalised rows), ``r`` (their divisors) and ``g``, the gradient with respect to xn already
+    divided by r (consumed): g - xn <xn, g> on rows of norm > eps, g on the others (a constant
+    divisor). Two passes over (B, D), in place: vecdot and addcmul."""
     dot = torch.linalg.vecdot(xn, g).unsqueeze(1)
     if r.min().item() <= _NORMALIZE_EPS:  # CPU: a host read is free here
         dot.masked_fill_(r <= _NORMALIZE_EPS, 0.0)
-    return g.sub_(xn * dot).div_(r)
+    return g.addcmul_(xn, dot, value=-1.0)
 
 
 def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, symmetric: bool, normalize: bool,
@@ -461,7 +529,7 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     row losses are -log P_ii and ds = w (P - I) (w the reduction's scale); with ``symmetric`` also
     the columns' Q = softmax(s, 0), the loss (-log P_ii - log Q_ii) / 2 and ds = w ((P - I) + (Q - I)) / 2.
     Then dq_n = scale ds k_n, dk_n = scale ds^T q_n. Without symmetric the rows are scored in chunks
-    (reference.INFO_NCE_CHUNK_ELEMENTS scores at a time, the reference's bound on memory), each
+    (_NCE_CHUNK_ELEMENTS scores at a time, at most the reference's bound on memory), each
     chunk's gradient made at once, so the scores are computed once (the reference recomputes them
     under checkpointing); symmetric needs every column at once: the caller keeps it to one chunk.
     A diagonal probability below _TINY_PROB takes its log as s_ii - logsumexp instead.
@@ -473,7 +541,7 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
         qn, kn = query, key
     n_rows = query.shape[0]
     qs = qn * scale
-    chunk = n_rows if symmetric else max(1, reference.INFO_NCE_CHUNK_ELEMENTS // n_rows)
+    chunk = n_rows if symmetric else max(1, min(reference.INFO_NCE_CHUNK_ELEMENTS, _NCE_CHUNK_ELEMENTS) // n_rows)
     tiny = _TINY_PROB[query.dtype]
     log_sum = None
     gq_parts = []
@@ -508,12 +576,25 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     if not grad:
         return loss, None, None
     gq = gq_parts[0] if len(gq_parts) == 1 else torch.cat(gq_parts)
-    gq.mul_(scale * w)
-    gk = gk.mul_(scale * w).T
+    # gk transposed to (B, D) rows (torch's transpose copy: autograd then keeps the buffer, and
+    # vecdot and addcmul run 5x faster on it than on the (D, B) view), then one pass each for the
+    # scale and the normalisation's divisor
+    c = scale * w
+    gq.mul_(torch.div(c, rq) if normalize else c)
+    gk = gk.T.contiguous().mul_(torch.div(c, rk) if normalize else c)
     if normalize:
         gq = _normalize_backward(qn, rq, gq)
         gk = _normalize_backward(kn, rk, gk)
     return loss, gq, gk
+
+
+class _InfoNCEParams(NamedTuple):
+    """The InfoNCE Function's non-tensor arguments, as they cross autograd (ctx.params)."""
+
+    temperature: float
+    reduction: str
+    symmetric: bool
+    normalize: bool
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -526,7 +607,7 @@ class _InfoNCE(torch.autograd.Function):
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss, gq, gk = _info_nce_terms(query, key, 1.0 / temperature, reduction, symmetric, normalize, grad)
         ctx.save_for_backward(query, key)
-        ctx.args = (temperature, reduction, symmetric, normalize)
+        ctx.params = _InfoNCEParams(temperature, reduction, symmetric, normalize)
         ctx.grads = (gq, gk)
         return loss
 
@@ -534,9 +615,9 @@ class _InfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the reference again
             return _differentiable_grads(ctx, grad_loss, _info_nce_reference)
-        temperature, reduction, symmetric, normalize = ctx.args
+        p = ctx.params
         gq, gk = _forward_made(ctx, lambda q, k: _info_nce_terms(
-            q, k, 1.0 / temperature, reduction, symmetric, normalize, True)[1:])
+            q, k, 1.0 / p.temperature, p.reduction, p.symmetric, p.normalize, True)[1:])
         if grad_loss.item() != 1.0:  # CPU: the common loss.backward() skips a pass
             gq.mul_(grad_loss)
             gk.mul_(grad_loss)
@@ -546,8 +627,8 @@ class _InfoNCE(torch.autograd.Function):
 
 def _info_nce_reference(ctx) -> tuple[Tensor, tuple]:
     query, key = ctx.saved_tensors
-    temperature, reduction, symmetric, normalize = ctx.args
-    return (reference.info_nce(query, key, temperature, reduction, symmetric, normalize),
+    p = ctx.params
+    return (reference.info_nce(query, key, p.temperature, p.reduction, p.symmetric, p.normalize),
             (query, key, None, None, None, None))
 
 
