@@ -424,9 +424,12 @@ def test_both_sides_of_a_threshold_agree(family, monkeypatch):
         assert operands[0].numel() == n
         assert _backend.use_triton(_FakeCuda(n), family=family) == (n >= 60)
         results = {}
+        fwd_kernel = {"pointwise": "pointwise_fwd_kernel", "softmax": "cross_entropy_fwd_kernel",
+                      "info_nce": "info_nce_fwd_kernel"}[family]
         for backend in ("torch", "triton"):
             leaves = [o.clone().requires_grad_(o.is_floating_point()) for o in operands]
-            with fastloss.use_backend(backend):
+            ran = assert_launched(fwd_kernel) if backend == "triton" else assert_not_launched()
+            with fastloss.use_backend(backend), ran:
                 loss = loss_fn(*leaves)
                 loss.backward()
             results[backend] = (loss.detach(), *(v.grad for v in leaves if v.requires_grad))
