@@ -381,7 +381,3 @@ def torch_label(name: str) -> str:
     return case(name).torch_label
 
 
-def resolve_loss(name: str) -> str:
-    """The canonical name of a loss (fastloss.specs.resolve_name)."""
-    return specs.resolve_name(name)
-

@@ -56,10 +56,6 @@ def _ratio(num: dict | None, den: dict | None, key: str = "median_s") -> float |
     return b / a if a and b is not None else None
 
 
-def _x(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
 def ratio_stats(fl: dict | None, other: dict | None) -> tuple[float, float, float] | None:
     """(median, q1, q3) of ``other``'s time over fastloss's time: > 1 means fastloss is faster.
 

@@ -67,8 +67,6 @@ SWEEP_INFO_NCE_DIM = 64
 SWEEP_SIZES = {"cpu": [2**k for k in range(5, 21, 3)], "cuda": [2**k for k in range(8, 27, 3)]}
 #: Largest size a loss is swept at, by device type (others: none).
 MAX_SIZE = {"info_nce": {"cuda": 2**20, "cpu": 2**14}}
-#: The losses of the crossover benchmark, one per fastloss.ops family (bench/gpu_check.sh).
-CROSSOVER_LOSSES = ("mse", "cross_entropy", "contrastive", "info_nce")
 COMBINED_WEIGHTS = (0.7, 0.3)
 
 
