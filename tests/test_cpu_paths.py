@@ -485,6 +485,30 @@ def test_fused_focal_forms_match_reference(form, classes, gamma, reduction, dtyp
     assert_no_less_accurate(g_actual, g_expected, g_exact, "grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("classes", [2, 8])
+def test_fused_focal_short_rows_keep_small_target_probabilities(classes, dtype, torch_backend):
+    """Wide logits (scale 10) put many targets at probabilities far below eps: the short-row form
+    takes p_t as exp(log p_t), not 1 + expm1(log p_t) (rounded to a multiple of eps / 2, which made
+    the gradient's largest error 6x the reference's in float32). Its largest gradient error against
+    float64 stays within twice the reference's in the dtype, plus four roundings (reduction "sum":
+    gradients of order 1, above the tolerance table's atol)."""
+    rows = max(cpu._SHORT_ROW_MIN_ROWS, 2048)
+    x = _randn(rows, classes, dtype=dtype, seed=3, scale=10.0)
+    t = torch.randint(0, classes, (rows,), generator=_gen(4))
+    actual = FL.focal_loss(x, t, 0.25, 2.0, "sum")
+    assert _node(actual) == "_SoftmaxFocalBackward"
+    (g_actual,) = torch.autograd.grad(actual, x)
+    (g_torch,) = torch.autograd.grad(reference.focal_loss(x, t, 0.25, 2.0, "sum"), x)
+    x64 = x.detach().double().requires_grad_()
+    (g_exact,) = torch.autograd.grad(reference.focal_loss(x64, t, 0.25, 2.0, "sum"), x64)
+    err = (g_actual.double() - g_exact).abs().max().item()
+    err_torch = (g_torch.double() - g_exact).abs().max().item()
+    # (plus four roundings at the largest gradient: in float64 the reference is the exact value, and
+    # the short-row form's log-sum-exp, expm1 and products leave about 3 ulp there)
+    assert err <= 2.0 * err_torch + 4.0 * torch.finfo(dtype).eps * g_exact.abs().max().item(), (err, err_torch)
+
+
 def test_fused_focal_short_rows_by_default(torch_backend, monkeypatch):
     """Few classes on enough rows take the short-row form by default (no torch.softmax call); many
     classes, or few rows, the softmax form."""

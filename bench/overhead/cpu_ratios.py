@@ -124,6 +124,8 @@ SWEEP_CASES = [  # (loss, fastloss, torch / composition, size -> operands, sizes
     (f"triplet D={EMB_WIDTH}", tri_f, tri_t, lambda n: emb(n // EMB_WIDTH, EMB_WIDTH, operands=3),
      SWEEP_SIZES),
     ("softmax focal C=8 vs classic", foc_f, classic_focal, lambda n: ce(n // 8, 8), SWEEP_SIZES),
+    ("softmax focal C=32 vs classic", foc_f, classic_focal, lambda n: ce(n // 32, 32),
+     [1 << 11, 1 << 14, 1 << 16, 1 << 17, 1 << 18, 1 << 20]),
     ("sigmoid focal vs classic", sfoc_f, classic_sfocal, bce, SWEEP_SIZES),
     (f"contrastive D={EMB_WIDTH} vs seed", con_f, classic_con,
      lambda n: emb(n // EMB_WIDTH, EMB_WIDTH, True), SWEEP_SIZES + [1 << 16]),

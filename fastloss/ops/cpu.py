@@ -80,13 +80,20 @@ _TINY_PROB = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 
 #: Rows shorter than this many classes take _focal_terms' short-row form: torch.softmax along a
 #: short last dimension runs a scalar loop. Measured (_focal_terms with its gradient, one thread,
-#: AVX512, 2**16 elements): float32 0.23-0.31 ms against the softmax form's 1.2-1.3 ms for
-#: C = 2..15, the softmax form faster from 16 (0.14 against 0.23 ms); float64 0.19-0.34 against
-#: 0.25-1.23 ms for C = 8..96, equal at 128. Below _SHORT_ROW_MIN_ROWS rows the short-row form's
-#: extra small ops (about 10 us) cost more than the slow softmax (measured: equal at 64-256 rows
-#: for C = 2..40, the softmax form 30-40% faster at 32).
-_SHORT_ROW = {torch.float32: 16, torch.float64: 128}
+#: AVX512, 2**16 elements, exp as exp2): float32 0.22-0.28 ms against the softmax form's 1.2-1.3 ms
+#: for C = 8..15, the softmax form faster from 16 (0.14 against 0.20 ms; 3-7% faster at C = 32, 64,
+#: 96, 128 and 22% at 48: torch's row max is slow unless C is a multiple of 32); float64 0.13-0.30 against
+#: 0.16-1.24 ms for C = 8..256 (0.84 of the softmax form's time at 256, also 0.88 at 2**20
+#: elements), 0.92-1.18 at 512. Below _SHORT_ROW_MIN_ROWS rows the short-row form's extra small
+#: ops (about 10 us) cost more than the slow softmax (measured: equal at 64-256 rows for
+#: C = 2..40, the softmax form 30-40% faster at 32).
+_SHORT_ROW = {torch.float32: 16, torch.float64: 257}
 _SHORT_ROW_MIN_ROWS = 128
+
+#: exp(y) = 2**(y log2(e)): torch.exp2 is vectorised where torch.exp may call a scalar MKL loop
+#: (measured on this AMD EPYC, float32: 20 against 55 us per 2**16 elements); the product's rounding
+#: adds |y| eps to the relative error of exp(y), as the reference's exp of a rounded log-softmax.
+_LOG2_E = 1.0 / math.log(2.0)
 
 
 def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float, grad: bool
@@ -102,17 +109,17 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
     target is out of range. Everything per row stays (N, 1).
 
     Rows shorter than _SHORT_ROW classes, _SHORT_ROW_MIN_ROWS of them or more, skip torch.softmax:
-    e = exp(x - max), s = sum e, and l = (x_t - max) - log s (exact where p_t underflows),
+    e = exp(x - max) (as exp2), s = sum e, and l = (x_t - max) - log s (exact where p_t underflows),
     -q = expm1(l) (the reference's form, exact as p_t -> 1); the gradient is e scaled by k / s per
     row, its target entries -q k.
     """
     if x.shape[1] < _SHORT_ROW[x.dtype] and x.shape[0] >= _SHORT_ROW_MIN_ROWS:
         m = x.amax(1, keepdim=True)
-        p = torch.sub(x, m).exp_()  # e: p times s
+        p = torch.sub(x, m).mul_(_LOG2_E).exp2_()  # e: p times s, 2**((x - m) log2(e)): exp2 is vectorised
         s = p.sum(1, keepdim=True)
         log_p = x.gather(1, t2).sub_(m).sub_(s.log())
         nq = torch.expm1(log_p)
-        p_t = nq + 1.0
+        p_t = log_p.exp()  # (not nq + 1: that rounds a small p_t to a multiple of eps / 2)
     else:
         s = None
         p = torch.softmax(x, 1)
