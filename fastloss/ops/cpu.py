@@ -57,21 +57,6 @@ def _eager_cpu(*tensors: Tensor) -> bool:
                 or transforms_active() or torch.is_autocast_enabled("cpu") or use_triton(tensors[0]))
 
 
-#: Elements per BLAS dot in _dot.
-_DOT_CHUNK = 1 << 16
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """``a . b`` of 1-D tensors, as accurate as torch.sum: BLAS dots of at most _DOT_CHUNK elements
-    (measured on float32 normals: relative error about 1e-8 at 2**16; a single dot of 2**24 elements
-    is off by 5e-4, torch.sum's pairwise sum by 5e-8), their sum pairwise. One pass over memory,
-    where ``(a * b).sum()`` makes two."""
-    n = a.shape[0]
-    if n <= _DOT_CHUNK:
-        return torch.dot(a, b)
-    return torch.stack([torch.dot(a[i:i + _DOT_CHUNK], b[i:i + _DOT_CHUNK]) for i in range(0, n, _DOT_CHUNK)]).sum()
-
-
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
 #: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
 #: x_t - logsumexp(x) instead.
@@ -300,6 +285,34 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
 #: Members the fused CPU combination evaluates: losses of d = input - target alone.
 DIFFERENCE_LOSSES = ("mse", "l1", "huber", "smooth_l1")
 
+#: Elements per chunk of _loss_sum's scratch buffer: 256 KiB of float32 stay in cache, and a buffer
+#: this small costs no page faults (a second buffer of the operands' size made mse 10x slower at
+#: 2**20 elements, its page faults taking 4 ms).
+_SUM_CHUNK = 1 << 16
+
+
+def _loss_sum(fill: Callable[..., Tensor], *operands: Tensor) -> Tensor:
+    """The sum of the per-element values ``fill(*operands, out=out)`` writes into ``out`` (1-D
+    operands of one length): torch.sum's pairwise sum per chunk of _SUM_CHUNK elements in one reused
+    scratch buffer, the chunks' sums pairwise. A BLAS dot makes a product's sum in one pass without
+    a buffer, but its running sums are off by 2-3 eps at 2**16 elements (65 eps at 2**20 in
+    float32), torch.sum's by 0.3 eps (measured on normals). The price (one thread, forward and
+    gradient of the combination): 15-35% more time up to 2**16 elements, 1-10% at 2**20 (35% for
+    mse alone)."""
+    n = operands[0].shape[0]
+    buf = operands[0].new_empty(min(n, _SUM_CHUNK))
+    if n <= _SUM_CHUNK:
+        return fill(*operands, out=buf).sum()
+    parts = [fill(*(t[i:i + _SUM_CHUNK] for t in operands), out=buf[:min(_SUM_CHUNK, n - i)]).sum()
+             for i in range(0, n, _SUM_CHUNK)]
+    return torch.stack(parts).sum()
+
+
+def _half_huber(d: Tensor, clamped: Tensor, out: Tensor) -> Tensor:
+    """Huber's per-element loss c (d - c/2) into ``out`` (c = clamped)."""
+    return torch.sub(d, clamped, alpha=0.5, out=out).mul_(clamped)
+
+
 def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: float, grad: bool
                        ) -> tuple[Tensor, Tensor | None]:
     """``scale * sum_k coef_k sum_i loss_k(d_i)``, d = input - target, and its gradient with respect
@@ -307,8 +320,10 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
 
     mse: d**2, gradient 2d. l1: |d|, gradient sign(d). huber (delta): with c = clamp(d, -delta,
     delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
-    (beta > 0): huber(beta) / beta. The gradient is summed in place into the members' own buffers
-    (sign(d), c) and d itself, once the losses have read it: a fresh buffer costs its page faults.
+    (beta > 0): huber(beta) / beta. Each member's sum is _loss_sum's (pairwise, as torch.nn's: the
+    BLAS dots it replaces made the loss's error 3-14x torch.nn's). The gradient is summed in place
+    into the members' own buffers (sign(d), c) and d itself, once the losses have read it: a fresh
+    buffer costs its page faults.
     """
     d = torch.sub(input, target).reshape(-1)
     loss = None
@@ -316,16 +331,14 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
     for name, coef, param, _ in members:
         c = coef * scale
         if name == "mse":
-            term, dterm, dcoef = _dot(d, d), d, 2.0 * c
+            term, dterm, dcoef = _loss_sum(torch.square, d), d, 2.0 * c
         elif name == "l1":
-            sign = torch.sign(d)  # sum |d| as d . sign(d): vector_norm(d, 1) is several times slower
-            term, dterm, dcoef = _dot(d, sign), sign, c
+            term, dterm, dcoef = _loss_sum(torch.abs, d), torch.sign(d), c
         else:
             if name == "smooth_l1":
                 c = c / param
             clamped = d.clamp(-param, param)
-            term = _dot(clamped, d).sub_(_dot(clamped, clamped), alpha=0.5)
-            dterm, dcoef = clamped, c
+            term, dterm, dcoef = _loss_sum(_half_huber, d, clamped), clamped, c
         loss = term * c if loss is None else loss.add_(term, alpha=c)
         parts.append((dterm, dcoef))
     if not grad:
@@ -547,6 +560,17 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     chunk's gradient made at once, so the scores are computed once (the reference recomputes them
     under checkpointing); symmetric needs every column at once: the caller keeps it to one chunk.
     A diagonal probability below _TINY_PROB takes its log as s_ii - logsumexp instead.
+
+    torch.softmax's own sum of the exponentials is off by a factor per row (column) that grows with
+    B: in float32 it drops the terms below half an ulp of its running sum, so every probability of
+    the row comes out too large (measured at B = 2048: by 1.2 eps on average along rows, 19 eps
+    along columns, the summed log P_ii 30x and 600x further from float64 than once corrected); in
+    float64 the factor is random (largest relative errors 28 and 71 eps at B = 4096, 12 once
+    corrected). The probabilities' own sum c (torch.sum's pairwise sum: one read of the scores)
+    gives that factor: the corrected probabilities are P / c, log P_ii - log c_i the row's
+    log-probability, and the gradient carries 1 / c on the rows of P - diag(c) (one-way: on dq_n's
+    rows and, as q_n's rows, inside dk_n's product; symmetric: in the pass that adds the two
+    directions, each with its own factor).
     """
     if normalize:
         qn, rq = _normalized(query)
@@ -557,7 +581,7 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     qs = qn * scale
     chunk = n_rows if symmetric else max(1, min(reference.INFO_NCE_CHUNK_ELEMENTS, _NCE_CHUNK_ELEMENTS) // n_rows)
     tiny = _TINY_PROB[query.dtype]
-    log_sum = None
+    log_parts = []  # each row's (column's) log-probability, summed at once at the end
     gq_parts = []
     gk = None
     for start in range(0, n_rows, chunk):
@@ -567,33 +591,43 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
         dirs = [(p, 1)]
         if symmetric:
             dirs.append((torch.softmax(s, 0), 0))
+        sums = []
         for probs, dim in dirs:
+            total = probs.sum(dim)  # softmax's error factor per row (column): see above
             p_t = probs.diagonal(start)
-            log_p = p_t.log()
             if p_t.min().item() < tiny:  # CPU: a host read is free here
                 log_p = s.diagonal(start) - torch.logsumexp(s, dim)
-            part = log_p.sum()
-            log_sum = part if log_sum is None else log_sum.add_(part)
+            else:
+                log_p = p_t.log().sub_(total.log())
+            log_parts.append(log_p)
+            sums.append(total)
         if not grad:
             continue
-        p.diagonal(start).sub_(1.0)  # exact where p_ii >= 1/2 (Sterbenz), as autograd's P - I
-        if symmetric:
+        # P - diag(c): exact where p_ii >= c_i / 2 (Sterbenz), as autograd's P - I
+        p.diagonal(start).sub_(sums[0])
+        qn_c = qn[start:start + chunk]
+        if symmetric:  # (P - diag(c)) / c + (Q - diag(c')) / c' (the 1/2 rides on the final scale)
             q_cols = dirs[1][0]
-            q_cols.diagonal().sub_(1.0)
-            p.add_(q_cols).mul_(0.5)
-        gq_parts.append(torch.mm(p, kn))
+            q_cols.diagonal().sub_(sums[1])
+            p.mul_(sums[0].reciprocal().unsqueeze(1)).addcmul_(q_cols, sums[1].reciprocal())  # (div: 1.5x slower)
+            gq_parts.append(torch.mm(p, kn))
+        else:
+            gq_parts.append(torch.mm(p, kn).div_(sums[0].unsqueeze(1)))
+            qn_c = qn_c / sums[0].unsqueeze(1)
         # dk_n^T = q_n^T ds: (D, B), faster than ds^T q_n on MKL's CPU gemm
-        qn_t = qn[start:start + chunk].T
-        gk = torch.mm(qn_t, p) if gk is None else gk.addmm_(qn_t, p)
+        gk = torch.mm(qn_c.T, p) if gk is None else gk.addmm_(qn_c.T, p)
     w = 1.0 / n_rows if reduction == "mean" else 1.0
-    loss = log_sum.mul_(-0.5 * w if symmetric else -w)
+    # (one pairwise sum, as the reference's: adding the chunks' sums one by one made the float32
+    # loss's error 6x the reference's at B = 4096)
+    logs = log_parts[0] if len(log_parts) == 1 else torch.cat(log_parts)
+    loss = logs.sum().mul_(-0.5 * w if symmetric else -w)
     if not grad:
         return loss, None, None
     gq = gq_parts[0] if len(gq_parts) == 1 else torch.cat(gq_parts)
     # gk transposed to (B, D) rows (torch's transpose copy: autograd then keeps the buffer, and
     # vecdot and addcmul run 5x faster on it than on the (D, B) view), then one pass each for the
     # scale and the normalisation's divisor
-    c = scale * w
+    c = scale * w * (0.5 if symmetric else 1.0)
     gq.mul_(torch.div(c, rq) if normalize else c)
     gk = gk.T.contiguous().mul_(torch.div(c, rk) if normalize else c)
     if normalize:
