@@ -560,6 +560,27 @@ def test_fused_focal_short_rows_keep_small_target_probabilities(classes, dtype, 
     assert err <= 2.0 * err_torch + 4.0 * torch.finfo(dtype).eps * g_exact.abs().max().item(), (err, err_torch)
 
 
+def test_fused_focal_one_hopeless_row_leaves_the_others_exact(torch_backend):
+    """Logits near 70 (targets 1.5 above the rest: p_t in [0.3, 0.9]) and one hopeless row (p_t
+    below 2**-100): only that row takes log p_t as x_t - logsumexp(x), whose error is |x| eps; the
+    softmax form used it for every row once one was tiny, and the gradient's error was 6x the
+    reference's. Loss and gradient within twice the reference's error in float32 (no atol)."""
+    rows, classes = 64, 20
+    x = 70.0 + 0.5 * torch.randn(rows, classes, generator=_gen(5), dtype=F64)
+    t = torch.randint(0, classes, (rows,), generator=_gen(6))
+    x[torch.arange(rows), t] += 1.5
+    x[7, t[7]] = -100.0
+    x = x.float().requires_grad_()
+    actual = FL.focal_loss(x, t, 0.25, 2.0, "sum")
+    assert _node(actual) == "_SoftmaxFocalBackward"
+    expected = reference.focal_loss(x, t, 0.25, 2.0, "sum")
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.focal_loss(x64, t, 0.25, 2.0, "sum")
+    _assert_within_torch_error(actual, expected, exact, "loss")
+    _assert_within_torch_error(torch.autograd.grad(actual, x)[0], torch.autograd.grad(expected, x)[0],
+                               torch.autograd.grad(exact, x64)[0], "grad")
+
+
 def test_fused_focal_short_rows_by_default(torch_backend, monkeypatch):
     """Few classes on enough rows take the short-row form by default (no torch.softmax call); many
     classes, or few rows, the softmax form."""

@@ -58,8 +58,9 @@ def _eager_cpu(*tensors: Tensor) -> bool:
 
 
 #: Below this probability (2**-100 in float32), log(p_t) of a softmax probability has lost
-#: precision to subnormal rounding or underflowed to -inf: such calls take log p_t exactly as
-#: x_t - logsumexp(x) instead.
+#: precision to subnormal rounding or underflowed to -inf: such rows (only they) take log p_t from
+#: torch.log_softmax instead, (x_t - max) - log sum exp(x - max) (x_t - logsumexp(x) would carry
+#: |x| eps of error where the logits are large).
 _TINY_PROB = {torch.float32: 2.0**-100, torch.float64: 2.0**-1000}
 
 
@@ -111,7 +112,9 @@ def _focal_terms(x: Tensor, t2: Tensor, alpha: float, gamma: float, scale: float
         p_t = p.gather(1, t2)
         log_p = p_t.log()
         if p_t.min().item() < _TINY_PROB[x.dtype]:  # CPU only: a host read is free here
-            log_p = x.gather(1, t2) - torch.logsumexp(x, 1, keepdim=True)
+            # those rows only, from log_softmax ((x_t - max) - log sum, torch's rounding)
+            tiny = p_t < _TINY_PROB[x.dtype]
+            log_p = torch.where(tiny, torch.log_softmax(x, 1).gather(1, t2), log_p)
         nq = p_t - 1.0  # -q, exact where p_t >= 1/2 (Sterbenz): its error is p_t's, as the reference's
     if gamma == 0.0:
         loss = log_p.sum()
@@ -559,7 +562,7 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
     (_NCE_CHUNK_ELEMENTS scores at a time, at most the reference's bound on memory), each
     chunk's gradient made at once, so the scores are computed once (the reference recomputes them
     under checkpointing); symmetric needs every column at once: the caller keeps it to one chunk.
-    A diagonal probability below _TINY_PROB takes its log as s_ii - logsumexp instead.
+    A row (column) whose diagonal probability is below _TINY_PROB takes its log from log_softmax.
 
     torch.softmax's own sum of the exponentials is off by a factor per row (column) that grows with
     B: in float32 it drops the terms below half an ulp of its running sum, so every probability of
@@ -595,10 +598,9 @@ def _info_nce_terms(query: Tensor, key: Tensor, scale: float, reduction: str, sy
         for probs, dim in dirs:
             total = probs.sum(dim)  # softmax's error factor per row (column): see above
             p_t = probs.diagonal(start)
-            if p_t.min().item() < tiny:  # CPU: a host read is free here
-                log_p = s.diagonal(start) - torch.logsumexp(s, dim)
-            else:
-                log_p = p_t.log().sub_(total.log())
+            log_p = p_t.log().sub_(total.log())
+            if p_t.min().item() < tiny:  # CPU: a host read is free here; those rows only
+                log_p = torch.where(p_t < tiny, torch.log_softmax(s, dim).diagonal(start), log_p)
             log_parts.append(log_p)
             sums.append(total)
         if not grad:
