@@ -288,32 +288,46 @@ def sigmoid_focal_loss(input: Tensor, target: Tensor, alpha: float, gamma: float
 #: Members the fused CPU combination evaluates: losses of d = input - target alone.
 DIFFERENCE_LOSSES = ("mse", "l1", "huber", "smooth_l1")
 
-#: Elements per chunk of _loss_sum's scratch buffer: 256 KiB of float32 stay in cache, and a buffer
-#: this small costs no page faults (a second buffer of the operands' size made mse 10x slower at
-#: 2**20 elements, its page faults taking 4 ms).
+#: Elements per chunk of _products_sum's scratch buffer: 256 KiB of float32 stay in cache, and a
+#: buffer this small costs no page faults (a second buffer of the operands' size made mse 10x
+#: slower at 2**20 elements, its page faults taking 4 ms).
 _SUM_CHUNK = 1 << 16
 
 
-def _loss_sum(fill: Callable[..., Tensor], *operands: Tensor) -> Tensor:
-    """The sum of the per-element values ``fill(*operands, out=out)`` writes into ``out`` (1-D
-    operands of one length): torch.sum's pairwise sum per chunk of _SUM_CHUNK elements in one reused
-    scratch buffer, the chunks' sums pairwise. A BLAS dot makes a product's sum in one pass without
-    a buffer, but its running sums are off by 2-3 eps at 2**16 elements (65 eps at 2**20 in
-    float32), torch.sum's by 0.3 eps (measured on normals). The price (one thread, forward and
-    gradient of the combination): 15-35% more time up to 2**16 elements, 1-10% at 2**20 (35% for
-    mse alone)."""
-    n = operands[0].shape[0]
-    buf = operands[0].new_empty(min(n, _SUM_CHUNK))
+def _products_sum(products: list[tuple[Tensor, Tensor, float]], scale: float = 1.0) -> Tensor:
+    """``scale * sum_i sum_k c_k a_k[i] b_k[i]`` for products (a_k, b_k, c_k) of 1-D tensors of one length:
+    the weighted products of each element in one buffer, then torch.sum's pairwise sum, per chunk of
+    _SUM_CHUNK elements in one reused scratch buffer (the chunks' sums pairwise). A BLAS dot per
+    product makes its sum in one pass without a buffer, but its running sums are off by 2-3 eps at
+    2**16 elements (65 eps at 2**20 in float32), torch.sum's by 0.3 eps (measured on normals): the
+    combination's loss was 2-5x torch.nn's error in float32, 2-10x in float64. One buffer for every
+    member keeps the op count of the dots (the price is the buffer's passes)."""
+    # relative to the first coefficient (when it is a nonzero number), which then scales the sum:
+    # one pass (and one op) fewer
+    c0 = products[0][2]
+    if c0 != 0.0 and math.isfinite(c0):
+        products = [(a, b, c / c0) for a, b, c in products]
+    else:
+        c0 = 1.0
+    c0 *= scale
+
+    def weighted_sum(chunk: list[tuple[Tensor, Tensor, float]], out: Tensor | None = None) -> Tensor:
+        (a, b, c), rest = chunk[0], chunk[1:]
+        values = a * b if out is None else torch.mul(a, b, out=out)
+        if c != 1.0:
+            values.mul_(c)
+        for a, b, c in rest:
+            values.addcmul_(a, b, value=c)
+        return values.sum()
+
+    n = products[0][0].shape[0]
     if n <= _SUM_CHUNK:
-        return fill(*operands, out=buf).sum()
-    parts = [fill(*(t[i:i + _SUM_CHUNK] for t in operands), out=buf[:min(_SUM_CHUNK, n - i)]).sum()
+        return weighted_sum(products).mul_(c0)
+    buf = products[0][0].new_empty(_SUM_CHUNK)
+    parts = [weighted_sum([(a[i:i + _SUM_CHUNK], b[i:i + _SUM_CHUNK], c) for a, b, c in products],
+                          buf[:min(_SUM_CHUNK, n - i)])
              for i in range(0, n, _SUM_CHUNK)]
-    return torch.stack(parts).sum()
-
-
-def _half_huber(d: Tensor, clamped: Tensor, out: Tensor) -> Tensor:
-    """Huber's per-element loss c (d - c/2) into ``out`` (c = clamped)."""
-    return torch.sub(d, clamped, alpha=0.5, out=out).mul_(clamped)
+    return torch.stack(parts).sum().mul_(c0)
 
 
 def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: float, grad: bool
@@ -321,29 +335,31 @@ def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: flo
     """``scale * sum_k coef_k sum_i loss_k(d_i)``, d = input - target, and its gradient with respect
     to input when ``grad``, for members (name, coef, param1, param2) of DIFFERENCE_LOSSES.
 
-    mse: d**2, gradient 2d. l1: |d|, gradient sign(d). huber (delta): with c = clamp(d, -delta,
-    delta), c (d - c/2) (d**2 / 2 inside, delta (|d| - delta/2) outside), gradient c. smooth_l1
-    (beta > 0): huber(beta) / beta. Each member's sum is _loss_sum's (pairwise, as torch.nn's: the
-    BLAS dots it replaces made the loss's error 3-14x torch.nn's). The gradient is summed in place
-    into the members' own buffers (sign(d), c) and d itself, once the losses have read it: a fresh
-    buffer costs its page faults.
+    mse: d**2, gradient 2d. l1: |d| = d sign(d), gradient sign(d). huber (delta): with
+    c = clamp(d, -delta, delta), c d - c**2 / 2 (d**2 / 2 inside, delta (|d| - delta/2) outside),
+    gradient c. smooth_l1 (beta > 0): huber(beta) / beta. The members' values are summed as one
+    weighted sum of products (_products_sum: pairwise, as torch.nn's sums). The gradient is summed
+    in place into the members' own buffers (sign(d), c) and d itself, once the loss has read them:
+    a fresh buffer costs its page faults.
     """
     d = torch.sub(input, target).reshape(-1)
-    loss = None
+    products = []  # the loss's (a, b, coefficient) terms: scale * sum coef a b
     parts = []  # the gradient's (buffer, coefficient) terms
     for name, coef, param, _ in members:
-        c = coef * scale
         if name == "mse":
-            term, dterm, dcoef = _loss_sum(torch.square, d), d, 2.0 * c
+            products.append((d, d, coef))
+            parts.append((d, 2.0 * coef * scale))
         elif name == "l1":
-            term, dterm, dcoef = _loss_sum(torch.abs, d), torch.sign(d), c
+            sign = torch.sign(d)
+            products.append((d, sign, coef))
+            parts.append((sign, coef * scale))
         else:
             if name == "smooth_l1":
-                c = c / param
+                coef = coef / param
             clamped = d.clamp(-param, param)
-            term, dterm, dcoef = _loss_sum(_half_huber, d, clamped), clamped, c
-        loss = term * c if loss is None else loss.add_(term, alpha=c)
-        parts.append((dterm, dcoef))
+            products += [(clamped, d, coef), (clamped, clamped, -0.5 * coef)]
+            parts.append((clamped, coef * scale))
+    loss = _products_sum(products, scale)
     if not grad:
         return loss, None
     own = [(t, c) for t, c in parts if t is not d]
