@@ -322,12 +322,14 @@ def _products_sum(products: list[tuple[Tensor, Tensor, float]], scale: float = 1
 
     n = products[0][0].shape[0]
     if n <= _SUM_CHUNK:
-        return weighted_sum(products).mul_(c0)
-    buf = products[0][0].new_empty(_SUM_CHUNK)
-    parts = [weighted_sum([(a[i:i + _SUM_CHUNK], b[i:i + _SUM_CHUNK], c) for a, b, c in products],
-                          buf[:min(_SUM_CHUNK, n - i)])
-             for i in range(0, n, _SUM_CHUNK)]
-    return torch.stack(parts).sum().mul_(c0)
+        total = weighted_sum(products)
+    else:
+        buf = products[0][0].new_empty(_SUM_CHUNK)
+        parts = [weighted_sum([(a[i:i + _SUM_CHUNK], b[i:i + _SUM_CHUNK], c) for a, b, c in products],
+                              buf[:min(_SUM_CHUNK, n - i)])
+                 for i in range(0, n, _SUM_CHUNK)]
+        total = torch.stack(parts).sum()
+    return total if c0 == 1.0 else total.mul_(c0)
 
 
 def _combination_terms(input: Tensor, target: Tensor, members: tuple, scale: float, grad: bool
